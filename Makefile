@@ -1,0 +1,114 @@
+# FinCompress. `make run` sets up and builds the model family on the bundled demo set;
+# `make test` sets up and runs the tests. Both create .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# torch goes in first: a bare `torch` requirement on a machine without torch pulls a multi-GB CUDA
+# build. 2.13.0 is the CPU build on this machine's disk; GPU users: make TORCH_SPEC="torch" setup.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+export PATH := $(BIN):$(PATH)
+# Absolute: DVC, its experiment queue and Prefect run stages from different directories.
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export TOKENIZERS_PARALLELISM ?= false
+# The Hub is optional: stages work offline with local models and the bundled teacher.
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: setup run run-phrasebank run-multilabel test lint clean mlflow-ui
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The whole DAG on the bundled demo set; unchanged stages are skipped.
+run: setup
+	FINCOMPRESS_PIPELINE_RUN=$${FINCOMPRESS_PIPELINE_RUN:-make-run-$$(date -u +%Y%m%dT%H%M%SZ)} $(BIN)/dvc repro
+
+# The family on Financial PhraseBank AllAgree (not shipped: point PHRASEBANK at your copy), as a DVC
+# experiment in a temporary workspace; `dvc exp apply phrasebank-allagree` brings its results here.
+# Absolute: the experiment runs in a temporary copy of the workspace.
+PHRASEBANK ?= $(abspath $(CURDIR)/../shared/data/financial_phrasebank/Sentences_AllAgree.txt)
+run-phrasebank: setup
+	FINCOMPRESS_PIPELINE_RUN=phrasebank-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/dvc exp run --temp --name phrasebank-allagree \
+	  -S data.source=phrasebank -S data.path=$(PHRASEBANK) -S verify_teacher.min_macro_f1=0.85
+
+# The family on the bundled multi-label demo set (six news topics), as a DVC experiment.
+run-multilabel: setup
+	FINCOMPRESS_PIPELINE_RUN=multilabel-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/dvc exp run --temp --name multilabel-demo \
+	  -S task.type=multi_label -S task.tune_thresholds=true -S task.pos_weight=auto \
+	  -S data.source=csv -S data.path=data/demo_multilabel/financial_news_topics.csv -S data.label_column=topics \
+	  -S 'data.label_names=[earnings,guidance,mergers_acquisitions,legal,layoffs,dividends]' \
+	  -S verify_teacher.min_macro_f1=0.5 -S report.registered_model_name=fincompress-topics
+
+# Tests run on two workers (pytest-xdist); one file stays on one worker since files share fixtures.
+TEST_WORKERS ?= 2
+test: setup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+lint: setup
+	$(BIN)/ruff check pipeline stages tests
+
+# Look at the tracked runs: http://127.0.0.1:5000
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf .cache data/prepared models reports/metrics reports/curves
+
+# ---- Orchestration, sweeps and scale-out (pipeline/flow.py, prefect.yaml, scripts/) ----
+.PHONY: prefect-server prefect-pool prefect-deploy prefect-worker prefect-e2e sweep mlflow-server
+
+# Prefect: `make prefect-server` in one terminal, then `make prefect-deploy prefect-worker` in another;
+# `prefect deployment run 'compress-family/nightly'` (with PREFECT_API_URL set) runs the DAG now.
+PREFECT_HOST ?= 127.0.0.1
+PREFECT_PORT ?= 4200
+PREFECT_POOL ?= fincompress-pool
+PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
+PREFECT := PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect
+
+# The API and UI (http://127.0.0.1:4200), in the foreground.
+prefect-server: setup
+	$(BIN)/prefect server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
+
+prefect-pool: setup
+	$(PREFECT) work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || $(PREFECT) work-pool create $(PREFECT_POOL) --type process
+
+# The deployments of prefect.yaml (nightly at 02:00 UTC), on PREFECT_POOL.
+prefect-deploy: prefect-pool
+	$(PREFECT) --no-prompt deploy --name nightly --pool $(PREFECT_POOL)
+
+# Runs the pool's flow runs in this project, in the foreground.
+prefect-worker: setup
+	$(PREFECT) worker start --pool $(PREFECT_POOL) --type process
+
+# Server, pool, deployment, worker and runs on a tiny project in a temporary directory (minutes).
+prefect-e2e: setup
+	$(BIN)/python scripts/prefect_e2e.py
+
+# A grid of DVC experiments (comma lists build the grid), JOBS at a time, then their results.
+# Commit dvc.lock first: each experiment then re-runs only the stages its params change.
+SWEEP ?= -S distill_vanilla.temperature=2,4,8 -S distill_vanilla.alpha=0.5,0.9
+JOBS ?= 1
+sweep: setup
+	scripts/sweep.sh $(JOBS) $(SWEEP)
+
+# A shared MLflow tracking server: runs in a database (sqlite here, or
+# MLFLOW_BACKEND_URI=postgresql://user:password@host/db with psycopg2 installed), artifacts served from
+# MLFLOW_ARTIFACTS. Point the stages at it: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND_URI ?= sqlite:///$(CURDIR)/mlruns/server.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlruns/server-artifacts
+MLFLOW_WORKERS ?= 2
+mlflow-server: setup
+	mkdir -p mlruns $(MLFLOW_ARTIFACTS)
+	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
+		--backend-store-uri $(MLFLOW_BACKEND_URI) --serve-artifacts --artifacts-destination $(MLFLOW_ARTIFACTS)
