@@ -1,0 +1,407 @@
+"""Data sources, checks and the stratified split.
+
+Readers turn a source (Financial PhraseBank file, CSV, JSONL, a Hugging Face dataset, the bundled
+demo set) into `RawRecord`s that remember where they came from, so every error can name the file and
+line. `prepare()` normalises, de-duplicates, validates and splits them; the prepared splits are
+JSONL files with a manifest that records counts and content hashes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import DataConfig, Params, TaskConfig
+from pipeline.errors import DataError
+from pipeline.io import read_json, sha256_file, write_json, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    text: Any
+    label: Any  # a name or an id; for multi-label a list of names / a delimited string
+    where: str  # "file:line" for error messages
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str | tuple[str, ...]  # a class name; for multi-label a sorted tuple of label names
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _decode(path: Path) -> str:
+    """UTF-8 first (with or without BOM), Latin-1 as the fallback: Financial PhraseBank mixes both."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        log.info("%s is not UTF-8; reading it as Latin-1", path)
+        return raw.decode("latin-1")
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(
+            f"data.path: file not found: {path}; point data.path at your {what} file, "
+            "or set data.source=demo to use the bundled demo set"
+        )
+    if not path.is_file():
+        raise DataError(f"data.path: {path} is a directory, expected a {what} file")
+
+
+def read_phrasebank(path: Path) -> list[RawRecord]:
+    """Financial PhraseBank: one `sentence@label` per line (any of the four agreement files)."""
+    _require_file(path, "Financial PhraseBank (sentence@label)")
+    records = []
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        text, sep, label = line.rpartition("@")
+        if not sep or not text.strip() or not label.strip():
+            raise DataError(
+                f"{path}:{number}: malformed line, expected 'sentence@label': {line[:80]!r}"
+            )
+        records.append(RawRecord(text, label.strip().lower(), f"{path}:{number}"))
+    return records
+
+
+def _multi_label_columns(cfg: DataConfig, task: TaskConfig) -> list[str] | None:
+    return cfg.label_columns if task.type == "multi_label" and cfg.label_columns else None
+
+
+def read_csv(path: Path, cfg: DataConfig, task: TaskConfig) -> list[RawRecord]:
+    _require_file(path, "CSV")
+    rows = csv.DictReader(_decode(path).splitlines())
+    columns = rows.fieldnames or []
+    label_columns = _multi_label_columns(cfg, task)
+    needed = [cfg.text_column] + (label_columns or [cfg.label_column])
+    for column in needed:
+        if column not in columns:
+            key = "data.text_column" if column == cfg.text_column else "data.label_column(s)"
+            raise DataError(
+                f"{path}: column {column!r} not found; the header has {columns}. Set {key} to the right column."
+            )
+    records = []
+    for row in rows:
+        where = f"{path}:{rows.line_num}"
+        if None in row:
+            raise DataError(f"{where}: malformed row, more fields than the header has (check quoting)")
+        if any(row[column] is None for column in needed):
+            raise DataError(f"{where}: malformed row, fewer fields than the header has")
+        label = _label_from_columns(row, label_columns, where) if label_columns else row[cfg.label_column]
+        records.append(RawRecord(row[cfg.text_column], label, where))
+    return records
+
+
+def read_jsonl(path: Path, cfg: DataConfig, task: TaskConfig) -> list[RawRecord]:
+    _require_file(path, "JSONL")
+    label_columns = _multi_label_columns(cfg, task)
+    records = []
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: malformed line, not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: malformed line, expected a JSON object per line")
+        for column in [cfg.text_column] + (label_columns or [cfg.label_column]):
+            if column not in row:
+                raise DataError(f"{where}: key {column!r} missing; the object has {sorted(row)}")
+        label = _label_from_columns(row, label_columns, where) if label_columns else row[cfg.label_column]
+        records.append(RawRecord(row[cfg.text_column], label, where))
+    return records
+
+
+def _label_from_columns(row: dict[str, Any], columns: list[str], where: str) -> list[str]:
+    """Multi-label data with one 0/1 column per label."""
+    labels = []
+    for column in columns:
+        value = str(row[column]).strip().lower()
+        if value in ("1", "1.0", "true", "yes"):
+            labels.append(column)
+        elif value not in ("0", "0.0", "false", "no", ""):
+            raise DataError(f"{where}: column {column!r} must be 0 or 1, got {row[column]!r}")
+    return labels
+
+
+def read_hub(cfg: DataConfig, task: TaskConfig) -> list[RawRecord]:
+    """A Hugging Face dataset (hub id or local folder) through `datasets.load_dataset`."""
+    import datasets
+
+    source = cfg.hub_dataset
+    try:
+        loaded = datasets.load_dataset(source, name=cfg.hub_config, split=cfg.hub_split)
+    except Exception as error:  # datasets raises many types; all mean "could not load"
+        raise DataError(
+            f"data.path: could not load Hugging Face dataset {source!r} "
+            f"(config {cfg.hub_config!r}, split {cfg.hub_split!r}): {type(error).__name__}: {error}. "
+            "Check the id and your network (or HF_HUB_OFFLINE), or set data.hub_dataset to a local dataset folder."
+        ) from None
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(cfg.hub_split, loaded)]
+    label_columns = _multi_label_columns(cfg, task)
+    records = []
+    for split_name, part in parts:
+        needed = [cfg.text_column] + (label_columns or [cfg.label_column])
+        for column in needed:
+            if column not in part.column_names:
+                raise DataError(
+                    f"dataset {source!r} split {split_name!r}: column {column!r} not found; "
+                    f"it has {part.column_names}. Set data.text_column / data.label_column."
+                )
+        feature = part.features.get(cfg.label_column)
+        names = getattr(feature, "names", None)  # ClassLabel: ids -> names
+        for index, row in enumerate(part):
+            where = f"{source}[{split_name}]#{index}"
+            if label_columns:
+                label = _label_from_columns(row, label_columns, where)
+            else:
+                label = row[cfg.label_column]
+                if names is not None and isinstance(label, int) and 0 <= label < len(names):
+                    label = names[label]
+            records.append(RawRecord(row[cfg.text_column], label, where))
+    return records
+
+
+def read_source(params: Params) -> tuple[list[RawRecord], dict[str, Any]]:
+    """Read the configured source; also return a description of it for the manifest."""
+    cfg, task = params.data, params.task
+    if cfg.source == "hub":
+        return read_hub(cfg, task), {"type": "hub", "dataset": cfg.hub_dataset, "config": cfg.hub_config,
+                                     "split": cfg.hub_split}
+    path = params.path(cfg.path)
+    if cfg.source == "phrasebank":
+        records = read_phrasebank(path)
+    elif cfg.source in ("csv", "demo"):
+        records = read_csv(path, cfg, task)
+    else:
+        records = read_jsonl(path, cfg, task)
+    return records, {"type": cfg.source, "path": cfg.path, "sha256": sha256_file(path)}
+
+
+# --------------------------------------------------------------------------- labels and checks
+
+
+def normalize_text(text: Any) -> str:
+    """Collapse every run of whitespace to one space and trim."""
+    return " ".join(str(text).split()) if text is not None else ""
+
+
+def _canonical_label(raw: Any, cfg: DataConfig, where: str) -> str:
+    key = str(raw).strip()
+    key = cfg.label_map.get(key, key)
+    names = cfg.label_names
+    if names is None or key in names:
+        if not key:
+            raise DataError(f"{where}: empty label")
+        return key
+    if key.lstrip("-").isdigit():  # integer labels index label_names
+        index = int(key)
+        if 0 <= index < len(names):
+            return names[index]
+    raise DataError(
+        f"{where}: unknown label {raw!r}; allowed: {names} (or their ids 0..{len(names) - 1}). "
+        "Map other spellings with data.label_map, e.g. {bearish: negative}."
+    )
+
+
+def _multi_labels(raw: Any, cfg: DataConfig, where: str) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        stripped = raw.strip()
+        if stripped.startswith("["):
+            try:
+                raw = json.loads(stripped)
+            except json.JSONDecodeError:
+                raise DataError(f"{where}: label list {raw!r} is not valid JSON") from None
+        else:
+            raw = [part for part in stripped.split(cfg.label_separator) if part.strip()]
+    if not isinstance(raw, (list, tuple)):
+        raw = [raw]
+    return tuple(sorted({_canonical_label(item, cfg, where) for item in raw}))
+
+
+def to_examples(records: list[RawRecord], cfg: DataConfig, task: TaskConfig) -> list[Example]:
+    examples = []
+    for record in records:
+        text = normalize_text(record.text)
+        if not text:
+            raise DataError(f"{record.where}: empty text")
+        if task.type == "multi_label":
+            label: str | tuple[str, ...] = _multi_labels(record.label, cfg, record.where)
+        else:
+            label = _canonical_label(record.label, cfg, record.where)
+        examples.append(Example(text, label))
+    return examples
+
+
+def deduplicate(examples: list[Example]) -> tuple[list[Example], int, int]:
+    """Drop exact duplicate texts. Returns (kept, duplicates dropped, conflicting texts dropped).
+
+    A text that appears with different labels is ambiguous; all its copies are dropped.
+    """
+    by_text: dict[str, set] = {}
+    for example in examples:
+        by_text.setdefault(example.text, set()).add(example.label)
+    conflicting = {text for text, labels in by_text.items() if len(labels) > 1}
+    seen: set[str] = set()
+    kept = []
+    for example in examples:
+        if example.text in seen or example.text in conflicting:
+            continue
+        seen.add(example.text)
+        kept.append(example)
+    duplicates = len(examples) - len(kept) - sum(1 for e in examples if e.text in conflicting)
+    conflict_rows = sum(1 for e in examples if e.text in conflicting)
+    return kept, duplicates, conflict_rows
+
+
+def label_names_for(examples: list[Example], cfg: DataConfig) -> list[str]:
+    if cfg.label_names is not None:
+        return list(cfg.label_names)
+    found: set[str] = set()
+    for example in examples:
+        found.update(example.label if isinstance(example.label, tuple) else [example.label])
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def _stratify_key(example: Example) -> str:
+    return "|".join(example.label) if isinstance(example.label, tuple) else example.label
+
+
+def split_examples(
+    examples: list[Example], names: list[str], params: Params
+) -> dict[str, list[Example]]:
+    """Stratified train/validation/test split with a fixed seed."""
+    cfg = params.data
+    if not examples:
+        raise DataError("the input has no examples; check data.source and data.path")
+    if params.task.type == "multi_label":
+        from pipeline.multilabel import iterative_split
+
+        return iterative_split(
+            examples, names, cfg.validation_fraction, cfg.test_fraction, cfg.seed,
+            params.task.missing_label_in_split,
+        )
+    counts = Counter(example.label for example in examples)
+    if len(counts) < 2:
+        (only,) = counts
+        raise DataError(
+            f"the input has a single class ({only!r}, {counts[only]} examples); "
+            "a classifier needs at least two. Check data.label_column."
+        )
+    missing = [name for name in names if name not in counts]
+    if missing:
+        raise DataError(
+            f"classes {missing} have no examples; remove them from data.label_names or add data for them"
+        )
+    smallest = min(cfg.validation_fraction, cfg.test_fraction)
+    needed = max(3, int(-(-1 // smallest)))  # enough that every split gets at least one
+    too_small = {name: count for name, count in counts.items() if count < needed}
+    if too_small:
+        raise DataError(
+            f"classes too small to stratify into train/validation/test: {too_small}; each needs at "
+            f"least {needed} examples with validation_fraction={cfg.validation_fraction} and "
+            f"test_fraction={cfg.test_fraction}. Add examples, merge the class via data.label_map, "
+            "or raise the fractions."
+        )
+    from sklearn.model_selection import train_test_split
+
+    labels = [example.label for example in examples]
+    rest, test = train_test_split(
+        examples, test_size=cfg.test_fraction, stratify=labels, random_state=cfg.seed
+    )
+    validation_share = cfg.validation_fraction / (1 - cfg.test_fraction)
+    train, validation = train_test_split(
+        rest, test_size=validation_share, stratify=[e.label for e in rest], random_state=cfg.seed
+    )
+    return {"train": train, "validation": validation, "test": test}
+
+
+# --------------------------------------------------------------------------- prepared splits on disk
+
+
+def _class_counts(examples: list[Example], names: list[str]) -> dict[str, int]:
+    counts = Counter()
+    for example in examples:
+        counts.update(example.label if isinstance(example.label, tuple) else [example.label])
+    return {name: counts.get(name, 0) for name in names}
+
+
+def _jsonl(examples: list[Example]) -> str:
+    lines = []
+    for example in examples:
+        label = list(example.label) if isinstance(example.label, tuple) else example.label
+        lines.append(json.dumps({"text": example.text, "label": label}, ensure_ascii=False))
+    return "\n".join(lines) + "\n"
+
+
+def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
+    """Read, check, de-duplicate and split the source; write the splits and manifest into `out_dir`."""
+    records, source = read_source(params)
+    examples = to_examples(records, params.data, params.task)
+    if not examples:
+        raise DataError(f"the input has no examples ({source}); check data.path")
+    kept, duplicates, conflicts = deduplicate(examples)
+    if duplicates or conflicts:
+        log.info("dropped %d exact duplicates and %d rows whose text had conflicting labels", duplicates, conflicts)
+    names = label_names_for(kept, params.data)
+    splits = split_examples(kept, names, params)
+    manifest: dict[str, Any] = {
+        "task_type": params.task.type,
+        "label_names": names,
+        "source": source,
+        "rows_read": len(records),
+        "exact_duplicates_dropped": duplicates,
+        "conflicting_rows_dropped": conflicts,
+        "seed": params.data.seed,
+        "fractions": {"validation": params.data.validation_fraction, "test": params.data.test_fraction},
+        "splits": {},
+    }
+    for name in SPLITS:
+        path = out_dir / f"{name}.jsonl"
+        write_text_atomic(path, _jsonl(splits[name]))
+        manifest["splits"][name] = {
+            "rows": len(splits[name]),
+            "class_counts": _class_counts(splits[name], names),
+            "sha256": sha256_file(path),
+        }
+    manifest["content_hash"] = hashlib.sha256(
+        "".join(manifest["splits"][name]["sha256"] for name in SPLITS).encode()
+    ).hexdigest()
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def load_manifest(prepared_dir: Path) -> dict[str, Any]:
+    path = prepared_dir / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the prepare_data stage first (dvc repro prepare_data)")
+    return read_json(path)
+
+
+def load_split(prepared_dir: Path, split: str) -> list[dict[str, Any]]:
+    path = prepared_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the prepare_data stage first (dvc repro prepare_data)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise DataError(f"{path} is empty: there is nothing to train or evaluate on; re-run prepare_data")
+    return rows

@@ -1,0 +1,162 @@
+"""MLflow: one run per stage execution, tagged so the runs of one pipeline execution are found together.
+
+Tracking URI: `MLFLOW_TRACKING_URI` when set, otherwise an absolute `sqlite:///<project>/mlflow.db`
+(absolute because DVC, DVC experiment queues and Prefect run stages from different directories).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params
+from pipeline.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+PIPELINE_RUN_ENV = "FINCOMPRESS_PIPELINE_RUN"
+
+
+def project_root(params: Params) -> Path:
+    """The project directory, also from inside a DVC experiment's temporary workspace."""
+    root = params.root.resolve()
+    parts = root.parts
+    if ".dvc" in parts:  # dvc exp run --queue works in <project>/.dvc/tmp/exps/...
+        root = Path(*parts[: parts.index(".dvc")])
+    return root
+
+
+def tracking_uri(params: Params) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(params) / 'mlflow.db'}"
+
+
+def _git(args: list[str], cwd: Path) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_commit(cwd: Path) -> str:
+    commit = _git(["rev-parse", "HEAD"], cwd) or "unknown"
+    dirty = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    return f"{commit}-dirty" if dirty and commit != "unknown" else commit
+
+
+def pipeline_run_id(params: Params, commit: str) -> str:
+    """Groups the stage runs of one pipeline execution.
+
+    The orchestrators (`make run`, the Prefect flow) set FINCOMPRESS_PIPELINE_RUN; a bare `dvc repro`
+    falls back to the project, its params file and commit: the identity of a family version.
+    """
+    explicit = os.environ.get(PIPELINE_RUN_ENV)
+    if explicit:
+        return explicit
+    params_file = params.root / "params.yaml"
+    content = params_file.read_bytes() if params_file.is_file() else b""
+    digest = hashlib.sha256(str(project_root(params)).encode() + content).hexdigest()[:10]
+    return f"params-{digest}@{commit[:10]}"
+
+
+def check_tracking_server(uri: str) -> None:
+    """Fail before any work when the tracking server cannot be reached."""
+    import mlflow
+
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as error:
+        raise TransientError(
+            f"MLflow tracking server {uri} is unreachable ({type(error).__name__}: {str(error)[:200]}); "
+            "start it (make mlflow-server) or unset MLFLOW_TRACKING_URI to use the local sqlite database"
+        ) from None
+
+
+def _experiment_id(name: str, root: Path, uri: str) -> str:
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local database keeps artifacts beside it (absolute, for the same reason as the URI); a
+    # tracking server decides where artifacts go (its artifact store).
+    local = not uri.startswith(("http://", "https://"))
+    location = (root / "mlartifacts").resolve().as_uri() if local else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another stage
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextlib.contextmanager
+def stage_run(
+    params: Params, stage: str, member: str | None, sections: tuple[str, ...], data_hash: str | None
+) -> Iterator[Any]:
+    """Open the stage's MLflow run; an exception inside marks it FAILED and propagates."""
+    import mlflow
+
+    uri = tracking_uri(params)
+    check_tracking_server(uri)
+    mlflow.set_tracking_uri(uri)
+    root = project_root(params)
+    experiment_id = _experiment_id(params.tracking.experiment, root, uri)
+    mlflow.set_experiment(experiment_id=experiment_id)  # nested runs and logged models land here too
+    commit = git_commit(root)
+    tags = {
+        "stage": stage,
+        "family_member": member or "",
+        "git_commit": commit,
+        "data_hash": data_hash or "",
+        "pipeline_run": pipeline_run_id(params, commit),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        logged = {}
+        for section in sections:
+            logged.update(flatten(params.section(section), f"{section}."))
+        # MLflow caps param values at 6000 characters; params here are short.
+        mlflow.log_params({key: str(value) for key, value in logged.items()})
+        yield run
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    """Log every finite scalar in `metrics` (nested dicts are flattened with dots)."""
+    import math
+
+    import mlflow
+
+    scalars = {
+        key.replace("@", "_"): float(value)
+        for key, value in flatten(metrics).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
+    if scalars:
+        mlflow.log_metrics(scalars, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path)
