@@ -1,0 +1,21 @@
+"""Intermediate-layer distillation (TinyBERT-style): the vanilla terms plus hidden-state and
+attention-map MSE over mapped layers, padding masked out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import Params
+from pipeline.stage import main
+from pipeline.students import train_student
+
+STAGE = "distill_intermediate"
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Read paths.teacher, write paths.student_intermediate."""
+    return train_student(params, STAGE, params.paths.student_intermediate, terms=params.distill_intermediate)
+
+
+if __name__ == "__main__":
+    main(run, stage=STAGE, member="student_intermediate", sections=("student", STAGE))
