@@ -1,0 +1,217 @@
+"""Make the distilled student smaller in ways a CPU notices: remove the least important attention
+heads and FFN neurons (optionally over several steps), recover by distillation against the
+teacher after each step, then trim the vocabulary to what the data uses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline import pruning, training
+from pipeline.config import Params
+from pipeline.data import load_manifest, load_split
+from pipeline.distill import DistillationTrainer, KDConfig
+from pipeline.errors import ModelError
+from pipeline.io import atomic_dir, write_json
+from pipeline.labels import encode
+from pipeline.metrics import evaluate_logits, summary
+from pipeline.models import (
+    INFO_FILE,
+    count_parameters,
+    load_tokenizer,
+    load_trained,
+    load_trained_with_tokenizer,
+    predict_logits,
+    save_model,
+    uniform_layer_map,
+    weights_size_mb,
+)
+from pipeline.stage import main
+
+log = logging.getLogger(__name__)
+STAGE = "prune"
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Read the source student (prune.source) and the teacher; write paths.pruned."""
+    cfg, task = params.prune, params.task
+    prepared = params.path(params.paths.prepared)
+    manifest = load_manifest(prepared)
+    names = manifest["label_names"]
+    source_dir = params.path(cfg.source)
+    teacher = load_trained(params.path(params.paths.teacher), names)
+    student, tokenizer = load_trained_with_tokenizer(source_dir, names)
+    student.train()
+    params_before = count_parameters(student)
+    heads_before = pruning.heads_per_layer(student)
+    width_before = pruning.ffn_width(student)
+
+    # Validate the ratios against this model before any work (fails with the allowed maximum).
+    structured = cfg.method == "structured"
+    if structured:
+        heads_final = pruning.keep_count(heads_before[0], cfg.heads_ratio, "attention heads", "prune.heads_ratio")
+        width_final = pruning.keep_count(width_before, cfg.ffn_ratio, "FFN neurons", "prune.ffn_ratio")
+        heads_plan = pruning.schedule(heads_before[0], heads_final, cfg.steps)
+        width_plan = pruning.schedule(width_before, width_final, cfg.steps)
+
+    rows = {split: load_split(prepared, split) for split in ("train", "validation", "test")}
+    datasets = {
+        split: training.encode(rows[split], tokenizer, params.teacher.max_length, names, task.type)
+        for split in rows
+    }
+    collator = training.Collator(tokenizer)
+    recovery = cfg.recovery
+    layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    kd = KDConfig.from_terms(recovery, task.type, layer_map)
+    training.check_label_alpha(kd.label_alpha, names, "prune.recovery")
+    projection = None
+    if kd.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size:
+        projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
+
+    magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
+    removed: dict[int, list[int]] = {}
+    curve: list[dict[str, Any]] = []
+    seconds = 0.0
+    for step in range(cfg.steps):
+        if structured:
+            generator = torch.Generator().manual_seed(recovery.seed + step)
+            loader = DataLoader(
+                datasets["train"], batch_size=recovery.batch_size, shuffle=True, collate_fn=collator,
+                generator=generator,
+            )
+            head_scores, neuron_scores = pruning.importance_scores(student, loader, cfg.importance_batches)
+            for layer, heads in pruning.prune_heads(student, head_scores, heads_plan[step]).items():
+                removed.setdefault(layer, []).extend(heads)
+            pruning.prune_ffn(student, neuron_scores, width_plan[step])
+            log.info(
+                "step %d/%d: %s heads per layer, FFN width %d, %d parameters",
+                step + 1, cfg.steps, pruning.heads_per_layer(student), width_plan[step], count_parameters(student),
+            )
+        scratch = params.path(params.paths.checkpoints) / STAGE / f"step{step}"
+        trainer = DistillationTrainer(
+            model=student,
+            args=training.training_arguments(
+                recovery,
+                scratch,
+                num_train_epochs=recovery.epochs / cfg.steps,
+                # Magnitude pruning ends at its final sparsity; an earlier "best" epoch would be denser.
+                load_best_model_at_end=structured,
+            ),
+            train_dataset=datasets["train"],
+            eval_dataset=datasets["validation"],
+            data_collator=collator,
+            processing_class=tokenizer,
+            compute_metrics=training.compute_metrics_fn(task.type, task.threshold),
+            kd=kd,
+            teacher=teacher,
+            projection=projection,
+            pos_weight=training.pos_weight(task, datasets["train"], names),
+            callbacks=[magnitude] if magnitude else None,
+        )
+        seconds += training.train(trainer, None)  # a pruned architecture is not resumable mid-way
+        offset = curve[-1]["step"] if curve else 0
+        curve += [{**row, "step": row["step"] + offset, "prune_step": step + 1}
+                  for row in training.curve_rows(trainer.state.log_history)]
+        training.finish(trainer, scratch)
+    student = student.cpu().eval()
+
+    info: dict[str, Any] = {"method": cfg.method, "source": cfg.source}
+    if magnitude:
+        magnitude.make_permanent()
+        info["sparsity_encoder_linear"] = pruning.sparsity(magnitude.modules)
+        info["note"] = (
+            "Unstructured magnitude pruning zeroes weights but keeps dense matrices: dense CPU kernels "
+            "are no faster and the safetensors file is no smaller; only compressed size shrinks."
+        )
+
+    texts = {split: [row["text"] for row in rows[split]] for split in ("validation", "test")}
+    unk_before = {split: pruning.unk_share(tokenizer, texts[split]) for split in texts}
+    if cfg.vocab == "corpus":
+        student, tokenizer, vocab_info = pruning.trim_vocabulary(
+            student, tokenizer, [row["text"] for row in rows["train"]], cfg.vocab_keep_top
+        )
+        info.update(vocab_info)
+    unk_after = {split: pruning.unk_share(tokenizer, texts[split]) for split in texts}
+
+    predictions = {}
+    for split in ("validation", "test"):
+        logits = predict_logits(student, tokenizer, texts[split], params.teacher.max_length).numpy()
+        predictions[split] = logits, np.asarray([encode(row["label"], names, task.type) for row in rows[split]])
+    thresholds = training.decision_thresholds_for(student, task, *predictions["validation"])
+    results = {
+        split: evaluate_logits(logits, labels, names, task.type, params.evaluation, thresholds)
+        for split, (logits, labels) in predictions.items()
+    }
+
+    params_after = count_parameters(student)
+    info.update(
+        {
+            "params_before": params_before,
+            "params_after": params_after,
+            "num_parameters": params_after,
+            "parameter_reduction": 1 - params_after / params_before,
+            "heads_per_layer_before": heads_before,
+            "heads_per_layer": pruning.heads_per_layer(student),
+            "heads_removed": {str(k): sorted(v) for k, v in removed.items()},
+            "ffn_width_before": width_before,
+            "ffn_width": pruning.ffn_width(student),
+            "vocab_size": student.config.vocab_size,
+            "unk_share": {split: {"before": unk_before[split], "after": unk_after[split]} for split in texts},
+            "validation": results["validation"],
+            "test": results["test"],
+            "label_names": names,
+            "task_type": task.type,
+            "training_seconds": round(seconds, 1),
+            "params": {"prune": params.section("prune")},
+            "data_hash": manifest["content_hash"],
+        }
+    )
+    out = params.path(params.paths.pruned)
+    with atomic_dir(out) as tmp:
+        save_model(student, tokenizer, tmp)
+        check_reload(student, tmp, texts["validation"][:16], tokenizer, params.teacher.max_length)
+        info["size_mb"] = round(weights_size_mb(tmp), 3)
+        if magnitude:
+            info["gzip_size_mb"] = round(pruning.gzip_size_mb(tmp / "model.safetensors"), 3)
+            info["source_gzip_size_mb"] = round(pruning.gzip_size_mb(source_dir / "model.safetensors"), 3)
+        write_json(tmp / INFO_FILE, info)
+
+    metrics = {
+        **summary(results["validation"], "validation"),
+        **summary(results["test"], "test"),
+        "test_macro_f1_ci95_low": results["test"]["macro_f1_ci95"][0],
+        "test_macro_f1_ci95_high": results["test"]["macro_f1_ci95"][1],
+        "params_before": params_before,
+        "num_parameters": params_after,
+        "parameter_reduction": info["parameter_reduction"],
+        "size_mb": info["size_mb"],
+        "vocab_size": info["vocab_size"],
+        "ffn_width": info["ffn_width"],
+        "heads_per_layer": info["heads_per_layer"][0],
+        "validation_unk_share_after": unk_after["validation"],
+        "test_unk_share_after": unk_after["test"],
+        "training_seconds": info["training_seconds"],
+    }
+    for key in ("sparsity_encoder_linear", "gzip_size_mb"):
+        if key in info:
+            metrics[key] = info[key]
+    training.record_curve(curve, params.path(params.paths.curves) / f"{STAGE}.csv")
+    return metrics
+
+
+def check_reload(model, directory, texts, tokenizer, max_length) -> None:
+    """The saved directory must reload with from_pretrained to the very same logits."""
+    reloaded = load_trained(directory)
+    expected = predict_logits(model, tokenizer, texts, max_length)
+    got = predict_logits(reloaded, load_tokenizer(str(directory)), texts, max_length)
+    if not torch.allclose(expected, got, atol=1e-5):
+        raise ModelError(f"the pruned model does not reload to the same logits (max diff {(expected - got).abs().max():.2e})")
+
+
+if __name__ == "__main__":
+    main(run, stage=STAGE, member="student_pruned", sections=("prune",))

@@ -1,0 +1,135 @@
+"""Head/FFN importance and pruning, vocabulary trimming, magnitude pruning and the prune stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import pruning
+from pipeline.config import params_from_dict
+from pipeline.data import load_split
+from pipeline.errors import ConfigError
+from pipeline.models import load_tokenizer, load_trained, predict_logits
+from pipeline.stage import execute
+from pipeline.training import Collator, encode
+from stages import distill_intermediate, prune
+
+NAMES = ["negative", "neutral", "positive"]
+
+
+@pytest.fixture
+def teacher_and_data(trained_project):
+    directory = trained_project.path(trained_project.paths.teacher)
+    model = load_trained(directory)
+    tokenizer = load_tokenizer(str(directory))
+    rows = load_split(trained_project.path(trained_project.paths.prepared), "train")
+    dataset = encode(rows, tokenizer, 32, NAMES, "single_label")
+    loader = DataLoader(dataset, batch_size=8, collate_fn=Collator(tokenizer))
+    return model, tokenizer, rows, loader
+
+
+def test_keep_counts_and_schedule():
+    assert pruning.keep_count(12, 0.5, "heads", "prune.heads_ratio") == 6
+    assert pruning.keep_count(2, 0.5, "heads", "prune.heads_ratio") == 1
+    with pytest.raises(ConfigError, match=r"prune.heads_ratio=0.8 would remove every one of the 2 .* at most 0.500"):
+        pruning.keep_count(2, 0.8, "attention heads", "prune.heads_ratio")
+    assert pruning.schedule(12, 6, 1) == [6]
+    assert pruning.schedule(12, 6, 3) == [10, 8, 6]
+
+
+def test_zeroed_head_ranks_lowest(teacher_and_data):
+    model, _, _, loader = teacher_and_data
+    attention = model.bert.encoder.layer[1].attention
+    size = attention.self.attention_head_size
+    with torch.no_grad():  # head 1 of layer 2 now outputs nothing
+        attention.self.value.weight[size : 2 * size] = 0
+        attention.self.value.bias[size : 2 * size] = 0
+    heads, neurons = pruning.importance_scores(model, loader, max_batches=3)
+    assert heads.shape == (2, 2) and neurons.shape == (2, 64)
+    assert heads[1, 1] == heads.min() and heads[1, 1] < 1e-6
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_structured_pruning_reloads_to_the_same_logits(teacher_and_data, tmp_path):
+    model, tokenizer, rows, loader = teacher_and_data
+    heads, neurons = pruning.importance_scores(model, loader, max_batches=2)
+    removed = pruning.prune_heads(model, heads, keep=1)
+    pruning.prune_ffn(model, neurons, keep=24)
+    assert pruning.heads_per_layer(model) == [1, 1] and pruning.ffn_width(model) == 24
+    assert set(removed) == {0, 1}
+    model, tokenizer, info = pruning.trim_vocabulary(model, tokenizer, [r["text"] for r in rows], keep_top=3)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tokenizer = load_trained(tmp_path), load_tokenizer(str(tmp_path))
+    texts = [r["text"] for r in rows[:10]] + ["A sentence with zzz unseen qqq words."]
+    expected = predict_logits(model, tokenizer, texts, 32)
+    assert torch.equal(expected, predict_logits(reloaded, reloaded_tokenizer, texts, 32))
+    assert reloaded.config.vocab_size == info["vocab_size_after"] < info["vocab_size_before"]
+
+
+def test_vocabulary_trimming_keeps_token_meaning(teacher_and_data):
+    model, tokenizer, rows, _ = teacher_and_data
+    old_embeddings = model.get_input_embeddings().weight.detach().clone()
+    corpus = [r["text"] for r in rows]
+    texts = corpus[:12]
+    before = predict_logits(model, tokenizer, texts, 32)
+    old_tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"]) for t in texts]
+    trimmed_model, trimmed, info = pruning.trim_vocabulary(model, tokenizer, corpus, keep_top=0)
+    new_ids = [trimmed(t)["input_ids"] for t in texts]
+    assert [trimmed.convert_ids_to_tokens(ids) for ids in new_ids] == old_tokens
+    for ids, tokens in zip(new_ids, old_tokens):
+        for new_id, token in zip(ids, tokens):
+            old_id = tokenizer.convert_tokens_to_ids(token)
+            assert torch.equal(trimmed_model.get_input_embeddings().weight[new_id], old_embeddings[old_id])
+    assert torch.allclose(predict_logits(trimmed_model, trimmed, texts, 32), before, atol=1e-6)
+    # Words never seen in training fall back to single characters, not [UNK].
+    unseen = ["Profitable marketplaces hedged"]
+    assert pruning.unk_share(tokenizer, unseen) == 0 and pruning.unk_share(trimmed, unseen) == 0
+    assert trimmed.pad_token_id == trimmed_model.config.pad_token_id == 0
+
+
+def project_with_student(params, tmp_path, **sections):
+    for name in ("data", "models", "reports"):
+        shutil.copytree(params.root / name, tmp_path / name)
+    tree = params.model_dump(mode="json")
+    for name, values in sections.items():
+        tree[name].update(values)
+    project = params_from_dict(tree, root=tmp_path)
+    execute(distill_intermediate.run, project, "distill_intermediate", "student_intermediate", ("student",))
+    return project
+
+
+def test_prune_stage_structured_in_two_steps(trained_project, tmp_path):
+    params = project_with_student(
+        trained_project, tmp_path, student={"num_layers": 2}, prune={"steps": 2, "heads_ratio": 0.5, "ffn_ratio": 0.5}
+    )
+    metrics = execute(prune.run, params, "prune", "student_pruned", ("prune",))
+    out = params.path(params.paths.pruned)
+    info = json.loads((out / "checkpoint_info.json").read_text())
+    assert info["heads_per_layer"] == [1, 1] and info["ffn_width"] == 32
+    assert info["params_after"] < info["params_before"] and metrics["parameter_reduction"] > 0
+    assert set(info["unk_share"]) == {"validation", "test"}
+    curve = (params.path(params.paths.curves) / "prune.csv").read_text().splitlines()
+    assert "prune_step" in curve[0] and "loss_hidden" in curve[0] and len(curve) == 3
+
+
+def test_prune_stage_magnitude(trained_project, tmp_path):
+    params = project_with_student(trained_project, tmp_path, prune={"method": "magnitude", "sparsity": 0.6, "vocab": "none"})
+    metrics = execute(prune.run, params, "prune", "student_pruned", ("prune",))
+    info = json.loads((params.path(params.paths.pruned) / "checkpoint_info.json").read_text())
+    assert metrics["sparsity_encoder_linear"] == pytest.approx(0.6, abs=0.01)
+    assert info["gzip_size_mb"] < info["source_gzip_size_mb"]
+    assert "no faster" in info["note"]
+    reloaded = load_trained(params.path(params.paths.pruned))
+    assert pruning.sparsity(pruning.encoder_linears(reloaded)) == pytest.approx(0.6, abs=0.01)
+
+
+def test_prune_stage_rejects_a_ratio_that_removes_every_head(trained_project, tmp_path):
+    params = project_with_student(trained_project, tmp_path, prune={"heads_ratio": 0.9})
+    with pytest.raises(ConfigError, match="would remove every one of the 2 attention heads"):
+        execute(prune.run, params, "prune", "student_pruned", ("prune",))
+    assert not params.path(params.paths.pruned).exists()
