@@ -1,0 +1,103 @@
+"""Classify texts with an exported ONNX model.
+
+    python -m pipeline.predict --model models/student_onnx/int8 "Profit rose." "Sales fell."
+    python -m pipeline.predict --model models/student_onnx/int8 --file headlines.txt --json
+    cat headlines.txt | python -m pipeline.predict --model models/student_onnx/int8
+
+Runs on ONNX Runtime and the `tokenizers` library only (torch and transformers are never imported,
+so a serving image needs neither). Texts come from the arguments, or --file, or standard input, one
+per line; blank lines are skipped. Each text gets its label and every class probability, or one
+JSON object per line with --json. Multi-label models (config.json problem_type
+multi_label_classification) get sigmoid probabilities and every label at or above its threshold:
+config.json's label_thresholds when present, else --threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import DataError, FinCompressError
+from pipeline.onnx import OnnxClassifier
+
+
+def _int_at_least(minimum: int):
+    def integer(text: str) -> int:  # argparse names the function in its "invalid integer value" error
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return integer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="an exported model directory (model.onnx, config, tokenizer)")
+    parser.add_argument("texts", nargs="*", help="texts to classify (default: --file, else standard input)")
+    parser.add_argument("--file", type=Path, help="read texts from this file, one per line")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per text")
+    parser.add_argument(
+        "--batch-size", type=_int_at_least(1), default=32, help="texts per inference call (default 32)"
+    )
+    parser.add_argument(
+        "--threads", type=_int_at_least(0), default=0, help="ONNX Runtime intra-op threads (default 0: all cores)"
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=0.5,
+        help="multi-label models without label_thresholds in config.json: the probability a label needs "
+        "(default 0.5)",
+    )
+    return parser
+
+
+def read_texts(texts: list[str], file: Path | None) -> list[str]:
+    """Texts from the arguments, else the file, else standard input; blank lines dropped."""
+    if texts:
+        lines = texts
+    elif file is not None:
+        if not file.is_file():
+            raise DataError(f"--file: file not found: {file}")
+        lines = file.read_text(encoding="utf-8").splitlines()
+    elif sys.stdin.isatty():
+        raise DataError("no texts: pass them as arguments, with --file, or on standard input (one per line)")
+    else:
+        lines = sys.stdin.read().splitlines()
+    kept = [line.strip() for line in lines if line.strip()]
+    if not kept:
+        raise DataError("no texts to classify: the input is empty")
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        texts = read_texts(args.texts, args.file)
+        classifier = OnnxClassifier.load(args.model, args.threads, threshold=args.threshold)
+        logits = classifier.logits(texts, args.batch_size)
+    except FinCompressError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    probabilities = classifier.probabilities(logits)
+    decisions = classifier.decide(logits)
+    names = classifier.label_names
+    multi = classifier.task_type == "multi_label"
+    for text, probs, decision in zip(texts, probabilities, decisions):
+        by_name = {name: round(float(p), 6) for name, p in zip(names, probs)}
+        chosen = [name for name, on in zip(names, decision) if on] if multi else names[int(decision)]
+        if args.json:
+            key = "labels" if multi else "label"
+            print(json.dumps({"text": text, key: chosen, "probabilities": by_name}, ensure_ascii=False))
+        else:
+            label = (",".join(chosen) or "-") if multi else chosen
+            shown = " ".join(f"{name}={p:.3f}" for name, p in by_name.items())
+            print(f"{label}\t{shown}\t{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

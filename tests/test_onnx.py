@@ -1,0 +1,283 @@
+"""The quantize and export_onnx stages on the tiny model: a stand-in pruned student (the tiny teacher
+with a pruned attention head and a narrower FFN), parity with PyTorch, sizes, the gates, atomic
+outputs, and the safetensors INT8 format's exact round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors import safe_open
+from transformers.pytorch_utils import prune_linear_layer
+
+from pipeline.config import params_from_dict
+from pipeline.data import load_split
+from pipeline.errors import ConfigError, GateError, ModelError
+from pipeline.models import encoder_layers, load_tokenizer, load_trained, predict_logits, save_model
+from pipeline.onnx import (
+    OnnxClassifier,
+    check_onnx_file,
+    detect_isa,
+    fp32_parity_failures,
+    int8_parity_failures,
+    logit_parity,
+    quantization_operators,
+)
+from pipeline.quantization import FORMAT, INT8_WEIGHTS_FILE, load_quantized, quantize_model, resolve_engine
+from pipeline.stage import execute
+from stages import export_onnx, quantize
+
+FFN_WIDTH = 48  # the tiny teacher's is 64
+
+
+def make_pruned_student(teacher_dir, out_dir) -> None:
+    """The teacher with head 0 of layer 0 removed and every FFN narrowed: what the prune stage writes."""
+    model = load_trained(teacher_dir)
+    model.prune_heads({0: [0]})
+    keep = torch.arange(FFN_WIDTH)
+    for layer in encoder_layers(model):
+        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep, dim=0)
+        layer.output.dense = prune_linear_layer(layer.output.dense, keep, dim=1)
+    model.config.intermediate_size = FFN_WIDTH
+    save_model(model, load_tokenizer(str(teacher_dir)), out_dir)
+
+
+def copy_project(params, root, **sections):
+    for name in ("data", "models"):
+        shutil.copytree(params.root / name, root / name, dirs_exist_ok=True)
+    tree = params.model_dump(mode="json")
+    for name, values in sections.items():
+        tree[name].update(values)
+    return params_from_dict(tree, root=root)
+
+
+@pytest.fixture(scope="module")
+def project(trained_project, tmp_path_factory):
+    """The trained tiny project with a pruned student at paths.pruned (shared, read-only)."""
+    params = copy_project(trained_project, tmp_path_factory.mktemp("onnx_project"))
+    make_pruned_student(params.path(params.paths.teacher), params.path(params.paths.pruned))
+    return params
+
+
+@pytest.fixture(scope="module")
+def exported(project):
+    """export_onnx run once through the stage runner; returns its metrics."""
+    return execute(export_onnx.run, project, "export_onnx", "student_onnx", ("export_onnx",))
+
+
+@pytest.fixture(scope="module")
+def quantized(project):
+    """quantize run once through the stage runner; returns its metrics."""
+    return execute(quantize.run, project, "quantize", "student_int8_torch", ("quantize",))
+
+
+def runs_of(params, stage):
+    return mlflow.search_runs(experiment_names=[params.tracking.experiment], filter_string=f"tags.stage = '{stage}'")
+
+
+def test_the_stand_in_student_is_pruned(project):
+    model = load_trained(project.path(project.paths.pruned))
+    first = encoder_layers(model)[0]
+    assert first.attention.self.num_attention_heads == 1 and first.intermediate.dense.out_features == FFN_WIDTH
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "isa"),
+    [
+        ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, "avx512_vnni"),
+        ("x86_64", {"avx2", "avx512f"}, "avx512"),
+        ("x86_64", {"sse4_2", "avx2"}, "avx2"),
+        ("aarch64", set(), "arm64"),
+        ("arm64", set(), "arm64"),
+    ],
+)
+def test_detect_isa(machine, flags, isa):
+    assert detect_isa(machine, flags) == isa
+
+
+def test_detect_isa_without_flags_asks_for_an_explicit_isa():
+    with pytest.raises(ConfigError, match="set export_onnx.isa"):
+        detect_isa("x86_64", set())
+
+
+def test_embeddings_are_quantized_only_when_asked():
+    assert "Gather" in quantization_operators(True)
+    without = quantization_operators(False)
+    assert "Gather" not in without and "MatMul" in without
+
+
+def test_check_onnx_file_rejects_a_file_that_is_not_onnx(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"not an onnx model")
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        check_onnx_file(path)
+
+
+def test_logit_parity_single_and_multi_label():
+    reference = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [0.1, 0.0, 0.3]])
+    candidate = reference + np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.6], [0.0, 0.0, 0.0]])
+    parity = logit_parity(reference, candidate, "single_label")
+    assert parity == {"max_abs_logit_diff": pytest.approx(0.6), "label_agreement": pytest.approx(2 / 3),
+                      "label_mismatches": 1, "examples": 3}
+    # Multi-label: a row agrees only when its whole label set does (thresholds per label).
+    multi = logit_parity(reference, candidate, "multi_label", [0.5, 0.5, 0.7])
+    assert multi["label_mismatches"] == 1 and multi["examples"] == 3
+
+
+def test_gates_name_the_numbers():
+    parity = {"max_abs_logit_diff": 0.02, "label_agreement": 0.9, "label_mismatches": 2, "examples": 20}
+    failures = fp32_parity_failures("student ONNX fp32", parity, 1e-3)
+    assert len(failures) == 2
+    assert "0.02 exceeds export_onnx.max_abs_logit_diff=0.001" in failures[0]
+    assert "2 of 20 test predictions differ" in failures[1]
+    failures = int8_parity_failures("student ONNX INT8", parity, 0.05, 0.98, 0.01)
+    assert "0.9000" in failures[0] and "min_int8_label_agreement=0.98" in failures[0]
+    assert "drops 0.0500" in failures[1] and "max_int8_f1_drop=0.01" in failures[1]
+    ok = {"max_abs_logit_diff": 1e-6, "label_agreement": 1.0, "label_mismatches": 0, "examples": 20}
+    assert fp32_parity_failures("x", ok, 1e-3) == [] and int8_parity_failures("x", ok, 0.0, 0.98, 0.01) == []
+
+
+# --------------------------------------------------------------------------- export_onnx
+
+
+def test_export_writes_self_contained_directories(project, exported):
+    student = project.path(project.paths.onnx_student)
+    teacher = project.path(project.paths.onnx_teacher)
+    for directory in (student / "fp32", student / "int8", teacher):
+        for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "checkpoint_info.json"):
+            assert (directory / name).is_file(), f"{directory}/{name}"
+        check_onnx_file(directory / "model.onnx")
+        tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+        assert tokenizer_config["model_max_length"] == project.teacher.max_length
+        graph = onnx.load(str(directory / "model.onnx")).graph
+        for tensor in graph.input:  # dynamic batch and sequence axes
+            assert [dim.dim_param for dim in tensor.type.tensor_type.shape.dim] == ["batch_size", "sequence_length"]
+    assert json.loads((student / "fp32" / "config.json").read_text())["pruned_heads"] == {"0": [0]}
+    assert not list(project.path("models").glob(".*tmp*")), "no temporary directory left behind"
+
+
+def test_export_parity_sizes_and_metrics(project, exported):
+    student = project.path(project.paths.onnx_student)
+    assert exported["max_abs_logit_diff"] <= project.export_onnx.max_abs_logit_diff
+    assert exported["teacher_max_abs_logit_diff"] <= project.export_onnx.max_abs_logit_diff
+    assert exported["int8_label_agreement"] >= project.export_onnx.min_int8_label_agreement
+    assert exported["onnx_int8_size_mb"] < exported["onnx_fp32_size_mb"]
+    assert (student / "int8" / "model.onnx").stat().st_size < (student / "fp32" / "model.onnx").stat().st_size
+    test_rows = len(load_split(project.path(project.paths.prepared), "test"))
+    fp32_info = json.loads((student / "fp32" / "checkpoint_info.json").read_text())
+    assert fp32_info["parity"]["examples"] == test_rows and fp32_info["parity"]["label_mismatches"] == 0
+    assert fp32_info["num_parameters"] > 0 and fp32_info["test"]["macro_f1"] == exported["onnx_fp32_test_macro_f1"]
+    int8_info = json.loads((student / "int8" / "checkpoint_info.json").read_text())
+    assert int8_info["isa"] == detect_isa() and "Gather" in int8_info["quantized_operators"]
+    assert int8_info["parity"]["reference"] == "ONNX fp32"
+    written = json.loads((project.path(project.paths.metrics) / "export_onnx.json").read_text())
+    assert written == pytest.approx(exported)
+    run = runs_of(project, "export_onnx").iloc[0]
+    assert run["status"] == "FINISHED"
+    assert run["metrics.onnx_int8_size_mb"] == pytest.approx(exported["onnx_int8_size_mb"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
+    assert {"student_onnx_fp32", "student_onnx_int8", "teacher_onnx", "metrics"} <= artifacts
+
+
+def test_onnx_fp32_matches_pytorch_with_pruned_heads(project, exported):
+    pruned = project.path(project.paths.pruned)
+    texts = [row["text"] for row in load_split(project.path(project.paths.prepared), "validation")]
+    reference = predict_logits(load_trained(pruned), load_tokenizer(str(pruned)), texts, project.teacher.max_length)
+    got = OnnxClassifier.load(project.path(project.paths.onnx_student) / "fp32").logits(texts, batch_size=4)
+    assert np.abs(reference.numpy() - got).max() <= 1e-4
+    assert (reference.numpy().argmax(-1) == got.argmax(-1)).all()
+
+
+def snapshot(directory):
+    return {path.relative_to(directory): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def test_failed_parity_fails_the_stage_and_writes_nothing(project, exported, tmp_path, monkeypatch):
+    params = copy_project(project, tmp_path)  # holds the previous run's outputs
+    outputs = [params.path(params.paths.onnx_student), params.path(params.paths.onnx_teacher)]
+    before = [snapshot(directory) for directory in outputs]
+    original = export_onnx.predict_logits
+    # An injected mismatch: PyTorch's logits shifted by 0.5, as if the export had changed the model.
+    monkeypatch.setattr(export_onnx, "predict_logits", lambda *args, **kw: original(*args, **kw) + 0.5)
+    expected = r"student ONNX fp32: max \|logit difference\| vs PyTorch 0\.5.*teacher ONNX fp32"
+    with pytest.raises(GateError, match=expected):
+        execute(export_onnx.run, params, "export_onnx", "student_onnx", ("export_onnx",))
+    assert [snapshot(directory) for directory in outputs] == before, "the previous outputs are untouched"
+    assert not list(params.path("models").glob(".*tmp*")), "the temporary directories are removed"
+    assert not (params.path(params.paths.metrics) / "export_onnx.json").exists()
+    failed = runs_of(params, "export_onnx").iloc[0]
+    assert failed["status"] == "FAILED" and failed["metrics.max_abs_logit_diff"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_export_without_the_teacher_still_writes_its_directory(project, exported, tmp_path):
+    params = copy_project(project, tmp_path, export_onnx={"export_teacher": False})
+    metrics = execute(export_onnx.run, params, "export_onnx", "student_onnx", ("export_onnx",))
+    teacher = params.path(params.paths.onnx_teacher)
+    assert [path.name for path in teacher.iterdir()] == ["checkpoint_info.json"]  # DVC needs the out
+    assert json.loads((teacher / "checkpoint_info.json").read_text())["exported"] is False
+    assert not [key for key in metrics if key.startswith("teacher")]
+    assert (params.path(params.paths.onnx_student) / "int8" / "model.onnx").is_file()
+
+
+# --------------------------------------------------------------------------- quantize (torch INT8)
+
+
+def test_resolve_engine():
+    assert resolve_engine("auto", "x86_64") == "fbgemm"
+    if "qnnpack" in torch.backends.quantized.supported_engines:
+        assert resolve_engine("auto", "aarch64") == "qnnpack"
+    with pytest.raises(ConfigError, match="supports the quantized engines"):
+        resolve_engine("no-such-engine")
+
+
+def test_quantize_writes_safetensors_only(project, quantized):
+    out = project.path(project.paths.quantized)
+    names = {path.name for path in out.iterdir()}
+    expected = {"config.json", "tokenizer.json", "tokenizer_config.json", INT8_WEIGHTS_FILE, "checkpoint_info.json"}
+    assert expected <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))], "no pickle files"
+    assert "model.safetensors" not in names, "from_pretrained must not mistake INT8 weights for fp32"
+    with safe_open(str(out / INT8_WEIGHTS_FILE), framework="pt") as handle:
+        assert handle.metadata()["format"] == FORMAT
+        assert handle.get_tensor("classifier.weight_int8").dtype == torch.int8
+    info = json.loads((out / "checkpoint_info.json").read_text())
+    assert info["engine"] == resolve_engine("auto") and info["num_parameters"] > 0
+    assert quantized["size_mb"] < quantized["fp32_size_mb"] and 0 <= quantized["test_macro_f1"] <= 1
+    assert "test_macro_f1_ci95_low" in quantized and "validation_accuracy" in quantized
+    written = json.loads((project.path(project.paths.metrics) / "quantize.json").read_text())
+    assert written == pytest.approx(quantized)
+    assert runs_of(project, "quantize").iloc[0]["status"] == "FINISHED"
+
+
+def test_load_quantized_gives_exactly_the_in_memory_logits(project, quantized):
+    pruned = project.path(project.paths.pruned)
+    in_memory = quantize_model(load_trained(pruned), resolve_engine("auto"))
+    reloaded = load_quantized(project.path(project.paths.quantized))
+    assert encoder_layers(reloaded)[0].attention.self.num_attention_heads == 1
+    tokenizer = load_tokenizer(str(pruned))
+    texts = [row["text"] for row in load_split(project.path(project.paths.prepared), "test")]
+    expected = predict_logits(in_memory, tokenizer, texts, project.teacher.max_length)
+    got = predict_logits(reloaded, tokenizer, texts, project.teacher.max_length)
+    assert torch.equal(expected, got)
+    fp32 = predict_logits(load_trained(pruned), tokenizer, texts, project.teacher.max_length)
+    assert not torch.equal(fp32, got), "the reloaded model is really quantized"
+
+
+def test_load_quantized_errors(project, quantized, tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_quantized(tmp_path / "missing")
+    with pytest.raises(ModelError, match=r"missing \['model_int8.safetensors'\]"):
+        load_quantized(project.path(project.paths.pruned))  # an fp32 directory
+    broken = tmp_path / "broken"
+    shutil.copytree(project.path(project.paths.quantized), broken)
+    (broken / INT8_WEIGHTS_FILE).write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="unreadable"):
+        load_quantized(broken)
