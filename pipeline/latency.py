@@ -1,0 +1,359 @@
+"""The CPU latency benchmark harness.
+
+Every family member runs in a worker process of its own (so its peak resident memory is its own
+and an ONNX member never imports torch). The parent keeps all workers alive and interleaves them:
+each round visits the members in a fresh random order and asks each for a slice of its timed runs,
+so drift in machine load hits every member alike. Thread counts are set for torch
+(`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count) alike.
+
+Worker protocol: one JSON command per line on stdin, one JSON answer per line on stdout.
+This module imports neither torch nor transformers at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import FinCompressError
+
+log = logging.getLogger(__name__)
+
+
+def all_cores() -> int:
+    return os.cpu_count() or 1
+
+
+def thread_settings(threads: list[int]) -> list[int]:
+    """Params thread counts with 0 meaning every core, de-duplicated, in order."""
+    resolved: list[int] = []
+    for count in threads:
+        count = count or all_cores()
+        if count not in resolved:
+            resolved.append(count)
+    return resolved
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    values = np.asarray(samples_ms)
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(values.mean()), "runs": len(values)}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    info = {
+        "cpu": cpu,
+        "cores": all_cores(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- the worker side
+
+
+class Runner:
+    """One loaded member: batch-1 inputs tokenized once, runnable at any of the thread settings."""
+
+    def __init__(self, kind: str, model_dir: Path, texts: list[str], max_length: int, threads: list[int]) -> None:
+        self.kind, self.texts, self.max_length = kind, texts, max_length
+        if kind == "onnx":
+            from pipeline.onnx import OnnxClassifier
+
+            self.onnx = {t: OnnxClassifier.load(model_dir, intra_op_threads=t) for t in threads}
+            first = self.onnx[threads[0]]
+            self.tokenizer = first.tokenizer
+            self.input_names = [item.name for item in first.session.get_inputs()]
+            self.inputs = [self._onnx_feed([text]) for text in texts]
+        else:
+            import torch
+
+            from pipeline.models import load_tokenizer, load_trained_with_tokenizer
+
+            torch.set_num_interop_threads(1)
+            if kind == "torch_int8":
+                from pipeline.quantization import load_quantized
+
+                self.model = load_quantized(model_dir)
+                self.tokenizer = load_tokenizer(str(model_dir))
+            else:
+                # sdpa: the attention kernel a PyTorch user gets by default (eager is only for KD).
+                self.model, self.tokenizer = load_trained_with_tokenizer(model_dir, attn_implementation="sdpa")
+            self.inputs = [self._torch_inputs([text]) for text in texts]
+
+    def _onnx_feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encodings = self.tokenizer.encode_batch(texts)
+        columns = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        return {name: np.asarray(columns[name], dtype=np.int64) for name in self.input_names}
+
+    def _torch_inputs(self, texts: list[str]):
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    def _call(self, threads: int, index: int, end_to_end: bool) -> None:
+        if self.kind == "onnx":
+            feed = self._onnx_feed([self.texts[index]]) if end_to_end else self.inputs[index]
+            self.onnx[threads].session.run(None, feed)
+        else:
+            inputs = self._torch_inputs([self.texts[index]]) if end_to_end else self.inputs[index]
+            self.model(**inputs)
+
+    def _set_threads(self, threads: int) -> None:
+        if self.kind != "onnx":
+            import torch
+
+            torch.set_num_threads(threads)
+
+    def latency(self, threads: int, runs: int, seconds: float, warmup: int, end_to_end: bool, start: int) -> list[float]:
+        """Batch-1 latencies in ms: at least `runs` calls and at least `seconds`, after `warmup` calls."""
+        self._set_threads(threads)
+        with self._no_grad():
+            for i in range(warmup):
+                self._call(threads, (start + i) % len(self.texts), end_to_end)
+            samples: list[float] = []
+            began = time.perf_counter()
+            i = start
+            while len(samples) < runs or time.perf_counter() - began < seconds:
+                index = i % len(self.texts)
+                tick = time.perf_counter_ns()
+                self._call(threads, index, end_to_end)
+                samples.append((time.perf_counter_ns() - tick) / 1e6)
+                i += 1
+        return samples
+
+    def throughput(self, threads: int, batch_size: int, batches: int) -> float:
+        """Sentences per second at `batch_size` (inputs tokenized and padded beforehand)."""
+        self._set_threads(threads)
+        groups = [
+            [self.texts[(b * batch_size + j) % len(self.texts)] for j in range(batch_size)] for b in range(batches)
+        ]
+        prepared = [self._onnx_feed(g) if self.kind == "onnx" else self._torch_inputs(g) for g in groups]
+        with self._no_grad():
+            self._run_batch(threads, prepared[0])  # warm-up
+            began = time.perf_counter()
+            for feed in prepared:
+                self._run_batch(threads, feed)
+            elapsed = time.perf_counter() - began
+        return batch_size * batches / elapsed
+
+    def _run_batch(self, threads: int, feed) -> None:
+        if self.kind == "onnx":
+            self.onnx[threads].session.run(None, feed)
+        else:
+            self.model(**feed)
+
+    def _no_grad(self):
+        if self.kind == "onnx":
+            import contextlib
+
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.inference_mode()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this process's own memory map.
+    (getrusage's ru_maxrss survives exec, so a worker forked from a large parent would report the
+    parent's size.) Elsewhere: ru_maxrss (macOS reports bytes).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1024
+
+
+def worker_main() -> None:
+    """Serve commands for one member; answers go to the real stdout, everything else to stderr."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints and library warnings must not corrupt the protocol
+    sys.stdout = sys.stderr
+    runner: Runner | None = None
+    for line in sys.stdin:
+        command = json.loads(line)
+        try:
+            op = command.pop("op")
+            if op == "load":
+                runner = Runner(**{k: v for k, v in command.items() if k != "model_dir"}, model_dir=Path(command["model_dir"]))
+                answer: Any = {"ok": True, "imports_torch": "torch" in sys.modules}
+            elif op == "latency":
+                answer = {"ok": True, "samples": runner.latency(**command)}
+            elif op == "throughput":
+                answer = {"ok": True, "per_second": runner.throughput(**command)}
+            elif op == "rss":
+                answer = {"ok": True, "peak_rss_mb": peak_rss_mb()}
+            elif op == "quit":
+                return
+            else:
+                answer = {"ok": False, "error": f"unknown op {op}"}
+        except Exception as error:  # report it to the parent, which fails the stage with it
+            answer = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        answers.write(json.dumps(answer) + "\n")
+
+
+# --------------------------------------------------------------------------- the parent side
+
+
+@dataclass
+class Worker:
+    name: str
+    process: subprocess.Popen
+    imports_torch: bool = False
+
+    @classmethod
+    def spawn(cls, name: str, kind: str, model_dir: Path, texts: list[str], max_length: int, threads: list[int]) -> Worker:
+        """Start the worker process and send it the member to load (answered by `loaded`)."""
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(threads))}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.latency"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        worker = cls(name, process)
+        worker.send(op="load", kind=kind, model_dir=str(model_dir), texts=texts, max_length=max_length, threads=threads)
+        return worker
+
+    def loaded(self) -> None:
+        self.imports_torch = self.receive()["imports_torch"]
+
+    def send(self, **command: Any) -> None:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def receive(self) -> dict[str, Any]:
+        line = self.process.stdout.readline()
+        if not line:
+            raise FinCompressError(f"benchmark worker for {self.name} died (exit code {self.process.poll()})")
+        answer = json.loads(line)
+        if not answer.pop("ok"):
+            raise FinCompressError(f"benchmark of {self.name} failed: {answer['error']}")
+        return answer
+
+    def ask(self, **command: Any) -> dict[str, Any]:
+        self.send(**command)
+        return self.receive()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+
+
+def run_benchmark(
+    members: list[tuple[str, str, Path]],
+    texts: list[str],
+    max_length: int,
+    threads: list[int],
+    min_runs: int,
+    min_seconds: float,
+    warmup_runs: int,
+    rounds: int,
+    throughput_batch_size: int,
+    throughput_batches: int,
+    seed: int = 0,
+    progress: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Time every (name, kind, dir) member; returns per member its latency percentiles per thread
+    count (model only and end to end), throughput per thread count and peak RSS."""
+    settings = thread_settings(threads)
+    workers: list[Worker] = []
+    rng = np.random.default_rng(seed)
+    runs_per_round = math.ceil(min_runs / rounds)
+    seconds_per_round = min_seconds / rounds
+    samples: dict[tuple[str, int, bool], list[float]] = {}
+    try:
+        # Load every member at once (timing starts only when all are ready).
+        for name, kind, directory in members:
+            workers.append(Worker.spawn(name, kind, directory, texts, max_length, settings))
+        for worker in workers:
+            worker.loaded()
+        tasks = len(workers) * rounds * len(settings) * 2 + len(workers) * len(settings)
+        task = progress.add_task("benchmark", total=tasks) if progress else None
+        for round_index in range(rounds):
+            for index in rng.permutation(len(workers)):
+                worker = workers[index]
+                for threads in settings:
+                    for end_to_end in (False, True):
+                        start = int(rng.integers(0, len(texts)))
+                        answer = worker.ask(
+                            op="latency", threads=threads, runs=runs_per_round, seconds=seconds_per_round,
+                            warmup=warmup_runs if round_index == 0 else 2, end_to_end=end_to_end, start=start,
+                        )
+                        samples.setdefault((worker.name, threads, end_to_end), []).extend(answer["samples"])
+                        if progress:
+                            progress.update(task, advance=1, description=f"round {round_index + 1}/{rounds}: {worker.name}")
+            # A line per round too: a progress bar does not show in a log file or under DVC.
+            log.info("benchmark round %d/%d done", round_index + 1, rounds)
+        throughput: dict[tuple[str, int], float] = {}
+        for index in rng.permutation(len(workers)):
+            worker = workers[index]
+            for threads in settings:
+                throughput[(worker.name, threads)] = worker.ask(
+                    op="throughput", threads=threads, batch_size=throughput_batch_size, batches=throughput_batches
+                )["per_second"]
+                if progress:
+                    progress.update(task, advance=1, description=f"throughput: {worker.name}")
+        results = {}
+        for worker in workers:
+            results[worker.name] = {
+                "latency_ms": {str(t): percentiles(samples[(worker.name, t, False)]) for t in settings},
+                "e2e_latency_ms": {str(t): percentiles(samples[(worker.name, t, True)]) for t in settings},
+                "throughput_per_second": {str(t): throughput[(worker.name, t)] for t in settings},
+                "peak_rss_mb": worker.ask(op="rss")["peak_rss_mb"],
+                "imports_torch": worker.imports_torch,
+            }
+        return results
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+if __name__ == "__main__":
+    worker_main()

@@ -1,0 +1,102 @@
+"""CPU latency of every family member, measured in one run, interleaved, each member in its own
+process; every speedup is a ratio against the PyTorch fp32 teacher of this same run."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.config import Params
+from pipeline.data import load_split
+from pipeline.errors import ModelError
+from pipeline.family import REFERENCE, Member, family
+from pipeline.io import dir_size_mb, write_json
+from pipeline.latency import machine_info, run_benchmark, thread_settings
+from pipeline.models import read_info
+from pipeline.stage import main
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = {"torch": "model.safetensors", "torch_int8": "model_int8.safetensors", "onnx": "model.onnx"}
+
+
+def present_members(params: Params) -> list[Member]:
+    members = []
+    for member in family(params):
+        if (member.path / WEIGHT_FILES[member.kind]).is_file():
+            members.append(member)
+        else:
+            log.warning("%s not found at %s: left out of the benchmark", member.name, member.path)
+    if not members or members[0].name != REFERENCE:
+        raise ModelError(f"the reference PyTorch teacher is missing at {params.paths.teacher}; run dvc repro first")
+    return members
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Time every member found under params.paths; write paths.benchmark."""
+    cfg = params.benchmark
+    texts = [row["text"] for row in load_split(params.path(params.paths.prepared), "test")]
+    members = present_members(params)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        timings = run_benchmark(
+            [(m.name, m.kind, m.path) for m in members],
+            texts,
+            params.teacher.max_length,
+            cfg.threads,
+            cfg.min_runs,
+            cfg.min_seconds,
+            cfg.warmup_runs,
+            cfg.rounds,
+            cfg.throughput_batch_size,
+            cfg.throughput_batches,
+            cfg.seed,
+            progress,
+        )
+    settings = [str(t) for t in thread_settings(cfg.threads)]
+    reference = timings[REFERENCE]
+    entries = []
+    for member in members:
+        timing = timings[member.name]
+        info = read_info(member.path)
+        entries.append(
+            {
+                "name": member.name,
+                "format": member.format,
+                "precision": member.precision,
+                "path": str(member.path.relative_to(params.root)) if member.path.is_relative_to(params.root) else str(member.path),
+                "size_mb": round(dir_size_mb(member.path / WEIGHT_FILES[member.kind]), 3),
+                "num_parameters": info.get("num_parameters"),
+                **timing,
+                "speedup_vs_teacher": {
+                    t: reference["latency_ms"][t]["p50"] / timing["latency_ms"][t]["p50"] for t in settings
+                },
+                "throughput_vs_teacher": {
+                    t: timing["throughput_per_second"][t] / reference["throughput_per_second"][t] for t in settings
+                },
+            }
+        )
+    result = {
+        "machine": machine_info(),
+        "settings": {**cfg.model_dump(), "thread_counts": settings, "test_sentences": len(texts),
+                     "max_length": params.teacher.max_length},
+        "reference": REFERENCE,
+        "members": entries,
+    }
+    write_json(params.path(params.paths.benchmark), result)
+    from pipeline import tracking
+
+    tracking.log_artifact(params.path(params.paths.benchmark), "benchmark")
+    metrics: dict[str, Any] = {}
+    for entry in entries:
+        for t in settings:
+            metrics[f"{entry['name']}.latency_ms_p50_t{t}"] = entry["latency_ms"][t]["p50"]
+            metrics[f"{entry['name']}.speedup_t{t}"] = entry["speedup_vs_teacher"][t]
+        metrics[f"{entry['name']}.peak_rss_mb"] = entry["peak_rss_mb"]
+    return metrics
+
+
+if __name__ == "__main__":
+    main(run, stage="benchmark", sections=("benchmark",))

@@ -1,0 +1,104 @@
+"""The comparison report: the family table (JSON, Markdown, CSV), the Pareto plot, the loss curves,
+one comparable MLflow run per member, and the SLA champion registered in the MLflow Model Registry."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline import report, tracking
+from pipeline.config import Params
+from pipeline.errors import ModelError
+from pipeline.family import family
+from pipeline.io import read_json, write_json, write_text_atomic
+from pipeline.models import read_info
+from pipeline.stage import main
+
+log = logging.getLogger(__name__)
+
+# Training curves drawn in loss_curves.png (the students and the pruning recovery).
+CURVES = ("student_baseline", "distill_vanilla", "distill_intermediate", "prune")
+# Metrics every member's MLflow run carries under the same names, so the compare view lines them up.
+COMPARABLE = (
+    "test_macro_f1", "test_accuracy", "validation_macro_f1", "f1_retention", "num_parameters", "size_mb",
+    "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "e2e_latency_ms_p50", "latency_ms_p50_all_cores",
+    "throughput_b32", "speedup_vs_teacher", "compression_vs_teacher", "peak_rss_mb",
+)
+
+
+def register_champion(row: dict[str, Any], model_dir: Path, name: str) -> str:
+    """Log the champion's ONNX model (tokenizer and config beside it) and point the alias at it."""
+    import mlflow
+    import onnx
+
+    extra = [str(p) for p in sorted(model_dir.iterdir()) if p.suffix in (".json", ".txt") and p.is_file()]
+    info = mlflow.onnx.log_model(
+        onnx.load(str(model_dir / "model.onnx")),
+        name="champion",
+        registered_model_name=name,
+        extra_files=extra,
+        tags={"family_member": row["name"]},
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, "family_member", row["name"])
+    return version
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Read paths.benchmark and every member's checkpoint_info.json; write the reports."""
+    import mlflow
+
+    benchmark_path = params.path(params.paths.benchmark)
+    if not benchmark_path.is_file():
+        raise ModelError(f"{benchmark_path} not found; run the benchmark stage first (dvc repro benchmark)")
+    benchmark = read_json(benchmark_path)
+    members = {member.name: member for member in family(params)}
+    infos = {entry["name"]: read_info(members[entry["name"]].path) for entry in benchmark["members"]}
+    rows = report.family_table(benchmark, infos)
+    front = report.pareto_front(rows)
+    sla = params.report.sla
+    champion, note = report.choose_champion(rows, sla)
+    for row in rows:
+        row["pareto_optimal"] = row["name"] in front
+        row["champion"] = champion is not None and row["name"] == champion["name"]
+
+    out = params.path(params.paths.reports)
+    write_json(out / "family.json", rows)
+    write_text_atomic(out / "comparison.md", report.comparison_markdown(rows, benchmark, front, note, sla))
+    write_text_atomic(out / "comparison.csv", report.comparison_csv(rows))
+    curves = {name: params.path(params.paths.curves) / f"{name}.csv" for name in CURVES}
+    report.pareto_plot(rows, front, out / "pareto.png", sla, champion["name"] if champion else None)
+    report.loss_curves_plot(curves, out / "loss_curves.png")
+    for name in ("family.json", "comparison.md", "comparison.csv", "pareto.png", "loss_curves.png"):
+        tracking.log_artifact(out / name, "report")
+
+    parent_tags = mlflow.active_run().data.tags
+    for row in rows:
+        tags = {key: parent_tags.get(key, "") for key in ("git_commit", "data_hash", "pipeline_run")}
+        with mlflow.start_run(run_name=row["name"], nested=True,
+                              tags={**tags, "stage": "report", "family_member": row["name"],
+                                    "format": row["format"], "precision": row["precision"]}):
+            tracking.log_metrics({key: row[key] for key in COMPARABLE if row.get(key) is not None})
+
+    metrics: dict[str, Any] = {
+        row["name"]: {key: row[key] for key in ("test_macro_f1", "f1_retention", "size_mb", "latency_ms_p50",
+                                                 "speedup_vs_teacher", "compression_vs_teacher")}
+        for row in rows
+    }
+    metrics["pareto_front_size"] = len(front)
+    if champion is not None:
+        metrics["champion"] = {key: champion[key] for key in ("test_macro_f1", "latency_ms_p50", "size_mb")}
+        if params.report.register_champion:
+            version = register_champion(champion, members[champion["name"]].path, params.report.registered_model_name)
+            log.info("registered %s as %s version %s, alias 'champion'", champion["name"],
+                     params.report.registered_model_name, version)
+            metrics["champion"]["registry_version"] = int(version)
+    log.info("champion: %s", note)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(run, stage="report", sections=("report",))

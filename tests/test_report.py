@@ -1,0 +1,133 @@
+"""Bootstrap intervals, the Pareto front, the champion choice and the report stage on a hand-made family."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from pipeline.config import SLAConfig, params_from_dict
+from pipeline.family import family
+from pipeline.metrics import bootstrap_ci
+from pipeline.report import choose_champion, markdown_table, pareto_front
+from pipeline.stage import execute
+from stages import report
+
+
+def test_bootstrap_interval_on_a_known_case():
+    # 80% accuracy on 400 examples: the normal approximation gives 0.80 +- 1.96 * sqrt(0.16 / 400).
+    y_true = np.ones(400, dtype=int)
+    y_pred = np.r_[np.ones(320, dtype=int), np.zeros(80, dtype=int)]
+    low, high = bootstrap_ci(y_true, y_pred, lambda t, p: float((t == p).mean()), samples=2000, seed=1)
+    half_width = 1.96 * np.sqrt(0.8 * 0.2 / 400)
+    assert low == pytest.approx(0.8 - half_width, abs=0.01)
+    assert high == pytest.approx(0.8 + half_width, abs=0.01)
+    assert bootstrap_ci(y_true, y_true, lambda t, p: float((t == p).mean()), samples=50) == (1.0, 1.0)
+
+
+def row(name, latency, f1, fmt="onnx", size=10.0, retention=None, validation=None):
+    return {"name": name, "format": fmt, "precision": "fp32", "latency_ms_p50": latency, "test_macro_f1": f1,
+            "f1_retention": retention if retention is not None else f1 / 0.95, "size_mb": size,
+            "validation_macro_f1": validation if validation is not None else f1}
+
+
+def test_pareto_front_on_a_hand_made_family():
+    rows = [row("teacher", 60, 0.95, "torch"), row("slow_bad", 70, 0.90), row("mid", 10, 0.93),
+            row("mid_worse", 12, 0.92), row("fast", 1, 0.90), row("fast_tie", 1, 0.89), row("same_as_mid", 10, 0.93)]
+    assert pareto_front(rows) == ["fast", "mid", "same_as_mid", "teacher"]
+
+
+def test_champion_is_the_fastest_onnx_member_within_the_sla_judged_on_validation():
+    rows = [row("teacher", 60, 0.95, "torch"), row("torch_fast", 0.5, 0.95, "torch"),
+            row("onnx_a", 1.5, 0.94, validation=0.93), row("onnx_b", 0.8, 0.95, validation=0.80),
+            row("onnx_c", 1.2, 0.90, validation=0.92), row("onnx_slow", 9, 0.96)]
+    champion, note = choose_champion(rows, SLAConfig(max_latency_ms=2, min_f1_retention=0.95))
+    # onnx_b is faster but fails on validation (its good test F1 must not matter); torch is not ONNX.
+    assert champion["name"] == "onnx_c" and "fastest" in note
+    champion, note = choose_champion(rows, SLAConfig(max_latency_ms=0.5, min_f1_retention=0.95))
+    assert champion is None and "nothing was registered" in note
+
+
+def test_markdown_marks_best_values():
+    table = markdown_table([
+        {**row("a", 1.0, 0.9), "num_parameters": 1e6, "test_macro_f1_ci95": [0.8, 0.95]},
+        {**row("b", 2.0, 0.95), "num_parameters": 2e6, "test_macro_f1_ci95": [0.9, 0.99]},
+    ])
+    assert "**0.950**" in table and "**1.000**" in table and "[0.800, 0.950]" in table
+
+
+def tiny_onnx(path):
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def hand_made_family(tmp_path):
+    params = params_from_dict({"report": {"sla": {"max_latency_ms": 5.0, "min_f1_retention": 0.9}}}, root=tmp_path)
+    figures = {  # name: (test F1, p50 ms, size MB)
+        "teacher": (0.95, 60.0, 90.0), "teacher_onnx": (0.95, 40.0, 90.0), "student_baseline": (0.88, 9.0, 69.0),
+        "student_vanilla": (0.90, 9.1, 69.0), "student_intermediate": (0.92, 9.2, 69.0),
+        "student_pruned": (0.92, 5.0, 25.0), "student_int8_torch": (0.91, 4.0, 12.0),
+        "student_onnx_fp32": (0.92, 2.0, 25.0), "student_onnx_int8": (0.915, 0.9, 6.5),
+    }
+    entries = []
+    for member in family(params):
+        f1, latency, size = figures[member.name]
+        member.path.mkdir(parents=True)
+        info = {"num_parameters": int(size * 250_000), "test": {"macro_f1": f1, "macro_f1_ci95": [f1 - 0.02, f1 + 0.02],
+                "accuracy": f1 + 0.02}, "validation": {"macro_f1": f1 - 0.01}}
+        (member.path / "checkpoint_info.json").write_text(json.dumps(info))
+        if member.kind == "onnx":
+            tiny_onnx(member.path / "model.onnx")
+            (member.path / "config.json").write_text("{}")
+        timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5} for t in ("1", "2")}
+        entries.append({"name": member.name, "format": member.format, "precision": member.precision,
+                        "size_mb": size, "num_parameters": info["num_parameters"], "latency_ms": timing,
+                        "e2e_latency_ms": timing, "throughput_per_second": {"1": 1000 / latency, "2": 1800 / latency},
+                        "peak_rss_mb": 100 + size, "speedup_vs_teacher": {"1": 60 / latency, "2": 60 / latency}})
+    benchmark = {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1"},
+                 "settings": {"thread_counts": ["1", "2"], "test_sentences": 10, "max_length": 32, "min_runs": 5,
+                              "min_seconds": 0, "rounds": 1, "throughput_batch_size": 4},
+                 "reference": "teacher", "members": entries}
+    path = params.path(params.paths.benchmark)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(benchmark))
+    curves = params.path(params.paths.curves)
+    curves.mkdir(parents=True)
+    (curves / "distill_intermediate.csv").write_text(
+        "step,loss_total,loss_ce,loss_kl,loss_hidden,loss_attention,eval_macro_f1\n1,1.0,0.5,0.4,0.1,0.01,0.8\n2,0.5,0.2,0.2,0.08,0.009,0.9\n")
+    (curves / "student_baseline.csv").write_text("step,loss_total,loss_ce,eval_macro_f1\n1,0.9,0.9,0.7\n2,0.4,0.4,0.85\n")
+    return params
+
+
+def test_report_stage_on_a_hand_made_family(tmp_path):
+    params = hand_made_family(tmp_path)
+    metrics = execute(report.run, params, "report", sections=("report",))
+    reports = params.path(params.paths.reports)
+    rows = json.loads((reports / "family.json").read_text())
+    assert [r["name"] for r in rows][0] == "teacher" and len(rows) == 9
+    required = {"name", "format", "precision", "num_parameters", "size_mb", "test_macro_f1", "test_macro_f1_ci95",
+                "test_accuracy", "f1_retention", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
+                "e2e_latency_ms_p50", "throughput_b32", "speedup_vs_teacher", "compression_vs_teacher", "peak_rss_mb"}
+    assert required <= set(rows[0])
+    int8 = next(r for r in rows if r["name"] == "student_onnx_int8")
+    assert int8["champion"] and int8["pareto_optimal"]
+    assert int8["compression_vs_teacher"] == pytest.approx(90 / 6.5)
+    markdown = (reports / "comparison.md").read_text()
+    assert "Test CPU" in markdown and "**0.900**" in markdown and "student_onnx_int8" in markdown
+    for name in ("pareto.png", "loss_curves.png"):
+        assert (reports / name).stat().st_size > 10_000
+    assert metrics["student_onnx_int8"]["latency_ms_p50"] == 0.9
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(params.report.registered_model_name, "champion")
+    assert version.tags["family_member"] == "student_onnx_int8"
+    children = mlflow.search_runs(experiment_names=[params.tracking.experiment],
+                                  filter_string="tags.stage = 'report' AND tags.family_member = 'student_pruned'")
+    assert "metrics.latency_ms_p50" in children.columns and children["metrics.latency_ms_p50"].iloc[0] == 5.0
