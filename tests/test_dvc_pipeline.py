@@ -1,0 +1,61 @@
+"""The whole DAG through `dvc repro` in a temporary git repository, on the tiny config."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+import yaml
+
+from tests.conftest import dvc, init_repo, tiny_params_tree, write_project
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory, tiny_bert):
+    root = write_project(tmp_path_factory.mktemp("dvc") / "project", tiny_params_tree(tiny_bert))
+    init_repo(root)
+    first = dvc(root, "repro")
+    return root, first
+
+
+def test_repro_builds_every_stage(repro_project):
+    root, first = repro_project
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(stages), "every stage ran and was locked"
+    for name in stages:
+        assert (root / "reports" / "metrics" / f"{name}.json").is_file(), name
+    assert (root / "models" / "teacher" / "model.safetensors").is_file()
+
+
+def test_second_repro_is_a_no_op(repro_project):
+    root, _ = repro_project
+    second = dvc(root, "repro")
+    assert "Running stage" not in second.stdout, second.stdout
+    status = dvc(root, "status")
+    assert "up to date" in status.stdout
+
+
+def test_exp_run_with_a_changed_param(repro_project):
+    root, _ = repro_project
+    # An SLA knob: only the report stage re-runs in the experiment (the rest comes from the cache).
+    result = dvc(root, "exp", "run", "-S", "report.sla.max_latency_ms=0.001", "--name", "strict-sla")
+    assert "Running stage 'report'" in result.stdout and "Running stage 'benchmark'" not in result.stdout
+    shown = dvc(root, "exp", "show", "--csv").stdout
+    rows = list(csv.DictReader(io.StringIO(shown)))
+    assert any(row["Experiment"] == "strict-sla" and row["report.sla.max_latency_ms"] == "0.001" for row in rows)
+
+
+def test_gate_failure_stops_the_dag(tmp_path, tiny_bert):
+    tree = tiny_params_tree(tiny_bert)
+    tree["verify_teacher"]["min_macro_f1"] = 1.0
+    root = write_project(tmp_path / "project", tree)
+    init_repo(root)
+    result = dvc(root, "repro", check=False)
+    assert result.returncode != 0
+    assert "teacher gate failed" in result.stderr + result.stdout
+    assert (root / "models" / "teacher").is_dir()
+    assert not (root / "models" / "student_baseline").exists()
