@@ -129,15 +129,18 @@ def load_trained_with_tokenizer(
     return model, tokenizer
 
 
-def check_model_dir(model_dir: Path) -> None:
+def check_model_dir(
+    model_dir: Path,
+    weights_file: str = WEIGHTS_FILE,
+    hint: str = "run the stage that produces it (dvc repro)",
+    kind: str = "a complete model directory (weights are read from safetensors only)",
+) -> None:
+    """Fail with what is missing and how to get it, before any loader's own cryptic error."""
     if not model_dir.is_dir():
-        raise ModelError(f"model directory not found: {model_dir}; run the stage that produces it (dvc repro)")
-    missing = [name for name in ("config.json", WEIGHTS_FILE) if not (model_dir / name).is_file()]
+        raise ModelError(f"model directory not found: {model_dir}; {hint}")
+    missing = [name for name in ("config.json", weights_file) if not (model_dir / name).is_file()]
     if missing:
-        raise ModelError(
-            f"{model_dir} is not a complete model directory: missing {missing} "
-            "(weights are read from safetensors only)"
-        )
+        raise ModelError(f"{model_dir} is not {kind}: missing {missing}; {hint}")
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:

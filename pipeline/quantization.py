@@ -33,6 +33,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from pipeline.errors import ConfigError, ModelError
+from pipeline.models import check_model_dir
 
 INT8_WEIGHTS_FILE = "model_int8.safetensors"
 FORMAT = "fincompress-torch-dynamic-int8/1"
@@ -114,14 +115,13 @@ def load_quantized(model_dir: str | Path) -> PreTrainedModel:
     """
     model_dir = Path(model_dir)
     path = model_dir / INT8_WEIGHTS_FILE
-    if not model_dir.is_dir():
-        raise ModelError(f"model directory not found: {model_dir}; run the quantize stage (dvc repro quantize)")
-    missing = [name for name in ("config.json", INT8_WEIGHTS_FILE) if not (model_dir / name).is_file()]
-    if missing:
-        raise ModelError(
-            f"{model_dir} is not a torch INT8 model directory: missing {missing}; it is written by the "
-            "quantize stage (fp32 models load with pipeline.models.load_trained)"
-        )
+    check_model_dir(
+        model_dir,
+        INT8_WEIGHTS_FILE,
+        hint="it is written by the quantize stage (dvc repro quantize); fp32 models load with "
+        "pipeline.models.load_trained",
+        kind="a torch INT8 model directory",
+    )
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

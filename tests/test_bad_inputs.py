@@ -55,7 +55,7 @@ def test_teacher_weights_not_safetensors(project):
     teacher = project.path(project.paths.teacher)
     (teacher / "model.safetensors").rename(teacher / "pytorch_model.bin")
     fails_cleanly(project, verify_teacher, "verify_teacher", ModelError,
-                  r"not a complete model directory: missing \['model.safetensors'\]")
+                  r"not a complete model directory \(weights are read from safetensors only\): missing \['model.safetensors'\]")
 
 
 def test_corrupt_model_config(project):
