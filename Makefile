@@ -54,7 +54,7 @@ test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: setup
-	$(BIN)/ruff check pipeline stages tests
+	$(BIN)/ruff check pipeline stages tests scripts
 
 # Look at the tracked runs: http://127.0.0.1:5000
 mlflow-ui: setup

@@ -33,8 +33,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import make_tiny_bert, read_tiny_texts, tiny_params_tree, write_project  # noqa: E402
-from tests.test_flow import init_repo  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    init_repo,
+    make_tiny_bert,
+    read_tiny_texts,
+    tiny_params_tree,
+    write_project,
+)
 
 DEPLOYMENT = "compress-family/nightly"
 RUN_TIMEOUT = 1800  # seconds for one flow run of the whole tiny DAG on a slow machine
@@ -166,7 +171,12 @@ def main() -> int:
         worker = stack.start("prefect worker", [*make, "prefect-worker"], project, env, worker_log)
 
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, DeploymentFilter, FlowRunFilter
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterKey,
+            DeploymentFilter,
+            FlowRunFilter,
+        )
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
