@@ -68,3 +68,21 @@ def test_overrides_apply_and_validate(tmp_path):
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_params_yaml_names_every_setting():
+    """`dvc exp run -S key=value` can only set keys that params.yaml already has (DVC refuses new
+    ones), so every typed setting must be written out there, with its default."""
+    settings = load_params(REPO / "params.yaml").model_dump(mode="json")
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def missing(typed: dict, tree: dict, prefix: str = "") -> list[str]:
+        found = []
+        for key, value in typed.items():
+            if key not in tree:
+                found.append(prefix + key)
+            elif isinstance(value, dict) and isinstance(tree[key], dict):
+                found += missing(value, tree[key], f"{prefix}{key}.")
+        return found
+
+    assert missing(settings, written) == []
