@@ -227,18 +227,16 @@ def pareto_plot(
         ax.errorbar(row["latency_ms_p50"], row["test_macro_f1"],
                     yerr=[[row["test_macro_f1"] - low], [high - row["test_macro_f1"]]],
                     color="grey", alpha=0.5, capsize=3, zorder=2)
-        on_front = row["name"] in front
-        ax.annotate(f"{row['name']}\n{row['size_mb']:.1f} MB", (row["latency_ms_p50"], row["test_macro_f1"]),
-                    textcoords="offset points", xytext=(8, 6 if row["format"] == "torch" else -16), fontsize=8,
-                    fontweight="bold" if on_front else "normal")
         if row["name"] == champion:
             ax.scatter(row["latency_ms_p50"], row["test_macro_f1"], marker="*", s=260, color="gold",
                        edgecolors="black", zorder=4)
+    ax.set_xscale("log")
+    left, right = ax.get_xlim()
+    ax.set_xlim(left, right * 1.5)  # room for the labels of the slowest members
     points = sorted((r for r in plotted if r["name"] in front), key=lambda r: r["latency_ms_p50"])
     ax.step([r["latency_ms_p50"] for r in points], [r["test_macro_f1"] for r in points], where="post",
             color="tab:green", linewidth=2, label="Pareto front", zorder=1)
     ax.axvline(sla.max_latency_ms, color="tab:purple", linestyle=":", label=f"SLA {sla.max_latency_ms} ms")
-    ax.set_xscale("log")
     ax.set_xlabel("p50 latency, batch 1, 1 thread (ms, log scale)")
     ax.set_ylabel("test macro-F1 (95% bootstrap CI)")
     ax.set_title("FinCompress family: quality against CPU latency (marker area ~ size on disk)")
@@ -255,6 +253,7 @@ def pareto_plot(
     ax.legend(handles=handles, loc="lower right", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    label_members(ax, plotted, front)
     fig.savefig(path)
     plt.close(fig)
 
@@ -293,3 +292,28 @@ def loss_curves_plot(curves: dict[str, Path], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def label_members(ax: plt.Axes, rows: list[dict[str, Any]], front: list[str]) -> None:
+    """Name and size beside each point, moved down until it overlaps no label already placed: the
+    students of one architecture sit almost on top of each other."""
+    ax.figure.canvas.draw()  # settles the axis limits, so data maps to final pixels
+    to_pixels = ax.transData.transform
+    points_per_pixel = 72 / ax.figure.dpi
+    line_height = 8 * 1.4 / points_per_pixel  # fontsize 8 with line spacing; two lines per label
+    placed: list[tuple[float, float, float, float]] = []
+    for row in sorted(rows, key=lambda r: -r["test_macro_f1"]):
+        text = f"{row['name']}\n{row['size_mb']:.1f} MB"
+        x, y = to_pixels((row["latency_ms_p50"], row["test_macro_f1"]))
+        width = max(len(line) for line in text.splitlines()) * 8 * 0.62 / points_per_pixel
+        left, top = x + 10, y + 10
+        while any(left < x1 and left + width > x0 and top > y0 and top - 2 * line_height < y1
+                  for x0, y0, x1, y1 in placed):
+            top -= line_height / 2
+        placed.append((left, top - 2 * line_height, left + width, top))
+        moved = top < y + 10
+        ax.annotate(text, (row["latency_ms_p50"], row["test_macro_f1"]), textcoords="offset points",
+                    xytext=((left - x) * points_per_pixel, (top - y) * points_per_pixel), va="top", fontsize=8,
+                    fontweight="bold" if row["name"] in front else "normal",
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6} if moved else None)
+
