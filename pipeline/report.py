@@ -297,23 +297,22 @@ def loss_curves_plot(curves: dict[str, Path], path: Path) -> None:
 def label_members(ax: plt.Axes, rows: list[dict[str, Any]], front: list[str]) -> None:
     """Name and size beside each point, moved down until it overlaps no label already placed: the
     students of one architecture sit almost on top of each other."""
-    ax.figure.canvas.draw()  # settles the axis limits, so data maps to final pixels
-    to_pixels = ax.transData.transform
-    points_per_pixel = 72 / ax.figure.dpi
-    line_height = 8 * 1.4 / points_per_pixel  # fontsize 8 with line spacing; two lines per label
-    placed: list[tuple[float, float, float, float]] = []
+    renderer = ax.figure.canvas.get_renderer()  # also settles the axis limits, so boxes are final
+    placed = []
     for row in sorted(rows, key=lambda r: -r["test_macro_f1"]):
-        text = f"{row['name']}\n{row['size_mb']:.1f} MB"
-        x, y = to_pixels((row["latency_ms_p50"], row["test_macro_f1"]))
-        width = max(len(line) for line in text.splitlines()) * 8 * 0.62 / points_per_pixel
-        left, top = x + 10, y + 10
-        while any(left < x1 and left + width > x0 and top > y0 and top - 2 * line_height < y1
-                  for x0, y0, x1, y1 in placed):
-            top -= line_height / 2
-        placed.append((left, top - 2 * line_height, left + width, top))
-        moved = top < y + 10
-        ax.annotate(text, (row["latency_ms_p50"], row["test_macro_f1"]), textcoords="offset points",
-                    xytext=((left - x) * points_per_pixel, (top - y) * points_per_pixel), va="top", fontsize=8,
-                    fontweight="bold" if row["name"] in front else "normal",
-                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6} if moved else None)
-
+        style = {
+            "text": f"{row['name']}\n{row['size_mb']:.1f} MB",
+            "xy": (row["latency_ms_p50"], row["test_macro_f1"]),
+            "textcoords": "offset points", "va": "top", "fontsize": 8,
+            "fontweight": "bold" if row["name"] in front else "normal",
+        }
+        offset = 8.0
+        label = ax.annotate(xytext=(8, offset), **style)
+        while any(label.get_window_extent(renderer).overlaps(box) for box in placed) and offset > -400:
+            offset -= 3
+            label.xyann = (8, offset)
+        if offset < 0:  # moved off its point: draw a thin line back to it
+            label.remove()
+            label = ax.annotate(xytext=(8, offset), arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6},
+                                **style)
+        placed.append(label.get_window_extent(renderer))

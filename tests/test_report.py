@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from pipeline.config import SLAConfig, params_from_dict
 from pipeline.family import family
 from pipeline.metrics import bootstrap_ci
-from pipeline.report import choose_champion, markdown_table, pareto_front
+from pipeline.report import choose_champion, label_members, markdown_table, pareto_front
 from pipeline.stage import execute
 from stages import report
 
@@ -39,6 +39,24 @@ def test_pareto_front_on_a_hand_made_family():
     rows = [row("teacher", 60, 0.95, "torch"), row("slow_bad", 70, 0.90), row("mid", 10, 0.93),
             row("mid_worse", 12, 0.92), row("fast", 1, 0.90), row("fast_tie", 1, 0.89), row("same_as_mid", 10, 0.93)]
     assert pareto_front(rows) == ["fast", "mid", "same_as_mid", "teacher"]
+
+
+def test_labels_of_members_on_almost_the_same_point_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    rows = [row("student_baseline", 5.60, 0.913), row("student_vanilla", 5.74, 0.899),
+            row("student_intermediate", 5.73, 0.918), row("teacher_onnx", 8.3, 0.915), row("teacher", 12.6, 0.915)]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    ax.scatter([r["latency_ms_p50"] for r in rows], [r["test_macro_f1"] for r in rows])
+    ax.set_xscale("log")
+    ax.set_ylim(0.85, 0.98)  # as wide as the confidence intervals make it in a real report
+    label_members(ax, rows, front=[])
+    fig.canvas.draw()
+    boxes = [text.get_window_extent() for text in ax.texts]
+    plt.close(fig)
+    assert len(boxes) == len(rows)
+    overlapping = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert overlapping == []
 
 
 def test_champion_is_the_fastest_onnx_member_within_the_sla_judged_on_validation():
