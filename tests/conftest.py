@@ -151,6 +151,20 @@ GIT_IDENTITY = {
 }
 
 
+def copy_project(params, root: Path, dirs: tuple[str, ...] = ("data", "models", "reports"), **sections: dict[str, Any]):
+    """A copy of a tiny project's `dirs` under `root`, with params sections updated, e.g.
+    copy_project(p, tmp_path, verify_teacher={"min_macro_f1": 0.9})."""
+    from pipeline.config import params_from_dict
+
+    for name in dirs:
+        if (params.root / name).is_dir():
+            shutil.copytree(params.root / name, root / name, dirs_exist_ok=True)
+    tree = params.model_dump(mode="json")
+    for name, values in sections.items():
+        tree[name].update(values)
+    return params_from_dict(tree, root=root)
+
+
 def sh(
     args: list[str], cwd: Path, check: bool = True, timeout: float = 1200, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from pipeline.errors import ConfigError, DataError, FinCompressError, ModelError
 from pipeline.models import load_trained
 from pipeline.stage import execute
 from stages import distill_vanilla, prune, student_baseline, verify_teacher
+from tests.conftest import copy_project
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -32,9 +33,7 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture
 def project(trained_project, tmp_path):
     """A copy of the trained tiny project with a finished student_baseline already in place."""
-    for name in ("data", "models", "reports"):
-        shutil.copytree(trained_project.root / name, tmp_path / name)
-    params = params_from_dict(trained_project.model_dump(mode="json"), root=tmp_path)
+    params = copy_project(trained_project, tmp_path)
     execute(student_baseline.run, params, "student_baseline", "student_baseline", ("student",))
     return params
 

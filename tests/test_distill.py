@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 
-from pipeline.config import StudentConfig, params_from_dict
+from pipeline.config import StudentConfig
 from pipeline.distill import (
     attention_mse,
     hidden_mse,
@@ -23,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.models import build_student, load_trained, uniform_layer_map
 from pipeline.stage import execute
 from stages import distill_intermediate, distill_vanilla, student_baseline
+from tests.conftest import copy_project
 
 
 def test_soft_loss_matches_hand_computation_with_t_squared():
@@ -130,15 +130,6 @@ def test_student_construction(trained_project):
         build_student(teacher, StudentConfig(hidden_size=30, num_heads=4, init="random"), names)
 
 
-def project_copy(params, tmp_path, **sections):
-    for name in ("data", "models", "reports"):
-        shutil.copytree(params.root / name, tmp_path / name)
-    tree = params.model_dump(mode="json")
-    for name, values in sections.items():
-        tree[name].update(values)
-    return params_from_dict(tree, root=tmp_path)
-
-
 @pytest.mark.parametrize(
     "module, stage, out_key, member",
     [
@@ -148,7 +139,7 @@ def project_copy(params, tmp_path, **sections):
     ],
 )
 def test_student_stages(trained_project, tmp_path, module, stage, out_key, member):
-    params = project_copy(trained_project, tmp_path)
+    params = copy_project(trained_project, tmp_path)
     metrics = execute(module.run, params, stage, member, ("student",))
     out = params.path(getattr(params.paths, out_key))
     info = json.loads((out / "checkpoint_info.json").read_text())
@@ -162,7 +153,7 @@ def test_student_stages(trained_project, tmp_path, module, stage, out_key, membe
 
 
 def test_projection_students_train_and_do_not_save_the_projection(trained_project, tmp_path):
-    params = project_copy(
+    params = copy_project(
         trained_project, tmp_path, student={"hidden_size": 16, "num_heads": 2, "init": "random", "epochs": 1}
     )
     execute(distill_intermediate.run, params, "distill_intermediate", "student_intermediate", ("student",))

@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 from transformers.pytorch_utils import prune_linear_layer
 
-from pipeline.config import params_from_dict
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, GateError, ModelError
 from pipeline.models import encoder_layers, load_tokenizer, load_trained, predict_logits, save_model
@@ -31,6 +30,7 @@ from pipeline.onnx import (
 from pipeline.quantization import FORMAT, INT8_WEIGHTS_FILE, load_quantized, quantize_model, resolve_engine
 from pipeline.stage import execute
 from stages import export_onnx, quantize
+from tests.conftest import copy_project
 
 FFN_WIDTH = 48  # the tiny teacher's is 64
 
@@ -47,19 +47,10 @@ def make_pruned_student(teacher_dir, out_dir) -> None:
     save_model(model, load_tokenizer(str(teacher_dir)), out_dir)
 
 
-def copy_project(params, root, **sections):
-    for name in ("data", "models"):
-        shutil.copytree(params.root / name, root / name, dirs_exist_ok=True)
-    tree = params.model_dump(mode="json")
-    for name, values in sections.items():
-        tree[name].update(values)
-    return params_from_dict(tree, root=root)
-
-
 @pytest.fixture(scope="module")
 def project(trained_project, tmp_path_factory):
     """The trained tiny project with a pruned student at paths.pruned (shared, read-only)."""
-    params = copy_project(trained_project, tmp_path_factory.mktemp("onnx_project"))
+    params = copy_project(trained_project, tmp_path_factory.mktemp("onnx_project"), ("data", "models"))
     make_pruned_student(params.path(params.paths.teacher), params.path(params.paths.pruned))
     return params
 
@@ -201,7 +192,7 @@ def snapshot(directory):
 
 
 def test_failed_parity_fails_the_stage_and_writes_nothing(project, exported, tmp_path, monkeypatch):
-    params = copy_project(project, tmp_path)  # holds the previous run's outputs
+    params = copy_project(project, tmp_path, ("data", "models"))  # holds the previous run's outputs
     outputs = [params.path(params.paths.onnx_student), params.path(params.paths.onnx_teacher)]
     before = [snapshot(directory) for directory in outputs]
     original = export_onnx.predict_logits
@@ -218,7 +209,7 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(project, exported, tmp
 
 
 def test_export_without_the_teacher_still_writes_its_directory(project, exported, tmp_path):
-    params = copy_project(project, tmp_path, export_onnx={"export_teacher": False})
+    params = copy_project(project, tmp_path, ("data", "models"), export_onnx={"export_teacher": False})
     metrics = execute(export_onnx.run, params, "export_onnx", "student_onnx", ("export_onnx",))
     teacher = params.path(params.paths.onnx_teacher)
     assert [path.name for path in teacher.iterdir()] == ["checkpoint_info.json"]  # DVC needs the out

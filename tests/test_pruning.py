@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline import pruning
-from pipeline.config import params_from_dict
 from pipeline.data import load_split
 from pipeline.errors import ConfigError
 from pipeline.models import load_tokenizer, load_trained, predict_logits
 from pipeline.stage import execute
 from pipeline.training import Collator, encode
 from stages import distill_intermediate, prune
+from tests.conftest import copy_project
 
 NAMES = ["negative", "neutral", "positive"]
 
@@ -93,12 +92,7 @@ def test_vocabulary_trimming_keeps_token_meaning(teacher_and_data):
 
 
 def project_with_student(params, tmp_path, **sections):
-    for name in ("data", "models", "reports"):
-        shutil.copytree(params.root / name, tmp_path / name)
-    tree = params.model_dump(mode="json")
-    for name, values in sections.items():
-        tree[name].update(values)
-    project = params_from_dict(tree, root=tmp_path)
+    project = copy_project(params, tmp_path, **sections)
     execute(distill_intermediate.run, project, "distill_intermediate", "student_intermediate", ("student",))
     return project
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import mlflow
 import pytest
 import torch
 
-from pipeline.config import params_from_dict
 from pipeline.errors import GateError, ModelError
 from pipeline.models import load_trained, resolve_model_source
 from pipeline.stage import execute
 from stages import verify_teacher
+from tests.conftest import copy_project
 
 
 def test_teacher_checkpoint_is_complete(trained_project):
@@ -59,23 +58,15 @@ def test_runs_are_tracked_with_tags(trained_project):
     assert {"prepare_data", "train_teacher", "verify_teacher"} <= set(same["tags.stage"])
 
 
-def copy_project(params, tmp_path, **verify):
-    for name in ("data", "models"):
-        shutil.copytree(params.root / name, tmp_path / name)
-    tree = params.model_dump(mode="json")
-    tree["verify_teacher"].update(verify)
-    return params_from_dict(tree, root=tmp_path)
-
-
 def test_gate_passes(trained_project, tmp_path):
-    params = copy_project(trained_project, tmp_path, min_macro_f1=0.4)
+    params = copy_project(trained_project, tmp_path, ("data", "models"), verify_teacher={"min_macro_f1": 0.4})
     result = execute(verify_teacher.run, params, "verify_teacher", "teacher", ("verify_teacher",))
     assert result["passed"] and result["validation_macro_f1"] >= 0.4
     assert len(result["confusion_matrix"]) == 3
 
 
 def test_gate_fails_below_threshold_and_marks_the_run_failed(trained_project, tmp_path):
-    params = copy_project(trained_project, tmp_path, min_macro_f1=0.999)
+    params = copy_project(trained_project, tmp_path, ("data", "models"), verify_teacher={"min_macro_f1": 0.999})
     with pytest.raises(GateError, match=r"below the threshold 0.999.*Per-class F1"):
         execute(verify_teacher.run, params, "verify_teacher", "teacher", ("verify_teacher",))
     assert not (tmp_path / "reports" / "metrics" / "verify_teacher.json").exists()
@@ -84,7 +75,7 @@ def test_gate_fails_below_threshold_and_marks_the_run_failed(trained_project, tm
 
 
 def test_gate_fails_on_a_single_class_teacher(trained_project, tmp_path):
-    params = copy_project(trained_project, tmp_path, min_macro_f1=0.0)
+    params = copy_project(trained_project, tmp_path, ("data", "models"), verify_teacher={"min_macro_f1": 0.0})
     teacher_dir = params.path(params.paths.teacher)
     model = load_trained(teacher_dir)
     with torch.no_grad():
