@@ -9,7 +9,6 @@ JSONL files with a manifest that records counts and content hashes.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -19,11 +18,11 @@ from typing import Any
 
 from pipeline.config import DataConfig, Params, TaskConfig
 from pipeline.errors import DataError
-from pipeline.io import read_json, sha256_file, write_json, write_text_atomic
+from pipeline.io import sha256_file
+from pipeline.prepared import SPLITS, write_prepared
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -282,10 +281,6 @@ def label_names_for(examples: list[Example], cfg: DataConfig) -> list[str]:
 # --------------------------------------------------------------------------- split
 
 
-def _stratify_key(example: Example) -> str:
-    return "|".join(example.label) if isinstance(example.label, tuple) else example.label
-
-
 def split_examples(
     examples: list[Example], names: list[str], params: Params
 ) -> dict[str, list[Example]]:
@@ -335,22 +330,7 @@ def split_examples(
     return {"train": train, "validation": validation, "test": test}
 
 
-# --------------------------------------------------------------------------- prepared splits on disk
-
-
-def _class_counts(examples: list[Example], names: list[str]) -> dict[str, int]:
-    counts = Counter()
-    for example in examples:
-        counts.update(example.label if isinstance(example.label, tuple) else [example.label])
-    return {name: counts.get(name, 0) for name in names}
-
-
-def _jsonl(examples: list[Example]) -> str:
-    lines = []
-    for example in examples:
-        label = list(example.label) if isinstance(example.label, tuple) else example.label
-        lines.append(json.dumps({"text": example.text, "label": label}, ensure_ascii=False))
-    return "\n".join(lines) + "\n"
+# --------------------------------------------------------------------------- the prepared splits
 
 
 def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
@@ -364,44 +344,14 @@ def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
         log.info("dropped %d exact duplicates and %d rows whose text had conflicting labels", duplicates, conflicts)
     names = label_names_for(kept, params.data)
     splits = split_examples(kept, names, params)
-    manifest: dict[str, Any] = {
+    manifest = {
         "task_type": params.task.type,
-        "label_names": names,
         "source": source,
         "rows_read": len(records),
         "exact_duplicates_dropped": duplicates,
         "conflicting_rows_dropped": conflicts,
         "seed": params.data.seed,
         "fractions": {"validation": params.data.validation_fraction, "test": params.data.test_fraction},
-        "splits": {},
     }
-    for name in SPLITS:
-        path = out_dir / f"{name}.jsonl"
-        write_text_atomic(path, _jsonl(splits[name]))
-        manifest["splits"][name] = {
-            "rows": len(splits[name]),
-            "class_counts": _class_counts(splits[name], names),
-            "sha256": sha256_file(path),
-        }
-    manifest["content_hash"] = hashlib.sha256(
-        "".join(manifest["splits"][name]["sha256"] for name in SPLITS).encode()
-    ).hexdigest()
-    write_json(out_dir / "manifest.json", manifest)
-    return manifest
-
-
-def load_manifest(prepared_dir: Path) -> dict[str, Any]:
-    path = prepared_dir / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found; run the prepare_data stage first (dvc repro prepare_data)")
-    return read_json(path)
-
-
-def load_split(prepared_dir: Path, split: str) -> list[dict[str, Any]]:
-    path = prepared_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise DataError(f"{path} not found; run the prepare_data stage first (dvc repro prepare_data)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        raise DataError(f"{path} is empty: there is nothing to train or evaluate on; re-run prepare_data")
-    return rows
+    pairs = {name: [(example.text, example.label) for example in splits[name]] for name in SPLITS}
+    return write_prepared(out_dir, pairs, names, manifest)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 
 MINILM_ALIAS = "minilm-l6"
 WEIGHTS_FILE = "model.safetensors"
-INFO_FILE = "checkpoint_info.json"
 
 
 def device() -> torch.device:
@@ -170,11 +168,6 @@ def decision_thresholds(model: PreTrainedModel, default: float) -> float | list[
     return getattr(model.config, "label_thresholds", None) or default
 
 
-def read_info(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 # --------------------------------------------------------------------------- students
 
 
@@ -292,6 +285,11 @@ def build_student(
 
 
 # --------------------------------------------------------------------------- inference
+
+
+def logits_fn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int):
+    """texts -> logits as a NumPy array: how the record of a PyTorch member is evaluated."""
+    return lambda texts: predict_logits(model, tokenizer, texts, max_length).numpy()
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.config import SLAConfig  # noqa: E402
+from pipeline.record import ModelRecord  # noqa: E402
 
 # Columns of family.json, in table order, with how to pick the best value of each.
 COLUMNS: list[tuple[str, str, str | None]] = [
@@ -37,29 +38,27 @@ COLUMNS: list[tuple[str, str, str | None]] = [
 ]
 
 
-def family_table(benchmark: dict[str, Any], infos: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per benchmarked member, joining its timings with its checkpoint_info metrics."""
+def family_table(benchmark: dict[str, Any], records: dict[str, ModelRecord]) -> list[dict[str, Any]]:
+    """One row per benchmarked member, joining its timings with its checkpoint record."""
     reference = benchmark["reference"]
     settings = benchmark["settings"]["thread_counts"]
     one, many = settings[0], settings[-1]
     entries = {entry["name"]: entry for entry in benchmark["members"]}
-    teacher = infos[reference]
+    teacher_f1 = records[reference].test["macro_f1"]
     rows = []
     for name, entry in entries.items():
-        info = infos.get(name, {})
-        test = info.get("test", {})
-        validation = info.get("validation", {})
+        record = records[name]
         row = {
             "name": name,
             "format": entry["format"],
             "precision": entry["precision"],
             "num_parameters": entry["num_parameters"],
             "size_mb": entry["size_mb"],
-            "test_macro_f1": test.get("macro_f1"),
-            "test_macro_f1_ci95": test.get("macro_f1_ci95"),
-            "test_accuracy": test.get("accuracy"),
-            "validation_macro_f1": validation.get("macro_f1"),
-            "f1_retention": (test["macro_f1"] / teacher["test"]["macro_f1"]) if "macro_f1" in test else None,
+            "test_macro_f1": record.test["macro_f1"],
+            "test_macro_f1_ci95": record.test["macro_f1_ci95"],
+            "test_accuracy": record.test["accuracy"],
+            "validation_macro_f1": record.validation["macro_f1"],
+            "f1_retention": record.test["macro_f1"] / teacher_f1,
             "latency_ms_p50": entry["latency_ms"][one]["p50"],
             "latency_ms_p95": entry["latency_ms"][one]["p95"],
             "latency_ms_p99": entry["latency_ms"][one]["p99"],

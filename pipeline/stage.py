@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import tracking
@@ -54,37 +55,46 @@ def data_hash(params: Params) -> str | None:
         return None
 
 
-def execute(
-    run: StageFn, params: Params, stage: str, member: str | None = None, sections: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Run one stage in its MLflow run and write its metrics file; return the metrics."""
-    if not is_main_process():
-        return run(params)
-    with tracking.stage_run(params, stage, member, sections, data_hash(params)):
-        metrics = run(params)
-        tracking.log_metrics(metrics)
-        path = metrics_path(params, stage)
-        write_json(path, metrics)
-        tracking.log_artifact(path, "metrics")
-    return metrics
+@dataclass(frozen=True)
+class Stage:
+    """A DVC stage's wiring, declared once in its module and used by its `main` and by the tests:
+    its name (as in dvc.yaml), the family member it writes (an MLflow tag), the params sections
+    logged with its run, and the function that does the work."""
 
+    name: str
+    run: StageFn
+    member: str | None = None
+    sections: tuple[str, ...] = ()
 
-def main(run: StageFn, stage: str, member: str | None = None, sections: tuple[str, ...] = ()) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=run.__doc__)
-    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="params file (default: params.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=1")
-    args = parser.parse_args()
-    setup_logging()
-    try:
-        params = load_params(args.params, args.overrides)
-        execute(run, params, stage, member, sections)
-    except TransientError as error:
-        # Not "error: <stage>:": orchestrators retry this one (the inputs are not at fault).
-        print(f"transient error: {stage}: {error}", file=sys.stderr)
-        sys.exit(EX_TEMPFAIL)
-    except FinCompressError as error:
-        print(f"error: {stage}: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"error: {stage}: interrupted; previous outputs are untouched", file=sys.stderr)
-        sys.exit(130)
+    def execute(self, params: Params) -> dict[str, Any]:
+        """Run the stage in its MLflow run and write its metrics file; return the metrics."""
+        if not is_main_process():
+            return self.run(params)
+        with tracking.stage_run(params, self.name, self.member, self.sections, data_hash(params)):
+            metrics = self.run(params)
+            tracking.log_metrics(metrics)
+            path = metrics_path(params, self.name)
+            write_json(path, metrics)
+            tracking.log_artifact(path, "metrics")
+        return metrics
+
+    def main(self) -> None:
+        """The command line: `python -m stages.<name> [--params FILE] [key=value ...]`."""
+        parser = argparse.ArgumentParser(prog=f"python -m stages.{self.name}", description=self.run.__doc__)
+        parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="params file (default: params.yaml)")
+        parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=1")
+        args = parser.parse_args()
+        setup_logging()
+        try:
+            params = load_params(args.params, args.overrides)
+            self.execute(params)
+        except TransientError as error:
+            # Not "error: <stage>:": orchestrators retry this one (the inputs are not at fault).
+            print(f"transient error: {self.name}: {error}", file=sys.stderr)
+            sys.exit(EX_TEMPFAIL)
+        except FinCompressError as error:
+            print(f"error: {self.name}: {error}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print(f"error: {self.name}: interrupted; previous outputs are untouched", file=sys.stderr)
+            sys.exit(130)

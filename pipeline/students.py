@@ -11,18 +11,17 @@ from torch import nn
 
 from pipeline import training
 from pipeline.config import KDTerms, Params
-from pipeline.data import load_manifest, load_split
 from pipeline.distill import DistillationTrainer, KDConfig, precompute_teacher_logits, resolve_layer_map
 from pipeline.models import build_student, load_trained_with_tokenizer, state_fingerprint
+from pipeline.prepared import load_prepared
 
 log = logging.getLogger(__name__)
 
 
-def train_student(params: Params, stage: str, out_path: str, terms: KDTerms | None) -> dict[str, Any]:
+def train_student(params: Params, stage: str, member: str, out_path: str, terms: KDTerms | None) -> dict[str, Any]:
     """Train one student; `terms` None means hard labels only (the no-KD baseline)."""
-    prepared = params.path(params.paths.prepared)
-    manifest = load_manifest(prepared)
-    names, task_type = manifest["label_names"], params.task.type
+    prepared = load_prepared(params.path(params.paths.prepared))
+    names, task_type = prepared.label_names, params.task.type
     teacher_dir = params.path(params.paths.teacher)
     teacher, tokenizer = load_trained_with_tokenizer(teacher_dir, names)
     student, init_info = build_student(teacher, params.student, names)
@@ -39,17 +38,14 @@ def train_student(params: Params, stage: str, out_path: str, terms: KDTerms | No
         projection = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size)
 
     max_length = params.teacher.max_length
-    datasets = {
-        split: training.encode(load_split(prepared, split), tokenizer, max_length, names, task_type)
-        for split in ("train", "validation", "test")
-    }
+    datasets = training.encode_splits(prepared, tokenizer, max_length)
     collator = training.Collator(tokenizer)
     if kd.needs_teacher and not kd.needs_internals:
         datasets["train"] = precompute_teacher_logits(teacher, datasets["train"], collator)
 
     before = state_fingerprint(teacher)
     key = training.fingerprint(
-        stage, params.section("student"), terms.model_dump() if terms else None, manifest["content_hash"],
+        stage, params.section("student"), terms.model_dump() if terms else None, prepared.content_hash,
         before,
     )
     scratch, resume = training.checkpoint_dir(params, stage, key)
@@ -69,25 +65,17 @@ def train_student(params: Params, stage: str, out_path: str, terms: KDTerms | No
     seconds = training.train(trainer, resume)
     if state_fingerprint(teacher) != before:  # cannot happen unless the freezing is broken
         raise RuntimeError("the teacher's weights changed during distillation")
-    metrics, _ = training.save_trained(
-        trainer,
-        tokenizer,
-        params.path(out_path),
-        datasets,
-        names,
-        params,
-        {
-            "stage": stage,
-            "teacher": params.paths.teacher,
-            "teacher_unchanged": True,
+    record = training.save_trained(
+        trainer, tokenizer, params.path(out_path), prepared, params,
+        member=member, stage=stage, source=params.paths.teacher, training_seconds=seconds,
+        params={"student": params.section("student"), stage: terms.model_dump() if terms else {}},
+        details={
             "student": {**init_info, "num_layers": s_cfg.num_hidden_layers, "hidden_size": s_cfg.hidden_size},
             "kd": {"layer_map": layer_map, "projection": projection is not None, **(terms.model_dump() if terms else {})},
-            "training_seconds": round(seconds, 1),
-            "params": {"student": params.section("student"), stage: terms.model_dump() if terms else {}},
-            "data_hash": manifest["content_hash"],
         },
     )
-    if trainer.is_world_process_zero():
-        training.record_curve(training.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{stage}.csv")
-        training.finish(trainer, scratch)
-    return metrics
+    if record is None:  # not the main process of a distributed run
+        return {}
+    training.record_curve(training.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{stage}.csv")
+    training.finish(trainer, scratch)
+    return record.metrics()

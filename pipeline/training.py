@@ -30,6 +30,8 @@ from pipeline.config import Params, TaskConfig, TrainingBudget
 from pipeline.errors import ConfigError
 from pipeline.io import write_text_atomic
 from pipeline.metrics import macro_f1
+from pipeline.prepared import Prepared
+from pipeline.record import ModelRecord, evaluate_and_record
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,16 @@ def encode(
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
     return dataset.map(tokenize, batched=True, remove_columns=["text"], desc="tokenizing")
+
+
+def encode_splits(
+    prepared: Prepared, tokenizer: PreTrainedTokenizerBase, max_length: int, splits: tuple[str, ...] = ("train", "validation")
+) -> dict[str, Dataset]:
+    """The prepared splits a Trainer needs, tokenized."""
+    return {
+        split: encode(prepared.rows(split), tokenizer, max_length, prepared.label_names, prepared.task_type)
+        for split in splits
+    }
 
 
 class Collator:
@@ -154,16 +166,16 @@ def check_label_alpha(label_alpha: list[float] | None, label_names: list[str], k
         raise ConfigError(f"{key}.label_alpha has {len(label_alpha)} values for {len(label_names)} labels {label_names}")
 
 
-def decision_thresholds_for(
-    model: PreTrainedModel, task: TaskConfig, validation_logits: np.ndarray, validation_labels: np.ndarray
-) -> float | list[float]:
-    """Multi-label with task.tune_thresholds: one threshold per label tuned on validation and saved in
-    the model's config (label_thresholds) so every later stage, ONNX and predict decide alike."""
+def store_tuned_thresholds(model: PreTrainedModel, task: TaskConfig, logits_fn, prepared: Prepared) -> float | list[float]:
+    """The decision thresholds to evaluate `model` with. Multi-label with task.tune_thresholds: one per
+    label, tuned on validation and STORED in model.config.label_thresholds, so the saved model, every
+    later stage, ONNX and predict decide alike. Otherwise the thresholds the model already carries."""
     if task.type == "multi_label" and task.tune_thresholds:
         from pipeline.labels import sigmoid
         from pipeline.multilabel import tune_thresholds
 
-        model.config.label_thresholds = tune_thresholds(sigmoid(validation_logits), validation_labels.astype(int))
+        validation = logits_fn(prepared.texts("validation"))
+        model.config.label_thresholds = tune_thresholds(sigmoid(validation), prepared.labels("validation").astype(int))
         return model.config.label_thresholds
     from pipeline.models import decision_thresholds
 
@@ -237,69 +249,33 @@ def finish(trainer: Trainer, directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def logits_of(trainer: Trainer, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) for a dataset. The labels come back with the logits because with
-    group_by_length the Trainer evaluates in length order, not in dataset order."""
-    output = trainer.predict(dataset)
-    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return np.asarray(logits, dtype=np.float32), np.asarray(output.label_ids)
-
-
-def model_device(model: PreTrainedModel) -> torch.device:
-    return next(model.parameters()).device
-
-
 def save_trained(
     trainer: Trainer,
     tokenizer: PreTrainedTokenizerBase,
     out_dir: Path,
-    datasets: dict[str, Dataset],
-    label_names: list[str],
+    prepared: Prepared,
     params: Params,
-    info: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Evaluate the (best) model on validation and test, write it atomically with checkpoint_info.json.
+    /,
+    **record: Any,
+) -> ModelRecord | None:
+    """Write the trained (best) model atomically with its evaluated record (`record`: the
+    ModelRecord fields the stage knows, e.g. member, stage, source, details). Only the main process
+    writes; the others return None."""
+    from pipeline.io import atomic_dir
+    from pipeline.models import count_parameters, logits_fn, save_model, weights_size_mb
 
-    Every rank must call this (prediction is collective under DDP); only rank 0 writes.
-    Returns (flat metrics for DVC/MLflow, the full checkpoint info).
-    """
-    from pipeline.io import atomic_dir, write_json
-    from pipeline.metrics import evaluate_logits, summary
-    from pipeline.models import INFO_FILE, count_parameters, save_model, weights_size_mb
-
-    task = params.task
-    predictions = {split: logits_of(trainer, datasets[split]) for split in ("validation", "test")}
-    thresholds = decision_thresholds_for(trainer.model, task, *predictions["validation"])
-    results = {
-        split: evaluate_logits(logits, labels, label_names, task.type, params.evaluation, thresholds)
-        for split, (logits, labels) in predictions.items()
-    }
     if not trainer.is_world_process_zero():
-        return {}, {}
-    model = trainer.model
-    info = {
-        "validation": results["validation"],
-        "test": results["test"],
-        "num_parameters": count_parameters(model),
-        "label_names": label_names,
-        "task_type": task.type,
-        **info,
-    }
+        return None
+    model = trainer.model.eval()
+    predict = logits_fn(model, tokenizer, params.teacher.max_length)
+    thresholds = store_tuned_thresholds(model, params.task, predict, prepared)
     with atomic_dir(out_dir) as tmp:
         save_model(model, tokenizer, tmp)
-        info["size_mb"] = round(weights_size_mb(tmp), 3)
-        write_json(tmp / INFO_FILE, info)
-    flat = {
-        **summary(results["validation"], "validation"),
-        **summary(results["test"], "test"),
-        "test_macro_f1_ci95_low": results["test"]["macro_f1_ci95"][0],
-        "test_macro_f1_ci95_high": results["test"]["macro_f1_ci95"][1],
-        "num_parameters": info["num_parameters"],
-        "size_mb": info["size_mb"],
-    }
-    if "training_seconds" in info:
-        flat["training_seconds"] = info["training_seconds"]
-    return flat, info
+        saved, _ = evaluate_and_record(
+            predict, prepared, params.evaluation, tmp, max_length=params.teacher.max_length,
+            num_parameters=count_parameters(model), size_mb=weights_size_mb(tmp), thresholds=thresholds, **record,
+        )
+    return saved
 
 
 def record_curve(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:

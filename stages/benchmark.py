@@ -9,13 +9,13 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import Params
-from pipeline.data import load_split
 from pipeline.errors import ModelError
 from pipeline.family import REFERENCE, Member, family
 from pipeline.io import dir_size_mb, write_json
 from pipeline.latency import machine_info, run_benchmark, thread_settings
-from pipeline.models import read_info
-from pipeline.stage import main
+from pipeline.prepared import load_split
+from pipeline.record import ModelRecord
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ def run(params: Params) -> dict[str, Any]:
     entries = []
     for member in members:
         timing = timings[member.name]
-        info = read_info(member.path)
         entries.append(
             {
                 "name": member.name,
@@ -68,7 +67,7 @@ def run(params: Params) -> dict[str, Any]:
                 "precision": member.precision,
                 "path": str(member.path.relative_to(params.root)) if member.path.is_relative_to(params.root) else str(member.path),
                 "size_mb": round(dir_size_mb(member.path / WEIGHT_FILES[member.kind]), 3),
-                "num_parameters": info.get("num_parameters"),
+                "num_parameters": ModelRecord.read(member.path).num_parameters,
                 **timing,
                 "speedup_vs_teacher": {
                     t: reference["latency_ms"][t]["p50"] / timing["latency_ms"][t]["p50"] for t in settings
@@ -98,5 +97,7 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
+STAGE = Stage("benchmark", run, sections=("benchmark",))
+
 if __name__ == "__main__":
-    main(run, stage="benchmark", sections=("benchmark",))
+    STAGE.main()

@@ -6,16 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.stage import main
+from pipeline.stage import Stage
 from pipeline.students import train_student
-
-STAGE = "distill_intermediate"
 
 
 def run(params: Params) -> dict[str, Any]:
     """Read paths.teacher, write paths.student_intermediate."""
-    return train_student(params, STAGE, params.paths.student_intermediate, terms=params.distill_intermediate)
+    return train_student(params, STAGE.name, STAGE.member, params.paths.student_intermediate, terms=params.distill_intermediate)
 
+
+STAGE = Stage("distill_intermediate", run, member="student_intermediate", sections=("student", "distill_intermediate"))
 
 if __name__ == "__main__":
-    main(run, stage=STAGE, member="student_intermediate", sections=("student", STAGE))
+    STAGE.main()

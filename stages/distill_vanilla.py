@@ -6,16 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.stage import main
+from pipeline.stage import Stage
 from pipeline.students import train_student
-
-STAGE = "distill_vanilla"
 
 
 def run(params: Params) -> dict[str, Any]:
     """Read paths.teacher, write paths.student_vanilla."""
-    return train_student(params, STAGE, params.paths.student_vanilla, terms=params.distill_vanilla)
+    return train_student(params, STAGE.name, STAGE.member, params.paths.student_vanilla, terms=params.distill_vanilla)
 
+
+STAGE = Stage("distill_vanilla", run, member="student_vanilla", sections=("student", "distill_vanilla"))
 
 if __name__ == "__main__":
-    main(run, stage=STAGE, member="student_vanilla", sections=("student", STAGE))
+    STAGE.main()

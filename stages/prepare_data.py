@@ -6,9 +6,10 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import Params
-from pipeline.data import SPLITS, prepare
+from pipeline.data import prepare
 from pipeline.io import atomic_dir
-from pipeline.stage import main
+from pipeline.prepared import SPLITS
+from pipeline.stage import Stage
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -28,5 +29,7 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
+STAGE = Stage("prepare_data", run, sections=("data", "task"))
+
 if __name__ == "__main__":
-    main(run, stage="prepare_data", sections=("data", "task"))
+    STAGE.main()

@@ -7,42 +7,38 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline import pruning, training
 from pipeline.config import Params
-from pipeline.data import load_manifest, load_split
 from pipeline.distill import DistillationTrainer, KDConfig
 from pipeline.errors import ModelError
-from pipeline.io import atomic_dir, write_json
-from pipeline.labels import encode
-from pipeline.metrics import evaluate_logits, summary
+from pipeline.io import atomic_dir
 from pipeline.models import (
-    INFO_FILE,
     count_parameters,
     load_tokenizer,
     load_trained,
     load_trained_with_tokenizer,
+    logits_fn,
     predict_logits,
     save_model,
     uniform_layer_map,
     weights_size_mb,
 )
-from pipeline.stage import main
+from pipeline.prepared import load_prepared
+from pipeline.record import evaluate_and_record
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
-STAGE = "prune"
 
 
 def run(params: Params) -> dict[str, Any]:
     """Read the source student (prune.source) and the teacher; write paths.pruned."""
     cfg, task = params.prune, params.task
-    prepared = params.path(params.paths.prepared)
-    manifest = load_manifest(prepared)
-    names = manifest["label_names"]
+    prepared = load_prepared(params.path(params.paths.prepared))
+    names = prepared.label_names
     source_dir = params.path(cfg.source)
     teacher = load_trained(params.path(params.paths.teacher), names)
     student, tokenizer = load_trained_with_tokenizer(source_dir, names)
@@ -59,11 +55,8 @@ def run(params: Params) -> dict[str, Any]:
         heads_plan = pruning.schedule(heads_before[0], heads_final, cfg.steps)
         width_plan = pruning.schedule(width_before, width_final, cfg.steps)
 
-    rows = {split: load_split(prepared, split) for split in ("train", "validation", "test")}
-    datasets = {
-        split: training.encode(rows[split], tokenizer, params.teacher.max_length, names, task.type)
-        for split in rows
-    }
+    max_length = params.teacher.max_length
+    datasets = training.encode_splits(prepared, tokenizer, max_length)
     collator = training.Collator(tokenizer)
     recovery = cfg.recovery
     layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
@@ -92,7 +85,7 @@ def run(params: Params) -> dict[str, Any]:
                 "step %d/%d: %s heads per layer, FFN width %d, %d parameters",
                 step + 1, cfg.steps, pruning.heads_per_layer(student), width_plan[step], count_parameters(student),
             )
-        scratch = params.path(params.paths.checkpoints) / STAGE / f"step{step}"
+        scratch = params.path(params.paths.checkpoints) / STAGE.name / f"step{step}"
         trainer = DistillationTrainer(
             model=student,
             args=training.training_arguments(
@@ -129,31 +122,17 @@ def run(params: Params) -> dict[str, Any]:
             "are no faster and the safetensors file is no smaller; only compressed size shrinks."
         )
 
-    texts = {split: [row["text"] for row in rows[split]] for split in ("validation", "test")}
+    texts = {split: prepared.texts(split) for split in ("validation", "test")}
     unk_before = {split: pruning.unk_share(tokenizer, texts[split]) for split in texts}
     if cfg.vocab == "corpus":
-        student, tokenizer, vocab_info = pruning.trim_vocabulary(
-            student, tokenizer, [row["text"] for row in rows["train"]], cfg.vocab_keep_top
-        )
+        student, tokenizer, vocab_info = pruning.trim_vocabulary(student, tokenizer, prepared.texts("train"), cfg.vocab_keep_top)
         info.update(vocab_info)
     unk_after = {split: pruning.unk_share(tokenizer, texts[split]) for split in texts}
-
-    predictions = {}
-    for split in ("validation", "test"):
-        logits = predict_logits(student, tokenizer, texts[split], params.teacher.max_length).numpy()
-        predictions[split] = logits, np.asarray([encode(row["label"], names, task.type) for row in rows[split]])
-    thresholds = training.decision_thresholds_for(student, task, *predictions["validation"])
-    results = {
-        split: evaluate_logits(logits, labels, names, task.type, params.evaluation, thresholds)
-        for split, (logits, labels) in predictions.items()
-    }
 
     params_after = count_parameters(student)
     info.update(
         {
             "params_before": params_before,
-            "params_after": params_after,
-            "num_parameters": params_after,
             "parameter_reduction": 1 - params_after / params_before,
             "heads_per_layer_before": heads_before,
             "heads_per_layer": pruning.heads_per_layer(student),
@@ -162,45 +141,37 @@ def run(params: Params) -> dict[str, Any]:
             "ffn_width": pruning.ffn_width(student),
             "vocab_size": student.config.vocab_size,
             "unk_share": {split: {"before": unk_before[split], "after": unk_after[split]} for split in texts},
-            "validation": results["validation"],
-            "test": results["test"],
-            "label_names": names,
-            "task_type": task.type,
-            "training_seconds": round(seconds, 1),
-            "params": {"prune": params.section("prune")},
-            "data_hash": manifest["content_hash"],
         }
     )
+    predict = logits_fn(student, tokenizer, max_length)
+    thresholds = training.store_tuned_thresholds(student, task, predict, prepared)
     out = params.path(params.paths.pruned)
     with atomic_dir(out) as tmp:
         save_model(student, tokenizer, tmp)
-        check_reload(student, tmp, texts["validation"][:16], tokenizer, params.teacher.max_length)
-        info["size_mb"] = round(weights_size_mb(tmp), 3)
+        check_reload(student, tmp, texts["validation"][:16], tokenizer, max_length)
         if magnitude:
             info["gzip_size_mb"] = round(pruning.gzip_size_mb(tmp / "model.safetensors"), 3)
             info["source_gzip_size_mb"] = round(pruning.gzip_size_mb(source_dir / "model.safetensors"), 3)
-        write_json(tmp / INFO_FILE, info)
+        record, _ = evaluate_and_record(
+            predict, prepared, params.evaluation, tmp, member=STAGE.member, stage=STAGE.name, source=cfg.source,
+            max_length=max_length, num_parameters=params_after, size_mb=weights_size_mb(tmp),
+            thresholds=thresholds, training_seconds=seconds, params={"prune": params.section("prune")}, details=info,
+        )
 
     metrics = {
-        **summary(results["validation"], "validation"),
-        **summary(results["test"], "test"),
-        "test_macro_f1_ci95_low": results["test"]["macro_f1_ci95"][0],
-        "test_macro_f1_ci95_high": results["test"]["macro_f1_ci95"][1],
+        **record.metrics(),
         "params_before": params_before,
-        "num_parameters": params_after,
         "parameter_reduction": info["parameter_reduction"],
-        "size_mb": info["size_mb"],
         "vocab_size": info["vocab_size"],
         "ffn_width": info["ffn_width"],
         "heads_per_layer": info["heads_per_layer"][0],
         "validation_unk_share_after": unk_after["validation"],
         "test_unk_share_after": unk_after["test"],
-        "training_seconds": info["training_seconds"],
     }
     for key in ("sparsity_encoder_linear", "gzip_size_mb"):
         if key in info:
             metrics[key] = info[key]
-    training.record_curve(curve, params.path(params.paths.curves) / f"{STAGE}.csv")
+    training.record_curve(curve, params.path(params.paths.curves) / f"{STAGE.name}.csv")
     return metrics
 
 
@@ -213,5 +184,7 @@ def check_reload(model, directory, texts, tokenizer, max_length) -> None:
         raise ModelError(f"the pruned model does not reload to the same logits (max diff {(expected - got).abs().max():.2e})")
 
 
+STAGE = Stage("prune", run, member="student_pruned", sections=("prune",))
+
 if __name__ == "__main__":
-    main(run, stage=STAGE, member="student_pruned", sections=("prune",))
+    STAGE.main()

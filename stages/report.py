@@ -12,8 +12,8 @@ from pipeline.config import Params
 from pipeline.errors import ModelError
 from pipeline.family import family
 from pipeline.io import read_json, write_json, write_text_atomic
-from pipeline.models import read_info
-from pipeline.stage import main
+from pipeline.record import ModelRecord
+from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def run(params: Params) -> dict[str, Any]:
         raise ModelError(f"{benchmark_path} not found; run the benchmark stage first (dvc repro benchmark)")
     benchmark = read_json(benchmark_path)
     members = {member.name: member for member in family(params)}
-    infos = {entry["name"]: read_info(members[entry["name"]].path) for entry in benchmark["members"]}
-    rows = report.family_table(benchmark, infos)
+    records = {entry["name"]: ModelRecord.read(members[entry["name"]].path) for entry in benchmark["members"]}
+    rows = report.family_table(benchmark, records)
     front = report.pareto_front(rows)
     sla = params.report.sla
     champion, note = report.choose_champion(rows, sla)
@@ -100,5 +100,7 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
+STAGE = Stage("report", run, sections=("report",))
+
 if __name__ == "__main__":
-    main(run, stage="report", sections=("report",))
+    STAGE.main()

@@ -6,16 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.stage import main
+from pipeline.stage import Stage
 from pipeline.students import train_student
-
-STAGE = "student_baseline"
 
 
 def run(params: Params) -> dict[str, Any]:
     """Read paths.teacher (for the initial weights only), write paths.student_baseline."""
-    return train_student(params, STAGE, params.paths.student_baseline, terms=None)
+    return train_student(params, STAGE.name, STAGE.member, params.paths.student_baseline, terms=None)
 
+
+STAGE = Stage("student_baseline", run, member="student_baseline", sections=("student",))
 
 if __name__ == "__main__":
-    main(run, stage=STAGE, member=STAGE, sections=("student",))
+    STAGE.main()

@@ -11,32 +11,26 @@ from transformers import set_seed
 
 from pipeline import labels, training
 from pipeline.config import Params
-from pipeline.data import load_manifest, load_split
 from pipeline.distill import DistillationTrainer, KDConfig
 from pipeline.models import load_pretrained_classifier, load_tokenizer, resolve_model_source
-from pipeline.stage import main
-
-STAGE = "train_teacher"
+from pipeline.prepared import load_prepared
+from pipeline.stage import Stage
 
 
 def run(params: Params) -> dict[str, Any]:
     """Read the prepared splits, write the fine-tuned teacher to paths.teacher."""
     cfg = params.teacher
-    prepared = params.path(params.paths.prepared)
-    manifest = load_manifest(prepared)
-    names = manifest["label_names"]
+    prepared = load_prepared(params.path(params.paths.prepared))
+    names = prepared.label_names
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     set_seed(cfg.seed)  # the new classification head is initialised while loading: seed it first
     model = load_pretrained_classifier(
         source, names, labels.problem_type(params.task.type), cfg.trust_remote_code
     )
-    datasets = {
-        split: training.encode(load_split(prepared, split), tokenizer, cfg.max_length, names, params.task.type)
-        for split in ("train", "validation", "test")
-    }
-    key = training.fingerprint(params.section("teacher"), params.section("task"), manifest["content_hash"])
-    scratch, resume = training.checkpoint_dir(params, STAGE, key)
+    datasets = training.encode_splits(prepared, tokenizer, cfg.max_length)
+    key = training.fingerprint(params.section("teacher"), params.section("task"), prepared.content_hash)
+    scratch, resume = training.checkpoint_dir(params, STAGE.name, key)
     trainer = DistillationTrainer(
         model=model,
         args=training.training_arguments(cfg, scratch),
@@ -49,25 +43,19 @@ def run(params: Params) -> dict[str, Any]:
         pos_weight=training.pos_weight(params.task, datasets["train"], names),
     )
     seconds = training.train(trainer, resume)
-    metrics, _ = training.save_trained(
-        trainer,
-        tokenizer,
-        params.path(params.paths.teacher),
-        datasets,
-        names,
-        params,
-        {
-            "base_model": cfg.model,
-            "training_seconds": round(seconds, 1),
-            "params": {"teacher": params.section("teacher")},
-            "data_hash": manifest["content_hash"],
-        },
+    record = training.save_trained(
+        trainer, tokenizer, params.path(params.paths.teacher), prepared, params,
+        member=STAGE.member, stage=STAGE.name, source=cfg.model, training_seconds=seconds,
+        params={"teacher": params.section("teacher")},
     )
-    if trainer.is_world_process_zero():
-        training.record_curve(training.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{STAGE}.csv")
-        training.finish(trainer, scratch)
-    return metrics
+    if record is None:  # not the main process of a distributed run
+        return {}
+    training.record_curve(training.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{STAGE.name}.csv")
+    training.finish(trainer, scratch)
+    return record.metrics()
 
+
+STAGE = Stage("train_teacher", run, member="teacher", sections=("teacher", "task"))
 
 if __name__ == "__main__":
-    main(run, stage=STAGE, member="teacher", sections=("teacher", "task"))
+    STAGE.main()

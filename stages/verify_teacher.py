@@ -9,26 +9,21 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.config import Params
-from pipeline.data import load_manifest, load_split
 from pipeline.errors import GateError
-from pipeline.labels import encode
 from pipeline.metrics import evaluate_logits
 from pipeline.models import decision_thresholds, load_trained_with_tokenizer, predict_logits
-from pipeline.stage import main
+from pipeline.prepared import load_prepared
+from pipeline.stage import Stage
 
 
 def run(params: Params) -> dict[str, Any]:
     """Evaluate paths.teacher on the validation split; raise GateError when it is not good enough."""
-    prepared = params.path(params.paths.prepared)
-    manifest = load_manifest(prepared)
-    names, task = manifest["label_names"], params.task
-    teacher_dir = params.path(params.paths.teacher)
-    model, tokenizer = load_trained_with_tokenizer(teacher_dir, names)
-    rows = load_split(prepared, "validation")
-    logits = predict_logits(model, tokenizer, [row["text"] for row in rows], params.teacher.max_length).numpy()
-    labels = np.asarray([encode(row["label"], names, task.type) for row in rows])
+    prepared = load_prepared(params.path(params.paths.prepared))
+    names, task = prepared.label_names, params.task
+    model, tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), names)
+    logits = predict_logits(model, tokenizer, prepared.texts("validation"), params.teacher.max_length).numpy()
     thresholds = decision_thresholds(model, task.threshold)
-    metrics = evaluate_logits(logits, labels, names, task.type, params.evaluation, thresholds)
+    metrics = evaluate_logits(logits, prepared.labels("validation"), names, task.type, params.evaluation, thresholds)
     threshold = params.verify_teacher.min_macro_f1
     result: dict[str, Any] = {
         "validation_macro_f1": metrics["macro_f1"],
@@ -59,5 +54,7 @@ def run(params: Params) -> dict[str, Any]:
     return result
 
 
+STAGE = Stage("verify_teacher", run, member="teacher", sections=("verify_teacher",))
+
 if __name__ == "__main__":
-    main(run, stage="verify_teacher", member="teacher", sections=("verify_teacher",))
+    STAGE.main()

@@ -127,7 +127,6 @@ def tiny_params(tmp_path, tiny_bert):
 def trained_project(tmp_path_factory, tiny_bert):
     """A tiny project after prepare_data, train_teacher and verify_teacher (shared, read-only)."""
     from pipeline.config import params_from_dict
-    from pipeline.stage import execute
     from stages import prepare_data, train_teacher, verify_teacher
 
     root = tmp_path_factory.mktemp("project")
@@ -136,9 +135,9 @@ def trained_project(tmp_path_factory, tiny_bert):
     tree = tiny_params_tree(tiny_bert)
     (root / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     params = params_from_dict(tree, root=root)
-    execute(prepare_data.run, params, "prepare_data", sections=("data",))
-    execute(train_teacher.run, params, "train_teacher", "teacher", ("teacher",))
-    execute(verify_teacher.run, params, "verify_teacher", "teacher", ("verify_teacher",))
+    prepare_data.STAGE.execute(params)
+    train_teacher.STAGE.execute(params)
+    verify_teacher.STAGE.execute(params)
     return params
 
 

@@ -16,7 +16,6 @@ from transformers import BertTokenizerFast
 from pipeline.config import params_from_dict
 from pipeline.errors import ConfigError, DataError, FinCompressError, ModelError
 from pipeline.models import load_trained
-from pipeline.stage import execute
 from stages import distill_vanilla, prune, student_baseline, verify_teacher
 from tests.conftest import copy_project
 
@@ -34,14 +33,14 @@ def snapshot(root: Path) -> dict[str, str]:
 def project(trained_project, tmp_path):
     """A copy of the trained tiny project with a finished student_baseline already in place."""
     params = copy_project(trained_project, tmp_path)
-    execute(student_baseline.run, params, "student_baseline", "student_baseline", ("student",))
+    student_baseline.STAGE.execute(params)
     return params
 
 
 def fails_cleanly(params, module, stage, error, message):
     before = snapshot(params.root)
     with pytest.raises(error, match=message):
-        execute(module.run, params, stage, sections=())
+        module.STAGE.execute(params)
     assert snapshot(params.root) == before, "a failed stage changed existing outputs"
 
 

@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 
 from pipeline.config import params_from_dict
-from pipeline.data import load_split, prepare
+from pipeline.data import prepare
 from pipeline.errors import DataError
-from pipeline.stage import execute
+from pipeline.prepared import load_split
 from stages import prepare_data
 from tests.conftest import PHRASEBANK, REPO, TINY_CSV
 
@@ -197,7 +197,7 @@ def test_bad_input_is_a_clear_error_and_leaves_outputs_untouched(tmp_path, case)
     previous.mkdir(parents=True)
     (previous / "manifest.json").write_text("previous run")
     with pytest.raises(DataError, match=message):
-        execute(prepare_data.run, params, "prepare_data", sections=("data",))
+        prepare_data.STAGE.execute(params)
     assert [p.name for p in previous.iterdir()] == ["manifest.json"]
     assert (previous / "manifest.json").read_text() == "previous run"
     assert not (tmp_path / "reports" / "metrics" / "prepare_data.json").exists()

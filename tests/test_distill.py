@@ -3,7 +3,6 @@ student construction, and the three student stages on the tiny model."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -19,8 +18,15 @@ from pipeline.distill import (
     soft_loss_multilabel,
 )
 from pipeline.errors import ConfigError
-from pipeline.models import build_student, load_trained, uniform_layer_map
-from pipeline.stage import execute
+from pipeline.models import (
+    build_student,
+    load_trained,
+    load_trained_with_tokenizer,
+    logits_fn,
+    uniform_layer_map,
+)
+from pipeline.prepared import load_prepared
+from pipeline.record import ModelRecord, evaluate_splits
 from stages import distill_intermediate, distill_vanilla, student_baseline
 from tests.conftest import copy_project
 
@@ -140,11 +146,16 @@ def test_student_construction(trained_project):
 )
 def test_student_stages(trained_project, tmp_path, module, stage, out_key, member):
     params = copy_project(trained_project, tmp_path)
-    metrics = execute(module.run, params, stage, member, ("student",))
+    metrics = module.STAGE.execute(params)
     out = params.path(getattr(params.paths, out_key))
-    info = json.loads((out / "checkpoint_info.json").read_text())
-    assert info["teacher_unchanged"] and info["student"]["num_layers"] == 1
-    assert 0 <= metrics["test_macro_f1"] <= 1 and metrics["num_parameters"] < 1e6
+    record = ModelRecord.read(out)
+    assert record.member == member and record.stage == stage and record.details["student"]["num_layers"] == 1
+    assert metrics == record.metrics()
+    # The record describes the saved model: evaluating the reloaded student gives the recorded numbers.
+    model, tokenizer = load_trained_with_tokenizer(out)
+    prepared = load_prepared(params.path(params.paths.prepared))
+    results, _ = evaluate_splits(logits_fn(model, tokenizer, params.teacher.max_length), prepared, params.evaluation)
+    assert results["test"] == record.test and results["validation"] == record.validation
     curve = (params.path(params.paths.curves) / f"{stage}.csv").read_text().splitlines()
     expected = {"student_baseline": ["loss_ce"], "distill_vanilla": ["loss_kl", "loss_ce"],
                 "distill_intermediate": ["loss_kl", "loss_hidden", "loss_attention"]}[stage]
@@ -156,10 +167,9 @@ def test_projection_students_train_and_do_not_save_the_projection(trained_projec
     params = copy_project(
         trained_project, tmp_path, student={"hidden_size": 16, "num_heads": 2, "init": "random", "epochs": 1}
     )
-    execute(distill_intermediate.run, params, "distill_intermediate", "student_intermediate", ("student",))
+    distill_intermediate.STAGE.execute(params)
     out = params.path(params.paths.student_intermediate)
-    info = json.loads((out / "checkpoint_info.json").read_text())
-    assert info["kd"]["projection"] is True
+    assert ModelRecord.read(out).details["kd"]["projection"] is True
     reloaded = load_trained(out)
     assert reloaded.config.hidden_size == 16
     from safetensors import safe_open
@@ -170,9 +180,9 @@ def test_projection_students_train_and_do_not_save_the_projection(trained_projec
 
 def test_teacher_is_unchanged_by_a_training_step(trained_project):
     """One optimizer step of intermediate KD moves the student and leaves every teacher weight alone."""
-    from pipeline.data import load_split
     from pipeline.distill import DistillationTrainer, KDConfig
     from pipeline.models import load_tokenizer, state_fingerprint
+    from pipeline.prepared import load_split
     from pipeline.training import Collator, encode, training_arguments
 
     teacher_dir = trained_project.path(trained_project.paths.teacher)

@@ -14,12 +14,12 @@ import torch
 import yaml
 
 from pipeline.config import params_from_dict
-from pipeline.data import Example, load_split, prepare
+from pipeline.data import Example, prepare
 from pipeline.errors import DataError, GateError
 from pipeline.models import load_trained
 from pipeline.multilabel import iterative_split, tune_thresholds
 from pipeline.onnx import OnnxClassifier
-from pipeline.stage import execute
+from pipeline.prepared import load_split
 from stages import export_onnx, prepare_data, train_teacher, verify_teacher
 from tests.conftest import TINY_CSV, tiny_params_tree
 
@@ -105,8 +105,8 @@ def multilabel_project(tmp_path_factory, tiny_bert):
     tree = multilabel_tree(tiny_bert)
     (root / "params.yaml").write_text(yaml.safe_dump(tree))
     params = params_from_dict(tree, root=root)
-    execute(prepare_data.run, params, "prepare_data", sections=("data",))
-    execute(train_teacher.run, params, "train_teacher", "teacher", ("teacher",))
+    prepare_data.STAGE.execute(params)
+    train_teacher.STAGE.execute(params)
     return params
 
 
@@ -124,7 +124,7 @@ def test_thresholds_round_trip_through_save_load_and_onnx(multilabel_project, tm
         shutil.copytree(params.root / name, tmp_path / name)
     shutil.copytree(tmp_path / "models" / "teacher", tmp_path / "models" / "student_pruned")
     copy = params_from_dict(params.model_dump(mode="json"), root=tmp_path)
-    execute(export_onnx.run, copy, "export_onnx", sections=("export_onnx",))
+    export_onnx.STAGE.execute(copy)
     for variant in ("fp32", "int8"):
         classifier = OnnxClassifier.load(copy.path(copy.paths.onnx_student) / variant)
         assert classifier.task_type == "multi_label"
@@ -141,4 +141,4 @@ def test_gate_fails_when_a_label_is_never_predicted(multilabel_project, tmp_path
         model.classifier.bias[1] = -50.0  # "outlook" can never clear its threshold
     model.save_pretrained(teacher_dir, safe_serialization=True)
     with pytest.raises(GateError, match=r"never predicts the labels \['outlook'\]"):
-        execute(verify_teacher.run, params, "verify_teacher", "teacher", ("verify_teacher",))
+        verify_teacher.STAGE.execute(params)

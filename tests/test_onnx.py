@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 from transformers.pytorch_utils import prune_linear_layer
 
-from pipeline.data import load_split
 from pipeline.errors import ConfigError, GateError, ModelError
 from pipeline.models import encoder_layers, load_tokenizer, load_trained, predict_logits, save_model
 from pipeline.onnx import (
@@ -27,8 +26,9 @@ from pipeline.onnx import (
     logit_parity,
     quantization_operators,
 )
+from pipeline.prepared import load_split
 from pipeline.quantization import FORMAT, INT8_WEIGHTS_FILE, load_quantized, quantize_model, resolve_engine
-from pipeline.stage import execute
+from pipeline.record import ModelRecord
 from stages import export_onnx, quantize
 from tests.conftest import copy_project
 
@@ -58,13 +58,13 @@ def project(trained_project, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(project):
     """export_onnx run once through the stage runner; returns its metrics."""
-    return execute(export_onnx.run, project, "export_onnx", "student_onnx", ("export_onnx",))
+    return export_onnx.STAGE.execute(project)
 
 
 @pytest.fixture(scope="module")
 def quantized(project):
     """quantize run once through the stage runner; returns its metrics."""
-    return execute(quantize.run, project, "quantize", "student_int8_torch", ("quantize",))
+    return quantize.STAGE.execute(project)
 
 
 def runs_of(params, stage):
@@ -157,23 +157,21 @@ def test_export_writes_self_contained_directories(project, exported):
 
 def test_export_parity_sizes_and_metrics(project, exported):
     student = project.path(project.paths.onnx_student)
-    assert exported["max_abs_logit_diff"] <= project.export_onnx.max_abs_logit_diff
-    assert exported["teacher_max_abs_logit_diff"] <= project.export_onnx.max_abs_logit_diff
-    assert exported["int8_label_agreement"] >= project.export_onnx.min_int8_label_agreement
-    assert exported["onnx_int8_size_mb"] < exported["onnx_fp32_size_mb"]
+    fp32, int8 = exported["student_onnx_fp32"], exported["student_onnx_int8"]
+    assert int8["size_mb"] < fp32["size_mb"]
     assert (student / "int8" / "model.onnx").stat().st_size < (student / "fp32" / "model.onnx").stat().st_size
     test_rows = len(load_split(project.path(project.paths.prepared), "test"))
-    fp32_info = json.loads((student / "fp32" / "checkpoint_info.json").read_text())
-    assert fp32_info["parity"]["examples"] == test_rows and fp32_info["parity"]["label_mismatches"] == 0
-    assert fp32_info["num_parameters"] > 0 and fp32_info["test"]["macro_f1"] == exported["onnx_fp32_test_macro_f1"]
-    int8_info = json.loads((student / "int8" / "checkpoint_info.json").read_text())
-    assert int8_info["isa"] == detect_isa() and "Gather" in int8_info["quantized_operators"]
-    assert int8_info["parity"]["reference"] == "ONNX fp32"
-    written = json.loads((project.path(project.paths.metrics) / "export_onnx.json").read_text())
-    assert written == pytest.approx(exported)
+    fp32_record = ModelRecord.read(student / "fp32")
+    assert fp32_record.member == "student_onnx_fp32" and fp32_record.source == project.paths.pruned
+    assert fp32_record.details["parity"]["examples"] == test_rows and fp32_record.details["parity"]["label_mismatches"] == 0
+    assert fp32_record.num_parameters > 0 and fp32_record.test["macro_f1"] == fp32["test_macro_f1"]
+    int8_record = ModelRecord.read(student / "int8")
+    assert int8_record.details["isa"] == detect_isa() and "Gather" in int8_record.details["quantized_operators"]
+    assert int8_record.details["parity"]["reference"] == "ONNX fp32"
+    assert int8["test_macro_f1_drop"] == pytest.approx(fp32_record.test["macro_f1"] - int8_record.test["macro_f1"])
     run = runs_of(project, "export_onnx").iloc[0]
     assert run["status"] == "FINISHED"
-    assert run["metrics.onnx_int8_size_mb"] == pytest.approx(exported["onnx_int8_size_mb"])
+    assert run["metrics.student_onnx_int8.size_mb"] == pytest.approx(int8["size_mb"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])}
     assert {"student_onnx_fp32", "student_onnx_int8", "teacher_onnx", "metrics"} <= artifacts
 
@@ -200,21 +198,20 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(project, exported, tmp
     monkeypatch.setattr(export_onnx, "predict_logits", lambda *args, **kw: original(*args, **kw) + 0.5)
     expected = r"student ONNX fp32: max \|logit difference\| vs PyTorch 0\.5.*teacher ONNX fp32"
     with pytest.raises(GateError, match=expected):
-        execute(export_onnx.run, params, "export_onnx", "student_onnx", ("export_onnx",))
+        export_onnx.STAGE.execute(params)
     assert [snapshot(directory) for directory in outputs] == before, "the previous outputs are untouched"
     assert not list(params.path("models").glob(".*tmp*")), "the temporary directories are removed"
     assert not (params.path(params.paths.metrics) / "export_onnx.json").exists()
     failed = runs_of(params, "export_onnx").iloc[0]
-    assert failed["status"] == "FAILED" and failed["metrics.max_abs_logit_diff"] == pytest.approx(0.5, abs=1e-3)
+    assert failed["status"] == "FAILED" and failed["metrics.student_onnx_fp32.max_abs_logit_diff"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_export_without_the_teacher_still_writes_its_directory(project, exported, tmp_path):
     params = copy_project(project, tmp_path, ("data", "models"), export_onnx={"export_teacher": False})
-    metrics = execute(export_onnx.run, params, "export_onnx", "student_onnx", ("export_onnx",))
+    metrics = export_onnx.STAGE.execute(params)
     teacher = params.path(params.paths.onnx_teacher)
-    assert [path.name for path in teacher.iterdir()] == ["checkpoint_info.json"]  # DVC needs the out
-    assert json.loads((teacher / "checkpoint_info.json").read_text())["exported"] is False
-    assert not [key for key in metrics if key.startswith("teacher")]
+    assert [path.name for path in teacher.iterdir()] == [export_onnx.NOT_EXPORTED_FILE]  # DVC needs the out
+    assert "teacher_onnx" not in metrics
     assert (params.path(params.paths.onnx_student) / "int8" / "model.onnx").is_file()
 
 
@@ -239,12 +236,11 @@ def test_quantize_writes_safetensors_only(project, quantized):
     with safe_open(str(out / INT8_WEIGHTS_FILE), framework="pt") as handle:
         assert handle.metadata()["format"] == FORMAT
         assert handle.get_tensor("classifier.weight_int8").dtype == torch.int8
-    info = json.loads((out / "checkpoint_info.json").read_text())
-    assert info["engine"] == resolve_engine("auto") and info["num_parameters"] > 0
-    assert quantized["size_mb"] < quantized["fp32_size_mb"] and 0 <= quantized["test_macro_f1"] <= 1
-    assert "test_macro_f1_ci95_low" in quantized and "validation_accuracy" in quantized
-    written = json.loads((project.path(project.paths.metrics) / "quantize.json").read_text())
-    assert written == pytest.approx(quantized)
+    record = ModelRecord.read(out)
+    assert record.details["engine"] == resolve_engine("auto") and record.num_parameters > 0
+    assert quantized["size_mb"] < quantized["fp32_size_mb"]
+    assert quantized == {**record.metrics(), "fp32_size_mb": record.details["source_size_mb"],
+                         "size_ratio_to_fp32": record.details["size_ratio_to_fp32"]}
     assert runs_of(project, "quantize").iloc[0]["status"] == "FINISHED"
 
 

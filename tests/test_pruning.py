@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline import pruning
-from pipeline.data import load_split
 from pipeline.errors import ConfigError
 from pipeline.models import load_tokenizer, load_trained, predict_logits
-from pipeline.stage import execute
+from pipeline.prepared import load_split
+from pipeline.record import ModelRecord
 from pipeline.training import Collator, encode
 from stages import distill_intermediate, prune
 from tests.conftest import copy_project
@@ -93,7 +91,7 @@ def test_vocabulary_trimming_keeps_token_meaning(teacher_and_data):
 
 def project_with_student(params, tmp_path, **sections):
     project = copy_project(params, tmp_path, **sections)
-    execute(distill_intermediate.run, project, "distill_intermediate", "student_intermediate", ("student",))
+    distill_intermediate.STAGE.execute(project)
     return project
 
 
@@ -101,20 +99,20 @@ def test_prune_stage_structured_in_two_steps(trained_project, tmp_path):
     params = project_with_student(
         trained_project, tmp_path, student={"num_layers": 2}, prune={"steps": 2, "heads_ratio": 0.5, "ffn_ratio": 0.5}
     )
-    metrics = execute(prune.run, params, "prune", "student_pruned", ("prune",))
+    metrics = prune.STAGE.execute(params)
     out = params.path(params.paths.pruned)
-    info = json.loads((out / "checkpoint_info.json").read_text())
-    assert info["heads_per_layer"] == [1, 1] and info["ffn_width"] == 32
-    assert info["params_after"] < info["params_before"] and metrics["parameter_reduction"] > 0
-    assert set(info["unk_share"]) == {"validation", "test"}
+    record = ModelRecord.read(out)
+    assert record.details["heads_per_layer"] == [1, 1] and record.details["ffn_width"] == 32
+    assert record.num_parameters < record.details["params_before"] and metrics["parameter_reduction"] > 0
+    assert set(record.details["unk_share"]) == {"validation", "test"}
     curve = (params.path(params.paths.curves) / "prune.csv").read_text().splitlines()
     assert "prune_step" in curve[0] and "loss_hidden" in curve[0] and len(curve) == 3
 
 
 def test_prune_stage_magnitude(trained_project, tmp_path):
     params = project_with_student(trained_project, tmp_path, prune={"method": "magnitude", "sparsity": 0.6, "vocab": "none"})
-    metrics = execute(prune.run, params, "prune", "student_pruned", ("prune",))
-    info = json.loads((params.path(params.paths.pruned) / "checkpoint_info.json").read_text())
+    metrics = prune.STAGE.execute(params)
+    info = ModelRecord.read(params.path(params.paths.pruned)).details
     assert metrics["sparsity_encoder_linear"] == pytest.approx(0.6, abs=0.01)
     assert info["gzip_size_mb"] < info["source_gzip_size_mb"]
     assert "no faster" in info["note"]
@@ -125,5 +123,5 @@ def test_prune_stage_magnitude(trained_project, tmp_path):
 def test_prune_stage_rejects_a_ratio_that_removes_every_head(trained_project, tmp_path):
     params = project_with_student(trained_project, tmp_path, prune={"heads_ratio": 0.9})
     with pytest.raises(ConfigError, match="would remove every one of the 2 attention heads"):
-        execute(prune.run, params, "prune", "student_pruned", ("prune",))
+        prune.STAGE.execute(params)
     assert not params.path(params.paths.pruned).exists()

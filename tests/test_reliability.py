@@ -20,7 +20,6 @@ import yaml
 from pipeline import distill
 from pipeline.errors import FinCompressError
 from pipeline.models import load_trained, state_fingerprint
-from pipeline.stage import execute
 from stages import prepare_data, train_teacher
 from tests.conftest import sh, tiny_params_tree, write_project
 
@@ -68,10 +67,10 @@ def test_training_resumes_after_sigkill(tmp_path, tiny_bert):
 
 def test_same_params_and_seed_reproduce_the_same_teacher(tmp_path, tiny_params):
     params = tiny_params()
-    execute(prepare_data.run, params, "prepare_data", sections=("data",))
-    first = execute(train_teacher.run, params, "train_teacher", "teacher", ("teacher",))
+    prepare_data.STAGE.execute(params)
+    first = train_teacher.STAGE.execute(params)
     weights = state_fingerprint(load_trained(params.path(params.paths.teacher)))
-    second = execute(train_teacher.run, params, "train_teacher", "teacher", ("teacher",))
+    second = train_teacher.STAGE.execute(params)
     for key in ("validation_macro_f1", "test_macro_f1", "test_macro_f1_ci95_low", "num_parameters"):
         assert first[key] == second[key], key
     assert state_fingerprint(load_trained(params.path(params.paths.teacher))) == weights
@@ -79,11 +78,11 @@ def test_same_params_and_seed_reproduce_the_same_teacher(tmp_path, tiny_params):
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, tiny_params, monkeypatch):
     params = tiny_params()
-    execute(prepare_data.run, params, "prepare_data", sections=("data",))
+    prepare_data.STAGE.execute(params)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     started = time.time()
     with pytest.raises(FinCompressError, match=r"MLflow tracking server http://127\.0\.0\.1:9 is unreachable"):
-        execute(train_teacher.run, params, "train_teacher", "teacher", ("teacher",))
+        train_teacher.STAGE.execute(params)
     assert time.time() - started < 30
     assert not params.path(params.paths.checkpoints).exists(), "no training may start"
     assert not params.path(params.paths.teacher).exists()
@@ -91,10 +90,10 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, tiny_params
 
 def test_nan_loss_stops_training_and_marks_the_run_failed(tmp_path, tiny_params, monkeypatch):
     params = tiny_params()
-    execute(prepare_data.run, params, "prepare_data", sections=("data",))
+    prepare_data.STAGE.execute(params)
     monkeypatch.setattr(distill, "hard_loss", lambda logits, labels, *args: (logits * float("nan")).sum())
     with pytest.raises(FinCompressError, match="training loss became nan at step 0"):
-        execute(train_teacher.run, params, "train_teacher", "teacher", ("teacher",))
+        train_teacher.STAGE.execute(params)
     assert not params.path(params.paths.teacher).exists()
     runs = mlflow.search_runs(experiment_names=[params.tracking.experiment],
                               filter_string="tags.stage = 'train_teacher'", order_by=["start_time DESC"])

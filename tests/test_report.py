@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 from pipeline.config import SLAConfig, params_from_dict
 from pipeline.family import family
 from pipeline.metrics import bootstrap_ci
+from pipeline.record import ModelRecord
 from pipeline.report import choose_champion, label_members, markdown_table, pareto_front
-from pipeline.stage import execute
 from stages import report
 
 
@@ -99,15 +99,19 @@ def hand_made_family(tmp_path):
     for member in family(params):
         f1, latency, size = figures[member.name]
         member.path.mkdir(parents=True)
-        info = {"num_parameters": int(size * 250_000), "test": {"macro_f1": f1, "macro_f1_ci95": [f1 - 0.02, f1 + 0.02],
-                "accuracy": f1 + 0.02}, "validation": {"macro_f1": f1 - 0.01}}
-        (member.path / "checkpoint_info.json").write_text(json.dumps(info))
+        record = ModelRecord(
+            member=member.name, stage="hand-made", label_names=["negative", "positive"], task_type="single_label",
+            max_length=32, num_parameters=int(size * 250_000), size_mb=size, data_hash="0",
+            test={"macro_f1": f1, "macro_f1_ci95": [f1 - 0.02, f1 + 0.02], "accuracy": f1 + 0.02},
+            validation={"macro_f1": f1 - 0.01},
+        )
+        record.write(member.path)
         if member.kind == "onnx":
             tiny_onnx(member.path / "model.onnx")
             (member.path / "config.json").write_text("{}")
         timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5} for t in ("1", "2")}
         entries.append({"name": member.name, "format": member.format, "precision": member.precision,
-                        "size_mb": size, "num_parameters": info["num_parameters"], "latency_ms": timing,
+                        "size_mb": size, "num_parameters": record.num_parameters, "latency_ms": timing,
                         "e2e_latency_ms": timing, "throughput_per_second": {"1": 1000 / latency, "2": 1800 / latency},
                         "peak_rss_mb": 100 + size, "speedup_vs_teacher": {"1": 60 / latency, "2": 60 / latency}})
     benchmark = {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1"},
@@ -127,7 +131,7 @@ def hand_made_family(tmp_path):
 
 def test_report_stage_on_a_hand_made_family(tmp_path):
     params = hand_made_family(tmp_path)
-    metrics = execute(report.run, params, "report", sections=("report",))
+    metrics = report.STAGE.execute(params)
     reports = params.path(params.paths.reports)
     rows = json.loads((reports / "family.json").read_text())
     assert [r["name"] for r in rows][0] == "teacher" and len(rows) == 9

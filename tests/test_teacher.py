@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 import pytest
 import torch
 
 from pipeline.errors import GateError, ModelError
 from pipeline.models import load_trained, resolve_model_source
-from pipeline.stage import execute
+from pipeline.record import ModelRecord
 from stages import verify_teacher
 from tests.conftest import copy_project
 
@@ -19,16 +17,16 @@ def test_teacher_checkpoint_is_complete(trained_project):
     teacher = trained_project.path(trained_project.paths.teacher)
     assert (teacher / "model.safetensors").is_file()
     assert not list(teacher.glob("*.bin")), "weights must be safetensors only"
-    info = json.loads((teacher / "checkpoint_info.json").read_text())
-    for key in ("validation", "test", "num_parameters", "size_mb", "training_seconds", "params"):
-        assert key in info
-    assert 0 <= info["test"]["macro_f1"] <= 1 and info["num_parameters"] > 0
-    assert info["params"]["teacher"]["epochs"] == trained_project.teacher.epochs
+    record = ModelRecord.read(teacher)
+    assert record.member == "teacher" and record.source == trained_project.teacher.model
+    assert record.num_parameters > 0 and record.training_seconds > 0
+    assert record.size_mb == pytest.approx((teacher / "model.safetensors").stat().st_size / 1e6, abs=1e-3)
+    assert record.params["teacher"]["epochs"] == trained_project.teacher.epochs
     curve = trained_project.path(trained_project.paths.curves) / "train_teacher.csv"
     header, *rows = curve.read_text().splitlines()
     assert "eval_macro_f1" in header and len(rows) == trained_project.teacher.epochs
     # It learned the easy tiny task: better than always predicting the majority class.
-    assert info["validation"]["macro_f1"] > 0.4
+    assert record.validation["macro_f1"] > 0.4
 
 
 def runs_of(params, stage):
@@ -60,7 +58,7 @@ def test_runs_are_tracked_with_tags(trained_project):
 
 def test_gate_passes(trained_project, tmp_path):
     params = copy_project(trained_project, tmp_path, ("data", "models"), verify_teacher={"min_macro_f1": 0.4})
-    result = execute(verify_teacher.run, params, "verify_teacher", "teacher", ("verify_teacher",))
+    result = verify_teacher.STAGE.execute(params)
     assert result["passed"] and result["validation_macro_f1"] >= 0.4
     assert len(result["confusion_matrix"]) == 3
 
@@ -68,7 +66,7 @@ def test_gate_passes(trained_project, tmp_path):
 def test_gate_fails_below_threshold_and_marks_the_run_failed(trained_project, tmp_path):
     params = copy_project(trained_project, tmp_path, ("data", "models"), verify_teacher={"min_macro_f1": 0.999})
     with pytest.raises(GateError, match=r"below the threshold 0.999.*Per-class F1"):
-        execute(verify_teacher.run, params, "verify_teacher", "teacher", ("verify_teacher",))
+        verify_teacher.STAGE.execute(params)
     assert not (tmp_path / "reports" / "metrics" / "verify_teacher.json").exists()
     latest = runs_of(params, "verify_teacher").iloc[0]
     assert latest["status"] == "FAILED"
@@ -83,7 +81,7 @@ def test_gate_fails_on_a_single_class_teacher(trained_project, tmp_path):
         model.classifier.bias.copy_(torch.tensor([0.0, 10.0, 0.0]))
     model.save_pretrained(teacher_dir, safe_serialization=True)
     with pytest.raises(GateError, match="predicts 'neutral' for every validation example"):
-        execute(verify_teacher.run, params, "verify_teacher", "teacher", ("verify_teacher",))
+        verify_teacher.STAGE.execute(params)
 
 
 def test_model_sources(tmp_path):
