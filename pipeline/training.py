@@ -245,10 +245,6 @@ def logits_of(trainer: Trainer, dataset: Dataset) -> tuple[np.ndarray, np.ndarra
     return np.asarray(logits, dtype=np.float32), np.asarray(output.label_ids)
 
 
-def model_device(model: PreTrainedModel) -> torch.device:
-    return next(model.parameters()).device
-
-
 def save_trained(
     trainer: Trainer,
     tokenizer: PreTrainedTokenizerBase,
