@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError, DataError, FinCompressError, ModelError
 from pipeline.models import load_trained
 from pipeline.stage import execute
 from stages import distill_vanilla, prune, student_baseline, verify_teacher
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ import yaml
 
 from pipeline.config import Params, load_params, parse_override
 from pipeline.errors import ConfigError
-from tests.conftest import REPO
+from scripts.tiny_project import REPO
 
 
 def test_shipped_params_validate_and_cover_every_section():

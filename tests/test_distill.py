@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.models import build_student, load_trained, uniform_layer_map
 from pipeline.stage import execute
 from stages import distill_intermediate, distill_vanilla, student_baseline
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 
 def test_soft_loss_matches_hand_computation_with_t_squared():

@@ -30,7 +30,7 @@ from pipeline.onnx import (
 from pipeline.quantization import FORMAT, INT8_WEIGHTS_FILE, load_quantized, quantize_model, resolve_engine
 from pipeline.stage import execute
 from stages import export_onnx, quantize
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 FFN_WIDTH = 48  # the tiny teacher's is 64
 

@@ -15,7 +15,7 @@ from pipeline.models import load_tokenizer, load_trained, predict_logits
 from pipeline.stage import execute
 from pipeline.training import Collator, encode
 from stages import distill_intermediate, prune
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 NAMES = ["negative", "neutral", "positive"]
 
