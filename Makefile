@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run run-phrasebank run-multilabel test lint clean mlflow-ui
+.PHONY: setup run run-phrasebank run-multilabel test lint deps clean mlflow-ui
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests scripts
+
+# Rewrite the code deps of each stage in dvc.yaml from its imports (tests/test_dvc_deps.py checks them).
+deps: setup
+	$(BIN)/python scripts/dvc_deps.py
 
 # Look at the tracked runs: http://127.0.0.1:5000
 mlflow-ui: setup

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
+from pipeline import labels as label_utils
 from pipeline.config import EvaluationConfig
 
 
@@ -59,6 +60,27 @@ def single_label_metrics(
     }
 
 
+def multi_label_metrics(
+    labels: np.ndarray, predictions: np.ndarray, label_names: list[str], evaluation: EvaluationConfig
+) -> dict[str, Any]:
+    """Metrics of one split from multi-label 0/1 indicator rows (accuracy is the exact-match ratio)."""
+    per_label = f1_score(labels, predictions, average=None, zero_division=0)
+    low, high = bootstrap_ci(
+        labels, predictions, macro_f1, evaluation.bootstrap_samples, evaluation.confidence, evaluation.seed
+    )
+    never = [name for name, column in zip(label_names, predictions.T) if column.sum() == 0]
+    return {
+        "macro_f1": macro_f1(labels, predictions),
+        "macro_f1_ci95": [low, high],
+        "micro_f1": float(f1_score(labels, predictions, average="micro", zero_division=0)),
+        "accuracy": float((labels == predictions).all(axis=1).mean()),  # exact match
+        "per_label_f1": {name: float(score) for name, score in zip(label_names, per_label)},
+        "never_predicted": never,
+        "predicted_classes": int(len(label_names) - len(never)),
+        "examples": int(len(labels)),
+    }
+
+
 def summary(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     """The scalar metrics of one split, prefixed (`test_macro_f1`, ...), for MLflow and DVC."""
     return {f"{prefix}_{key}": float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
@@ -73,11 +95,7 @@ def evaluate_logits(
     threshold: float | Sequence[float] = 0.5,
 ) -> dict[str, Any]:
     """Full metrics of one split from the model's logits."""
-    from pipeline import labels as label_utils
-
     predictions = label_utils.decide(logits, task_type, threshold)
     if task_type == "multi_label":
-        from pipeline.multilabel import multi_label_metrics
-
         return multi_label_metrics(np.asarray(labels).astype(int), predictions, label_names, evaluation)
     return single_label_metrics(labels, predictions, label_names, evaluation)

@@ -27,11 +27,6 @@ MINILM_ALIAS = "minilm-l6"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def device() -> torch.device:
-    """CUDA when present (real users have GPUs), otherwise the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def resolve_model_source(name: str) -> str:
     """`minilm-l6` -> the packaged all-MiniLM-L6-v2 directory; a local directory; or a Hub id as given."""
     if name == MINILM_ALIAS:

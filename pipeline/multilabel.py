@@ -1,4 +1,5 @@
-"""Multi-label specifics: iterative stratification and per-label metrics."""
+"""Multi-label specifics: iterative stratification and per-label decision thresholds (the metrics are
+in metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import f1_score
 
-from pipeline.config import EvaluationConfig
 from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -79,32 +79,6 @@ def iterative_split(
                 raise DataError(message + "; add examples or set task.missing_label_in_split=warn")
             log.warning(message)
     return result
-
-
-def _macro(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-
-
-def multi_label_metrics(
-    labels: np.ndarray, predictions: np.ndarray, label_names: list[str], evaluation: EvaluationConfig
-) -> dict[str, Any]:
-    from pipeline.metrics import bootstrap_ci
-
-    per_label = f1_score(labels, predictions, average=None, zero_division=0)
-    low, high = bootstrap_ci(
-        labels, predictions, _macro, evaluation.bootstrap_samples, evaluation.confidence, evaluation.seed
-    )
-    never = [name for name, column in zip(label_names, predictions.T) if column.sum() == 0]
-    return {
-        "macro_f1": _macro(labels, predictions),
-        "macro_f1_ci95": [low, high],
-        "micro_f1": float(f1_score(labels, predictions, average="micro", zero_division=0)),
-        "accuracy": float((labels == predictions).all(axis=1).mean()),  # exact match
-        "per_label_f1": {name: float(score) for name, score in zip(label_names, per_label)},
-        "never_predicted": never,
-        "predicted_classes": int(len(label_names) - len(never)),
-        "examples": int(len(labels)),
-    }
 
 
 def tune_thresholds(probabilities: np.ndarray, labels: np.ndarray, grid: np.ndarray | None = None) -> list[float]:

@@ -1,6 +1,6 @@
 """End to end on a real Prefect server: the `nightly` deployment of prefect.yaml, on a tiny project.
 
-In a temporary directory: the tiny project of tests/conftest.py as a git + DVC repository, then, through
+In a temporary directory: the tiny project of scripts/tiny_project.py as a git + DVC repository, then, through
 the Makefile's own targets, a Prefect server on 127.0.0.1 with a temporary PREFECT_HOME, the process work
 pool, `prefect deploy`, a worker. Then `prefect deployment run 'compress-family/nightly'`, which must end
 COMPLETED with every stage of dvc.yaml in dvc.lock; the same with a gate that cannot pass
@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import (  # noqa: E402
+from scripts.tiny_project import (  # noqa: E402
     init_repo,
     make_tiny_bert,
     read_tiny_texts,

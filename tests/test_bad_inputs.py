@@ -17,7 +17,7 @@ from pipeline.config import params_from_dict
 from pipeline.errors import ConfigError, DataError, FinCompressError, ModelError
 from pipeline.models import load_trained
 from stages import distill_vanilla, prune, student_baseline, verify_teacher
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ import yaml
 
 from pipeline.config import Params, load_params, parse_override
 from pipeline.errors import ConfigError
-from tests.conftest import REPO
+from scripts.tiny_project import REPO
 
 
 def test_shipped_params_validate_and_cover_every_section():
@@ -70,19 +70,24 @@ def test_missing_params_file(tmp_path):
         load_params(tmp_path / "nope.yaml")
 
 
-def test_params_yaml_names_every_setting():
-    """`dvc exp run -S key=value` can only set keys that params.yaml already has (DVC refuses new
-    ones), so every typed setting must be written out there, with its default."""
-    settings = load_params(REPO / "params.yaml").model_dump(mode="json")
-    written = yaml.safe_load((REPO / "params.yaml").read_text())
+def test_schema_defaults_are_the_shipped_params():
+    """params.yaml is the one source of every default: the schema's defaults must be its values
+    (else a params file that leaves a key out silently means something else), and it must write out
+    every setting (`dvc exp run -S key=value` can only set keys that params.yaml already has)."""
+    defaults = Params().model_dump(mode="json")
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
 
-    def missing(typed: dict, tree: dict, prefix: str = "") -> list[str]:
+    def drift(typed: dict, written: dict, prefix: str = "") -> list[str]:
         found = []
-        for key, value in typed.items():
-            if key not in tree:
-                found.append(prefix + key)
-            elif isinstance(value, dict) and isinstance(tree[key], dict):
-                found += missing(value, tree[key], f"{prefix}{key}.")
+        for key in sorted(set(typed) | set(written)):
+            if key not in written:
+                found.append(f"{prefix}{key}: missing from params.yaml")
+            elif key not in typed:
+                found.append(f"{prefix}{key}: not in the schema")
+            elif isinstance(typed[key], dict) and isinstance(written[key], dict):
+                found += drift(typed[key], written[key], f"{prefix}{key}.")
+            elif typed[key] != written[key]:
+                found.append(f"{prefix}{key}: schema default {typed[key]!r}, params.yaml {written[key]!r}")
         return found
 
-    assert missing(settings, written) == []
+    assert drift(defaults, shipped) == []

@@ -13,8 +13,9 @@ from pipeline.config import params_from_dict
 from pipeline.data import prepare
 from pipeline.errors import DataError
 from pipeline.prepared import load_split
+from scripts.tiny_project import REPO, TINY_CSV
 from stages import prepare_data
-from tests.conftest import PHRASEBANK, REPO, TINY_CSV
+from tests.helpers import PHRASEBANK
 
 
 def rows_from_tiny():

@@ -28,7 +28,7 @@ from pipeline.models import (
 from pipeline.prepared import load_prepared
 from pipeline.record import ModelRecord, evaluate_splits
 from stages import distill_intermediate, distill_vanilla, student_baseline
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 
 def test_soft_loss_matches_hand_computation_with_t_squared():

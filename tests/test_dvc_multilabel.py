@@ -7,14 +7,13 @@ import json
 
 import pytest
 
-from tests.conftest import dvc, init_repo, write_project
+from scripts.tiny_project import dvc, init_repo, write_project
+from tests.helpers import TOPICS, multilabel_tree, write_tiny_topics
 
 pytestmark = pytest.mark.slow
 
 
 def test_multilabel_family_through_dvc_repro(tmp_path, tiny_bert):
-    from tests.test_multilabel import TOPICS, multilabel_tree, write_tiny_topics
-
     root = write_project(tmp_path / "project", multilabel_tree(tiny_bert))
     write_tiny_topics(root / "data" / "topics.csv")
     init_repo(root)

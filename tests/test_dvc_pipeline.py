@@ -8,7 +8,7 @@ import io
 import pytest
 import yaml
 
-from tests.conftest import dvc, init_repo, tiny_params_tree, write_project
+from scripts.tiny_project import dvc, init_repo, tiny_params_tree, write_project
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from pipeline.flow import compress_family, stage_graph
-from tests.conftest import init_repo, tiny_params_tree, write_project
+from scripts.tiny_project import init_repo, tiny_params_tree, write_project
+from tests.helpers import mlflow_runs
 
 
 def keep_stages(root: Path, names: list[str]) -> None:
@@ -130,16 +131,6 @@ def run_logs(flow_run_id) -> str:
         ids = [flow_run_id] + [child.id for child in children]
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": ids}))
     return "\n".join(log.message for log in logs)
-
-
-def mlflow_runs(pipeline_run: str) -> list[Any]:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("fincompress")
-    if experiment is None:
-        return []
-    return client.search_runs([experiment.experiment_id], filter_string=f"tags.pipeline_run = '{pipeline_run}'")
 
 
 # ----------------------------------------------------------------------------------------------------

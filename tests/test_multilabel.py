@@ -6,7 +6,6 @@ import csv
 import json
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,31 +20,7 @@ from pipeline.multilabel import iterative_split, tune_thresholds
 from pipeline.onnx import OnnxClassifier
 from pipeline.prepared import load_split
 from stages import export_onnx, prepare_data, train_teacher, verify_teacher
-from tests.conftest import TINY_CSV, tiny_params_tree
-
-TOPICS = ["corporate", "outlook", "results"]
-RULES = {
-    "results": ("profit", "sales", "revenue", "earnings", "loss", "margin", "cash"),
-    "outlook": ("forecast", "outlook", "guidance", "expectations"),
-    "corporate": ("contract", "order", "board", "appoint", "meeting", "jobs", "dividend", "name", "office", "plant"),
-}
-
-
-def write_tiny_topics(path: Path) -> None:
-    """The tiny corpus tagged with topics by keyword (test data only)."""
-    with open(TINY_CSV, newline="") as handle, open(path, "w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["text", "topics"])
-        for row in csv.DictReader(handle):
-            text = row["text"].lower()
-            writer.writerow([row["text"], ";".join(k for k, words in RULES.items() if any(w in text for w in words))])
-
-
-def multilabel_tree(tiny_bert, **task):
-    tree = tiny_params_tree(tiny_bert, data_path="data/topics.csv")
-    tree["task"].update(type="multi_label", tune_thresholds=True, pos_weight="auto", **task)
-    tree["data"].update(label_column="topics", label_names=TOPICS)
-    return tree
+from tests.helpers import TOPICS, multilabel_tree, write_tiny_topics
 
 
 def test_iterative_stratification_reaches_every_split_with_a_rare_label():

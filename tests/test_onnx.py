@@ -30,7 +30,7 @@ from pipeline.prepared import load_split
 from pipeline.quantization import FORMAT, INT8_WEIGHTS_FILE, load_quantized, quantize_model, resolve_engine
 from pipeline.record import ModelRecord
 from stages import export_onnx, quantize
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 FFN_WIDTH = 48  # the tiny teacher's is 64
 

@@ -13,7 +13,7 @@ from pipeline.prepared import load_split
 from pipeline.record import ModelRecord
 from pipeline.training import Collator, encode
 from stages import distill_intermediate, prune
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 NAMES = ["negative", "neutral", "positive"]
 

@@ -20,8 +20,8 @@ import yaml
 from pipeline import distill
 from pipeline.errors import FinCompressError
 from pipeline.models import load_trained, state_fingerprint
+from scripts.tiny_project import sh, tiny_params_tree, write_project
 from stages import prepare_data, train_teacher
-from tests.conftest import sh, tiny_params_tree, write_project
 
 
 def project(root: Path, tiny_bert: Path, **teacher) -> Path:
@@ -122,7 +122,7 @@ def test_a_killed_write_leaves_the_previous_output_and_is_cleaned_up(tmp_path):
 def test_dvc_lock_held_by_another_run(tmp_path, tiny_bert):
     from zc.lockfile import LockFile
 
-    from tests.conftest import dvc, init_repo
+    from scripts.tiny_project import dvc, init_repo
 
     root = write_project(tmp_path / "project", tiny_params_tree(tiny_bert))
     init_repo(root)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, dvc, init_repo, sh, tiny_params_tree, write_project
-from tests.test_flow import mlflow_runs
+from scripts.tiny_project import REPO, dvc, init_repo, sh, tiny_params_tree, write_project
+from tests.helpers import mlflow_runs
 
 pytestmark = pytest.mark.slow
 

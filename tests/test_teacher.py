@@ -10,7 +10,7 @@ from pipeline.errors import GateError, ModelError
 from pipeline.models import load_trained, resolve_model_source
 from pipeline.record import ModelRecord
 from stages import verify_teacher
-from tests.conftest import copy_project
+from tests.helpers import copy_project
 
 
 def test_teacher_checkpoint_is_complete(trained_project):

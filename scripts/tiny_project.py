@@ -1,0 +1,118 @@
+"""A tiny runnable FinCompress project: a random 2-layer BERT with a WordPiece vocabulary written for a
+74-sentence corpus, params sized for seconds, laid out with the code and dvc.yaml as a git + DVC
+repository. The tests (tests/conftest.py) and scripts/prefect_e2e.py build their projects with it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CSV = REPO / "tests" / "data" / "tiny_sentiment.csv"
+
+
+def tiny_vocabulary(texts: list[str]) -> list[str]:
+    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
+    chars = sorted({c for w in words for c in w})
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars] + [
+        w for w in words if len(w) > 1
+    ]
+
+
+def make_tiny_bert(directory: Path, texts: list[str], seed: int = 0) -> Path:
+    """A random 2-layer BERT (hidden 32, 2 heads) with a WordPiece vocabulary written for `texts`."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(tiny_vocabulary(texts)) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def read_tiny_texts() -> list[str]:
+    with open(TINY_CSV, newline="") as handle:
+        return [row["text"] for row in csv.DictReader(handle)]
+
+
+def tiny_params_tree(tiny_bert: Path, data_path: str = "data/tiny.csv") -> dict[str, Any]:
+    """A complete params tree sized for seconds, not minutes."""
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    budget = {"batch_size": 8, "eval_batch_size": 32, "seed": 0, "warmup_ratio": 0.0}
+    tree["data"].update(source="csv", path=data_path, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    tree["teacher"].update(model=str(tiny_bert), epochs=20, learning_rate=3e-3, max_length=32, **budget)
+    tree["verify_teacher"]["min_macro_f1"] = 0.0
+    tree["student"].update(num_layers=1, epochs=2, learning_rate=3e-3, **budget)
+    tree["prune"].update(importance_batches=2, vocab_keep_top=5)
+    tree["prune"]["recovery"].update(epochs=1, learning_rate=1e-3, **budget)
+    tree["benchmark"].update(min_runs=5, min_seconds=0.0, warmup_runs=1, rounds=2, throughput_batches=1,
+                             throughput_batch_size=4)
+    tree["evaluation"]["bootstrap_samples"] = 50
+    tree["report"]["sla"].update(max_latency_ms=1000.0, min_f1_retention=0.0)
+    tree["flow"].update(retries=0, retry_delay_seconds=0)
+    return tree
+
+
+def write_project(root: Path, tree: dict[str, Any]) -> Path:
+    """Lay out a runnable project in `root`: code, dvc.yaml, tiny data, params.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "data").mkdir(exist_ok=True)
+    shutil.copy(TINY_CSV, root / "data" / "tiny.csv")
+    (root / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    return root
+
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+}
+
+
+def sh(
+    args: list[str], cwd: Path, check: bool = True, timeout: float = 1200, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command with this interpreter's bin first on PATH (dvc.yaml says `python -m ...`)."""
+    env = {
+        **os.environ, **GIT_IDENTITY, "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {}),
+    }
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def init_repo(root: Path) -> Path:
+    """Make `root` a committed git + DVC repository (DVC experiments and the queue need commits)."""
+    sh(["git", "init", "-q"], root)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], root)
+    sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "tiny project"], root)
+    return root
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "dvc", *args], root, check)

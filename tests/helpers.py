@@ -1,0 +1,70 @@
+"""Helpers several test modules share (fixtures live in conftest.py; the tiny project itself in
+scripts/tiny_project.py, which scripts/prefect_e2e.py builds on too)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from scripts.tiny_project import REPO, TINY_CSV, tiny_params_tree
+
+PHRASEBANK = REPO.parent / "shared" / "data" / "financial_phrasebank"
+
+
+def copy_project(params, root: Path, dirs: tuple[str, ...] = ("data", "models", "reports"), **sections: dict[str, Any]):
+    """A copy of a tiny project's `dirs` under `root`, with params sections updated, e.g.
+    copy_project(p, tmp_path, verify_teacher={"min_macro_f1": 0.9})."""
+    from pipeline.config import params_from_dict
+
+    for name in dirs:
+        if (params.root / name).is_dir():
+            shutil.copytree(params.root / name, root / name, dirs_exist_ok=True)
+    tree = params.model_dump(mode="json")
+    for name, values in sections.items():
+        tree[name].update(values)
+    return params_from_dict(tree, root=root)
+
+
+# --------------------------------------------------------------------------- multi-label
+
+TOPICS = ["corporate", "outlook", "results"]
+RULES = {
+    "results": ("profit", "sales", "revenue", "earnings", "loss", "margin", "cash"),
+    "outlook": ("forecast", "outlook", "guidance", "expectations"),
+    "corporate": ("contract", "order", "board", "appoint", "meeting", "jobs", "dividend", "name", "office", "plant"),
+}
+
+
+def write_tiny_topics(path: Path) -> None:
+    """The tiny corpus tagged with topics by keyword (test data only)."""
+    with open(TINY_CSV, newline="") as handle, open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["text", "topics"])
+        for row in csv.DictReader(handle):
+            text = row["text"].lower()
+            writer.writerow([row["text"], ";".join(k for k, words in RULES.items() if any(w in text for w in words))])
+
+
+def multilabel_tree(tiny_bert, **task):
+    """Tiny params for the topics corpus of write_tiny_topics, as a multi-label task."""
+    tree = tiny_params_tree(tiny_bert, data_path="data/topics.csv")
+    tree["task"].update(type="multi_label", tune_thresholds=True, pos_weight="auto", **task)
+    tree["data"].update(label_column="topics", label_names=TOPICS)
+    return tree
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def mlflow_runs(pipeline_run: str) -> list[Any]:
+    """The MLflow runs of the stages of one pipeline run (tagged `pipeline_run`)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("fincompress")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.pipeline_run = '{pipeline_run}'")

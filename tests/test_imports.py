@@ -1,0 +1,37 @@
+"""The layering holds: the library never imports the stages, scripts never import the tests, and
+test modules share helpers through tests/helpers.py (or scripts/tiny_project.py), never through
+each other or conftest.py."""
+
+from __future__ import annotations
+
+import ast
+
+from scripts.tiny_project import REPO
+
+
+def imports(folder: str) -> list[tuple[str, str]]:
+    """(file, imported module) for every import statement in `folder`, at any depth of the code."""
+    found = []
+    for path in sorted((REPO / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found += [(path.name, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.append((path.name, node.module))
+    return found
+
+
+def test_pipeline_never_imports_stages():
+    assert [(f, m) for f, m in imports("pipeline") if m.split(".")[0] == "stages"] == []
+
+
+def test_scripts_never_import_tests():
+    assert [(f, m) for f, m in imports("scripts") if m.split(".")[0] == "tests"] == []
+
+
+def test_test_modules_never_import_each_other_or_conftest():
+    allowed = {"tests.helpers"}
+    assert [
+        (f, m) for f, m in imports("tests")
+        if (m.split(".")[0] == "tests" and m not in allowed) or m.split(".")[-1].startswith(("test_", "conftest"))
+    ] == []
