@@ -25,13 +25,12 @@ from pipeline.models import (
     load_trained_with_tokenizer,
     predict_logits,
 )
-from pipeline.onnx import (
-    OnnxClassifier,
+from pipeline.onnx import OnnxClassifier, onnx_size_mb
+from pipeline.onnx_export import (
     export_fp32,
     fp32_parity_failures,
     int8_parity_failures,
     logit_parity,
-    onnx_size_mb,
     quantization_operators,
     quantize_int8,
     resolve_isa,

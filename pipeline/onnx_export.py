@@ -1,0 +1,197 @@
+"""ONNX export (optimum) and ONNX Runtime dynamic INT8 quantization, with the parity checks that gate them.
+
+This module needs optimum, and through it torch; serving an exported directory needs only
+`pipeline.onnx` (ONNX Runtime and `tokenizers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ConfigError, ModelError
+from pipeline.io import read_json, write_json
+from pipeline.labels import decide
+from pipeline.onnx import MODEL_FILE, TOKENIZER_FILE, check_onnx_file, onnx_size_mb
+
+ISAS = ("avx512_vnni", "avx512", "avx2", "arm64")
+# Largest protobuf ONNX can write in one file; bigger models need external data.
+PROTOBUF_LIMIT_BYTES = 2_000_000_000
+
+
+# --------------------------------------------------------------------------- instruction set
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def detect_isa(machine: str | None = None, flags: set[str] | None = None) -> str:
+    """The best ONNX Runtime quantization target for this CPU: avx512_vnni, avx512, avx2 or arm64."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("arm64", "aarch64"):
+        return "arm64"
+    flags = cpu_flags() if flags is None else flags
+    for flag, isa in (("avx512_vnni", "avx512_vnni"), ("avx512f", "avx512"), ("avx2", "avx2")):
+        if flag in flags:
+            return isa
+    raise ConfigError(
+        f"export_onnx.isa=auto: cannot tell which instruction sets this {machine} CPU has (no AVX2/AVX-512 "
+        "flag in /proc/cpuinfo); set export_onnx.isa to avx2, avx512, avx512_vnni or arm64"
+    )
+
+
+def resolve_isa(setting: str) -> str:
+    return detect_isa() if setting == "auto" else setting
+
+
+# --------------------------------------------------------------------------- export
+
+
+def pin_max_length(model_dir: Path, max_length: int) -> None:
+    """Record the evaluation length in tokenizer_config.json, where the predict command reads it."""
+    path = model_dir / "tokenizer_config.json"
+    config = read_json(path) if path.is_file() else {}
+    config["model_max_length"] = max_length
+    write_json(path, config)
+
+
+def export_fp32(source_dir: Path, out_dir: Path, opset: int, max_length: int) -> Path:
+    """Export a model directory (safetensors) to `out_dir`/model.onnx with dynamic batch and sequence axes.
+
+    Writes config.json and the tokenizer files beside it; returns the model path.
+    """
+    from optimum.exporters.onnx import main_export
+
+    try:
+        main_export(
+            str(source_dir),
+            out_dir,
+            task="text-classification",
+            opset=opset,
+            device="cpu",
+            framework="pt",
+            library_name="transformers",
+            local_files_only=True,
+            do_validation=False,  # the stage checks parity itself, over the whole test split
+        )
+    except Exception as error:  # optimum raises many types for one meaning: this model did not export
+        raise ModelError(
+            f"{source_dir}: ONNX export failed: {type(error).__name__}: {error}. Check that the model "
+            f"architecture is supported by optimum, or try another export_onnx.opset (now {opset})."
+        ) from None
+    if not (out_dir / TOKENIZER_FILE).is_file():
+        raise ModelError(
+            f"{source_dir} has no {TOKENIZER_FILE} (a fast tokenizer); the exported model needs it to be "
+            "served without transformers. Save the model's tokenizer with a fast tokenizer class."
+        )
+    pin_max_length(out_dir, max_length)
+    path = out_dir / MODEL_FILE
+    check_onnx_file(path)
+    return path
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    """ONNX Runtime's quantizer logs an INFO line per tensor on the root logger ("quantization
+    parameters not specified": expected without calibration); keep them out of the stage's log."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
+def quantization_operators(quantize_embeddings: bool) -> list[str]:
+    """ONNX Runtime's default dynamic-quantization operators; Gather (the embeddings) only when asked."""
+    from optimum.onnxruntime.configuration import ORT_DEFAULT_OPS_DYNAMIC_QUANTIZATION
+
+    operators = [op for op in ORT_DEFAULT_OPS_DYNAMIC_QUANTIZATION if op != "Gather"]
+    return operators + ["Gather"] if quantize_embeddings else operators
+
+
+def quantize_int8(
+    fp32_dir: Path, out_dir: Path, isa: str, per_channel: bool, quantize_embeddings: bool
+) -> Path:
+    """ONNX Runtime dynamic INT8 of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer)."""
+    from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
+
+    if isa not in ISAS:
+        raise ConfigError(f"export_onnx.isa={isa}: expected one of {ISAS}")
+    config = getattr(AutoQuantizationConfig, isa)(
+        is_static=False, per_channel=per_channel, operators_to_quantize=quantization_operators(quantize_embeddings)
+    )
+    quantizer = ORTQuantizer.from_pretrained(fp32_dir, file_name=MODEL_FILE)
+    # Keep the weights outside the protobuf whenever the fp32 model needed to (conservative: always valid).
+    external = onnx_size_mb(fp32_dir) * 1e6 >= PROTOBUF_LIMIT_BYTES
+    with _root_log_level(logging.WARNING):
+        quantizer.quantize(config, out_dir, file_suffix=None, use_external_data_format=external)
+    path = out_dir / MODEL_FILE
+    check_onnx_file(path)
+    return path
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def logit_parity(
+    reference: np.ndarray, candidate: np.ndarray, task_type: str, threshold: float | np.ndarray | list[float] = 0.5
+) -> dict[str, float]:
+    """How far `candidate`'s logits are from `reference`'s, and how often their decisions agree."""
+    same = decide(reference, task_type, threshold) == decide(candidate, task_type, threshold)
+    agree = same.reshape(len(same), -1).all(axis=1)  # multi-label: the whole label set must match
+    return {
+        "max_abs_logit_diff": float(np.abs(np.asarray(reference) - np.asarray(candidate)).max()),
+        "label_agreement": float(agree.mean()),
+        "label_mismatches": int((~agree).sum()),
+        "examples": int(len(agree)),
+    }
+
+
+def fp32_parity_failures(what: str, parity: dict[str, float], max_abs_logit_diff: float) -> list[str]:
+    """The fp32 gate: logits within tolerance of PyTorch's, and every predicted label identical."""
+    failures = []
+    if parity["max_abs_logit_diff"] > max_abs_logit_diff:
+        failures.append(
+            f"{what}: max |logit difference| vs PyTorch {parity['max_abs_logit_diff']:.3g} exceeds "
+            f"export_onnx.max_abs_logit_diff={max_abs_logit_diff:g}"
+        )
+    if parity["label_mismatches"]:
+        failures.append(
+            f"{what}: {parity['label_mismatches']} of {parity['examples']} test predictions differ from PyTorch's"
+        )
+    return failures
+
+
+def int8_parity_failures(
+    what: str, parity: dict[str, float], f1_drop: float, min_label_agreement: float, max_f1_drop: float
+) -> list[str]:
+    """The INT8 gate: labels agree with the fp32 ONNX model often enough and macro-F1 barely drops."""
+    failures = []
+    if parity["label_agreement"] < min_label_agreement:
+        failures.append(
+            f"{what}: label agreement with ONNX fp32 {parity['label_agreement']:.4f} "
+            f"({parity['label_mismatches']} of {parity['examples']} differ) is below "
+            f"export_onnx.min_int8_label_agreement={min_label_agreement:g}"
+        )
+    if f1_drop > max_f1_drop:
+        failures.append(
+            f"{what}: test macro-F1 drops {f1_drop:.4f} from ONNX fp32, more than "
+            f"export_onnx.max_int8_f1_drop={max_f1_drop:g}"
+        )
+    return failures
