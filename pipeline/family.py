@@ -1,26 +1,190 @@
-"""The model family: every member the pipeline builds, where it lives and how it runs."""
+"""The model family: every member the pipeline builds, where it lives and how it runs.
+
+Each kind of member (PyTorch fp32, PyTorch INT8, ONNX fp32, ONNX INT8) is one small class that knows
+which files are its weights, its format and precision labels, whether it can be registered and served
+as the champion, and how to load itself into a benchmark worker. The benchmark and the champion
+choice ask the member; they never branch on its kind. Adding a backend is one subclass here plus a
+line in `MEMBER_KINDS` and in `family`.
+
+This module imports neither torch nor transformers at module level: ONNX members load into
+torch-free processes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar
+
+import numpy as np
 
 from pipeline.config import Params
 
-Kind = Literal["torch", "torch_int8", "onnx"]
+REFERENCE = "teacher"
+
+
+# --------------------------------------------------------------------------- loaded members
+
+
+class Runnable:
+    """A member loaded for timing: turns texts into a feed its model takes, and runs a feed."""
+
+    def feed(self, texts: list[str]) -> Any:
+        """`texts` tokenized and padded into one batch, ready for `run`."""
+        raise NotImplementedError
+
+    def run(self, feed: Any) -> np.ndarray:
+        """One forward pass over `feed`: its logits."""
+        raise NotImplementedError
+
+    def use_threads(self, threads: int) -> None:
+        """Run on `threads` intra-op threads from now on."""
+        raise NotImplementedError
+
+    def inference(self) -> AbstractContextManager:
+        """The context timed calls run in."""
+        return contextlib.nullcontext()
+
+
+class TorchRunnable(Runnable):
+    def __init__(self, model: Any, tokenizer: Any, max_length: int) -> None:
+        import torch
+
+        # Possible only before torch's first parallel work: a benchmark worker loads first thing.
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(1)
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+
+    def feed(self, texts: list[str]) -> Any:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    def run(self, feed: Any) -> np.ndarray:
+        return self.model(**feed).logits.numpy()
+
+    def use_threads(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def inference(self) -> AbstractContextManager:
+        import torch
+
+        return torch.inference_mode()
+
+
+class OnnxRunnable(Runnable):
+    """One ONNX Runtime session per thread count (ORT fixes the count when it creates a session)."""
+
+    def __init__(self, model_dir: Path, threads: list[int]) -> None:
+        from pipeline.onnx import OnnxClassifier
+
+        self.classifiers = {t: OnnxClassifier.load(model_dir, intra_op_threads=t) for t in threads}
+        self.current = self.classifiers[threads[0]]
+
+    def feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self.current.feed(texts)  # every session has the same tokenizer and inputs
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.current.session.run(None, feed)[0]
+
+    def use_threads(self, threads: int) -> None:
+        self.current = self.classifiers[threads]
+
+
+# --------------------------------------------------------------------------- member kinds
 
 
 @dataclass(frozen=True)
 class Member:
+    """A family member: its name and directory. Subclasses say what kind of model lives there."""
+
     name: str
-    kind: Kind  # how the benchmark loads it
-    precision: Literal["fp32", "int8"]
     path: Path
 
-    @property
-    def format(self) -> str:
-        return "onnx" if self.kind == "onnx" else "torch"
+    kind: ClassVar[str]  # registry name: what the benchmark worker is told to load
+    format: ClassVar[str]
+    precision: ClassVar[str]
+    weights_file: ClassVar[str]  # the file that must exist for the member to be there
+    servable: ClassVar[bool] = False  # can be registered and served as the champion
+
+    def weight_files(self) -> list[Path]:
+        """The files whose size is the member's size on disk."""
+        return [self.path / self.weights_file] if self.is_present() else []
+
+    def is_present(self) -> bool:
+        return (self.path / self.weights_file).is_file()
+
+    def size_mb(self) -> float:
+        return sum(path.stat().st_size for path in self.weight_files()) / 1e6
+
+    @classmethod
+    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
+        """Load the model in `model_dir` for timing at each of `threads` (in the benchmark worker)."""
+        raise NotImplementedError
+
+
+class TorchMember(Member):
+    kind = "torch"
+    format = "torch"
+    precision = "fp32"
+    weights_file = "model.safetensors"
+
+    @classmethod
+    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
+        from pipeline.models import load_trained_with_tokenizer
+
+        # attn_implementation None: transformers' default, SDPA where the architecture has it (the
+        # kernel a PyTorch user gets), eager otherwise (ELECTRA, MPNet, DeBERTa).
+        model, tokenizer = load_trained_with_tokenizer(model_dir, attn_implementation=None)
+        return TorchRunnable(model, tokenizer, max_length)
+
+
+class TorchInt8Member(Member):
+    kind = "torch_int8"
+    format = "torch"
+    precision = "int8"
+    weights_file = "model_int8.safetensors"
+
+    @classmethod
+    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
+        from pipeline.models import load_tokenizer
+        from pipeline.quantization import load_quantized
+
+        # The fastest attention the architecture has, as for fp32 members.
+        model = load_quantized(model_dir, attn_implementation=None)
+        return TorchRunnable(model, load_tokenizer(str(model_dir)), max_length)
+
+
+class OnnxMember(Member):
+    """An exported ONNX fp32 model: served by the torch-free predict command, so it can be champion."""
+
+    kind = "onnx"
+    format = "onnx"
+    precision = "fp32"
+    weights_file = "model.onnx"
+    servable = True
+
+    def weight_files(self) -> list[Path]:
+        # model.onnx plus its external data file, if the model needed one.
+        return sorted(self.path.glob(f"{self.weights_file}*"))
+
+    @classmethod
+    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
+        return OnnxRunnable(model_dir, threads)  # its max_length is pinned in its tokenizer_config.json
+
+
+class OnnxInt8Member(OnnxMember):
+    """ONNX Runtime dynamic INT8: loads and runs like any ONNX model."""
+
+    kind = "onnx_int8"
+    precision = "int8"
+
+
+MEMBER_KINDS: dict[str, type[Member]] = {
+    cls.kind: cls for cls in (TorchMember, TorchInt8Member, OnnxMember, OnnxInt8Member)
+}
 
 
 def family(params: Params) -> list[Member]:
@@ -28,16 +192,13 @@ def family(params: Params) -> list[Member]:
     p = params.paths
     onnx_student = params.path(p.onnx_student)
     return [
-        Member("teacher", "torch", "fp32", params.path(p.teacher)),
-        Member("teacher_onnx", "onnx", "fp32", params.path(p.onnx_teacher)),
-        Member("student_baseline", "torch", "fp32", params.path(p.student_baseline)),
-        Member("student_vanilla", "torch", "fp32", params.path(p.student_vanilla)),
-        Member("student_intermediate", "torch", "fp32", params.path(p.student_intermediate)),
-        Member("student_pruned", "torch", "fp32", params.path(p.pruned)),
-        Member("student_int8_torch", "torch_int8", "int8", params.path(p.quantized)),
-        Member("student_onnx_fp32", "onnx", "fp32", onnx_student / "fp32"),
-        Member("student_onnx_int8", "onnx", "int8", onnx_student / "int8"),
+        TorchMember(REFERENCE, params.path(p.teacher)),
+        OnnxMember("teacher_onnx", params.path(p.onnx_teacher)),
+        TorchMember("student_baseline", params.path(p.student_baseline)),
+        TorchMember("student_vanilla", params.path(p.student_vanilla)),
+        TorchMember("student_intermediate", params.path(p.student_intermediate)),
+        TorchMember("student_pruned", params.path(p.pruned)),
+        TorchInt8Member("student_int8_torch", params.path(p.quantized)),
+        OnnxMember("student_onnx_fp32", onnx_student / "fp32"),
+        OnnxInt8Member("student_onnx_int8", onnx_student / "int8"),
     ]
-
-
-REFERENCE = "teacher"

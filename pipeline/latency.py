@@ -6,7 +6,8 @@ each round visits the members in a fresh random order and asks each for a slice 
 so drift in machine load hits every member alike. Thread counts are set for torch
 (`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count) alike.
 
-Worker protocol: one JSON command per line on stdin, one JSON answer per line on stdout.
+Worker protocol: one JSON command per line on stdin, one JSON answer per line on stdout; a member
+travels as its kind's registry name (`pipeline.family.MEMBER_KINDS`) and its directory.
 This module imports neither torch nor transformers at module level.
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import FinCompressError
+from pipeline.family import MEMBER_KINDS, Member
 
 log = logging.getLogger(__name__)
 
@@ -86,103 +88,44 @@ class Runner:
     """One loaded member: batch-1 inputs tokenized once, runnable at any of the thread settings."""
 
     def __init__(self, kind: str, model_dir: Path, texts: list[str], max_length: int, threads: list[int]) -> None:
-        self.kind, self.texts, self.max_length = kind, texts, max_length
-        if kind == "onnx":
-            from pipeline.onnx import OnnxClassifier
+        self.member = MEMBER_KINDS[kind].load_runnable(model_dir, max_length, threads)
+        self.texts = texts
+        self.inputs = [self.member.feed([text]) for text in texts]
 
-            self.onnx = {t: OnnxClassifier.load(model_dir, intra_op_threads=t) for t in threads}
-            first = self.onnx[threads[0]]
-            self.tokenizer = first.tokenizer
-            self.input_names = [item.name for item in first.session.get_inputs()]
-            self.inputs = [self._onnx_feed([text]) for text in texts]
-        else:
-            import torch
-
-            from pipeline.models import load_tokenizer, load_trained_with_tokenizer
-
-            torch.set_num_interop_threads(1)
-            if kind == "torch_int8":
-                from pipeline.quantization import load_quantized
-
-                self.model = load_quantized(model_dir)
-                self.tokenizer = load_tokenizer(str(model_dir))
-            else:
-                # sdpa: the attention kernel a PyTorch user gets by default (eager is only for KD).
-                self.model, self.tokenizer = load_trained_with_tokenizer(model_dir, attn_implementation="sdpa")
-            self.inputs = [self._torch_inputs([text]) for text in texts]
-
-    def _onnx_feed(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encodings = self.tokenizer.encode_batch(texts)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        return {name: np.asarray(columns[name], dtype=np.int64) for name in self.input_names}
-
-    def _torch_inputs(self, texts: list[str]):
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-
-    def _call(self, threads: int, index: int, end_to_end: bool) -> None:
-        if self.kind == "onnx":
-            feed = self._onnx_feed([self.texts[index]]) if end_to_end else self.inputs[index]
-            self.onnx[threads].session.run(None, feed)
-        else:
-            inputs = self._torch_inputs([self.texts[index]]) if end_to_end else self.inputs[index]
-            self.model(**inputs)
-
-    def _set_threads(self, threads: int) -> None:
-        if self.kind != "onnx":
-            import torch
-
-            torch.set_num_threads(threads)
+    def _call(self, index: int, end_to_end: bool) -> None:
+        self.member.run(self.member.feed([self.texts[index]]) if end_to_end else self.inputs[index])
 
     def latency(self, threads: int, runs: int, seconds: float, warmup: int, end_to_end: bool, start: int) -> list[float]:
         """Batch-1 latencies in ms: at least `runs` calls and at least `seconds`, after `warmup` calls."""
-        self._set_threads(threads)
-        with self._no_grad():
+        self.member.use_threads(threads)
+        with self.member.inference():
             for i in range(warmup):
-                self._call(threads, (start + i) % len(self.texts), end_to_end)
+                self._call((start + i) % len(self.texts), end_to_end)
             samples: list[float] = []
             began = time.perf_counter()
             i = start
             while len(samples) < runs or time.perf_counter() - began < seconds:
                 index = i % len(self.texts)
                 tick = time.perf_counter_ns()
-                self._call(threads, index, end_to_end)
+                self._call(index, end_to_end)
                 samples.append((time.perf_counter_ns() - tick) / 1e6)
                 i += 1
         return samples
 
     def throughput(self, threads: int, batch_size: int, batches: int) -> float:
         """Sentences per second at `batch_size` (inputs tokenized and padded beforehand)."""
-        self._set_threads(threads)
+        self.member.use_threads(threads)
         groups = [
             [self.texts[(b * batch_size + j) % len(self.texts)] for j in range(batch_size)] for b in range(batches)
         ]
-        prepared = [self._onnx_feed(g) if self.kind == "onnx" else self._torch_inputs(g) for g in groups]
-        with self._no_grad():
-            self._run_batch(threads, prepared[0])  # warm-up
+        prepared = [self.member.feed(group) for group in groups]
+        with self.member.inference():
+            self.member.run(prepared[0])  # warm-up
             began = time.perf_counter()
             for feed in prepared:
-                self._run_batch(threads, feed)
+                self.member.run(feed)
             elapsed = time.perf_counter() - began
         return batch_size * batches / elapsed
-
-    def _run_batch(self, threads: int, feed) -> None:
-        if self.kind == "onnx":
-            self.onnx[threads].session.run(None, feed)
-        else:
-            self.model(**feed)
-
-    def _no_grad(self):
-        if self.kind == "onnx":
-            import contextlib
-
-            return contextlib.nullcontext()
-        import torch
-
-        return torch.inference_mode()
 
 
 def peak_rss_mb() -> float:
@@ -240,7 +183,7 @@ class Worker:
     imports_torch: bool = False
 
     @classmethod
-    def spawn(cls, name: str, kind: str, model_dir: Path, texts: list[str], max_length: int, threads: list[int]) -> Worker:
+    def spawn(cls, member: Member, texts: list[str], max_length: int, threads: list[int]) -> Worker:
         """Start the worker process and send it the member to load (answered by `loaded`)."""
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(threads))}
         process = subprocess.Popen(
@@ -252,8 +195,10 @@ class Worker:
             env=env,
             cwd=Path(__file__).resolve().parents[1],
         )
-        worker = cls(name, process)
-        worker.send(op="load", kind=kind, model_dir=str(model_dir), texts=texts, max_length=max_length, threads=threads)
+        worker = cls(member.name, process)
+        worker.send(
+            op="load", kind=member.kind, model_dir=str(member.path), texts=texts, max_length=max_length, threads=threads
+        )
         return worker
 
     def loaded(self) -> None:
@@ -287,7 +232,7 @@ class Worker:
 
 
 def run_benchmark(
-    members: list[tuple[str, str, Path]],
+    members: list[Member],
     texts: list[str],
     max_length: int,
     threads: list[int],
@@ -300,7 +245,7 @@ def run_benchmark(
     seed: int = 0,
     progress: Any = None,
 ) -> dict[str, dict[str, Any]]:
-    """Time every (name, kind, dir) member; returns per member its latency percentiles per thread
+    """Time every member; returns per member its latency percentiles per thread
     count (model only and end to end), throughput per thread count and peak RSS."""
     settings = thread_settings(threads)
     workers: list[Worker] = []
@@ -310,8 +255,8 @@ def run_benchmark(
     samples: dict[tuple[str, int, bool], list[float]] = {}
     try:
         # Load every member at once (timing starts only when all are ready).
-        for name, kind, directory in members:
-            workers.append(Worker.spawn(name, kind, directory, texts, max_length, settings))
+        for member in members:
+            workers.append(Worker.spawn(member, texts, max_length, settings))
         for worker in workers:
             worker.loaded()
         tasks = len(workers) * rounds * len(settings) * 2 + len(workers) * len(settings)

@@ -85,12 +85,12 @@ def load_pretrained_classifier(
 
 
 def load_trained(
-    model_dir: str | Path, label_names: list[str] | None = None, attn_implementation: str = "eager"
+    model_dir: str | Path, label_names: list[str] | None = None, attn_implementation: str | None = "eager"
 ) -> PreTrainedModel:
     """A model directory written by one of our stages (safetensors only), in eval mode.
 
-    Eager attention by default: distillation and head pruning need the attention maps. Serving and
-    the benchmark use "sdpa", the faster kernel PyTorch users get by default.
+    Eager attention by default: distillation and head pruning need the attention maps. The benchmark
+    passes None, transformers' default: SDPA where the architecture has it, eager otherwise.
     """
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
@@ -109,7 +109,7 @@ def load_trained(
 
 
 def load_trained_with_tokenizer(
-    model_dir: str | Path, label_names: list[str] | None = None, attn_implementation: str = "eager"
+    model_dir: str | Path, label_names: list[str] | None = None, attn_implementation: str | None = "eager"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model directory and its tokenizer, checked to belong together."""
     model = load_trained(model_dir, label_names, attn_implementation)

@@ -108,8 +108,9 @@ def save_quantized(model: PreTrainedModel, out_dir: Path, engine: str) -> Path:
     return path
 
 
-def load_quantized(model_dir: str | Path) -> PreTrainedModel:
-    """The model written by `save_quantized`, in eval mode, with exactly the saved model's logits.
+def load_quantized(model_dir: str | Path, attn_implementation: str | None = "eager") -> PreTrainedModel:
+    """The model written by `save_quantized`, in eval mode, with exactly the saved model's logits
+    (with the eager attention it was evaluated with; None: transformers' default, SDPA where available).
 
     Sets torch's quantized engine to the one the model was quantized with (a process-wide setting).
     """
@@ -135,7 +136,7 @@ def load_quantized(model_dir: str | Path) -> PreTrainedModel:
     _use_engine(metadata["engine"])
 
     config = AutoConfig.from_pretrained(model_dir)
-    skeleton = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").eval()
+    skeleton = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation).eval()
     model = torch.ao.quantization.quantize_dynamic(skeleton, {nn.Linear}, dtype=torch.qint8, inplace=True)
     modules = _quantized_modules(model)
     stored = json.loads(metadata["quantized_modules"])

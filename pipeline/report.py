@@ -1,19 +1,14 @@
-"""The family table, the Pareto front, plots, and the choice of the champion under an SLA."""
+"""The family table (JSON rows, Markdown, CSV), the Pareto front and the choice of the champion under
+an SLA: pure functions of the benchmark and the members' records. The figures are in pipeline.plots."""
 
 from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pipeline.config import SLAConfig  # noqa: E402
-from pipeline.record import ModelRecord  # noqa: E402
+from pipeline.config import SLAConfig
+from pipeline.record import ModelRecord
 
 # Columns of family.json, in table order, with how to pick the best value of each.
 COLUMNS: list[tuple[str, str, str | None]] = [
@@ -44,7 +39,7 @@ def family_table(benchmark: dict[str, Any], records: dict[str, ModelRecord]) -> 
     settings = benchmark["settings"]["thread_counts"]
     one, many = settings[0], settings[-1]
     entries = {entry["name"]: entry for entry in benchmark["members"]}
-    teacher_f1 = records[reference].test["macro_f1"]
+    teacher = records[reference]
     rows = []
     for name, entry in entries.items():
         record = records[name]
@@ -52,13 +47,15 @@ def family_table(benchmark: dict[str, Any], records: dict[str, ModelRecord]) -> 
             "name": name,
             "format": entry["format"],
             "precision": entry["precision"],
+            "servable": entry["servable"],  # can be registered and served as the champion
             "num_parameters": entry["num_parameters"],
             "size_mb": entry["size_mb"],
             "test_macro_f1": record.test["macro_f1"],
             "test_macro_f1_ci95": record.test["macro_f1_ci95"],
             "test_accuracy": record.test["accuracy"],
             "validation_macro_f1": record.validation["macro_f1"],
-            "f1_retention": record.test["macro_f1"] / teacher_f1,
+            "validation_f1_retention": record.validation["macro_f1"] / teacher.validation["macro_f1"],
+            "f1_retention": record.test["macro_f1"] / teacher.test["macro_f1"],
             "latency_ms_p50": entry["latency_ms"][one]["p50"],
             "latency_ms_p95": entry["latency_ms"][one]["p95"],
             "latency_ms_p99": entry["latency_ms"][one]["p99"],
@@ -89,33 +86,35 @@ def pareto_front(rows: list[dict[str, Any]], x: str = "latency_ms_p50", y: str =
     return [row["name"] for row in sorted(front, key=lambda r: r[x])]
 
 
-def choose_champion(rows: list[dict[str, Any]], sla: SLAConfig) -> tuple[dict[str, Any] | None, str]:
-    """The fastest ONNX member (it is registered with the ONNX flavor) that meets the SLA.
+def pick_champion(rows: list[dict[str, Any]], sla: SLAConfig) -> tuple[dict[str, Any] | None, str]:
+    """The fastest servable member (one that can be registered and served) that meets the SLA, and a
+    sentence saying why it won or why nothing qualified. `rows` are not changed.
 
     Quality is judged on validation, never test: a member qualifies when its p50 latency is within
     the SLA and its validation macro-F1 keeps `min_f1_retention` of the teacher's. Among those the
     fastest wins (ties: the better validation macro-F1), since quality is already good enough.
     """
-    teacher = next(row for row in rows if row["name"] == "teacher")
-    for row in rows:
-        row["validation_f1_retention"] = (
-            row["validation_macro_f1"] / teacher["validation_macro_f1"]
-            if row.get("validation_macro_f1") is not None and teacher.get("validation_macro_f1") else None
-        )
+    servable = [row for row in rows if row["servable"]]
     eligible = [
-        row for row in rows
-        if row["format"] == "onnx"
-        and row["latency_ms_p50"] <= sla.max_latency_ms
-        and (row["validation_f1_retention"] or 0) >= sla.min_f1_retention
+        row for row in servable
+        if row["latency_ms_p50"] <= sla.max_latency_ms and (row["validation_f1_retention"] or 0) >= sla.min_f1_retention
     ]
+    sla_text = f"p50 <= {sla.max_latency_ms} ms at 1 thread and validation F1 retention >= {sla.min_f1_retention}"
     if not eligible:
-        return None, (
-            f"no ONNX member meets the SLA (p50 <= {sla.max_latency_ms} ms at 1 thread and validation F1 "
-            f"retention >= {sla.min_f1_retention}); nothing was registered"
-        )
+        if not servable:
+            why = "no servable member was benchmarked (export the ONNX models: dvc repro export_onnx)"
+        else:
+            fastest = min(servable, key=lambda r: r["latency_ms_p50"])
+            best = max(servable, key=lambda r: r["validation_f1_retention"] or 0)
+            why = (
+                f"no servable member meets the SLA ({sla_text}): the fastest, {fastest['name']}, has p50 "
+                f"{fastest['latency_ms_p50']:.2f} ms; the best retention, {best['name']}'s, is "
+                f"{best['validation_f1_retention'] or 0:.3f}"
+            )
+        return None, why + "; nothing was registered"
     best = min(eligible, key=lambda r: (r["latency_ms_p50"], -(r["validation_macro_f1"] or 0)))
     return best, (
-        f"{best['name']}, the fastest of the {len(eligible)} ONNX members within the SLA "
+        f"{best['name']}, the fastest of the {len(eligible)} servable members within the SLA "
         f"(p50 {best['latency_ms_p50']:.2f} ms <= {sla.max_latency_ms} ms, validation F1 retention "
         f"{best['validation_f1_retention']:.3f} >= {sla.min_f1_retention})"
     )
@@ -204,114 +203,3 @@ def comparison_csv(rows: list[dict[str, Any]]) -> str:
         values = {**row, "ci95_low": ci[0], "ci95_high": ci[1]}
         writer.writerow(["" if values.get(key) is None else values[key] for key in keys])
     return buffer.getvalue()
-
-
-def pareto_plot(
-    rows: list[dict[str, Any]], front: list[str], path: Path, sla: SLAConfig, champion: str | None = None
-) -> None:
-    """Test macro-F1 against p50 latency (log scale); marker area proportional to size on disk.
-    Pareto-optimal members are labelled in bold, the champion with a star."""
-    plotted = [row for row in rows if row.get("test_macro_f1") is not None]
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    largest = max(row["size_mb"] for row in plotted)
-    for row in plotted:
-        onnx = row["format"] == "onnx"
-        colour = "tab:orange" if onnx else "tab:blue"
-        if row["name"].startswith("teacher"):
-            colour = "tab:red"
-        ax.scatter(row["latency_ms_p50"], row["test_macro_f1"], s=30 + 1500 * row["size_mb"] / largest,
-                   color=colour, alpha=0.45, edgecolors="black", linewidths=0.8,
-                   marker="s" if row["precision"] == "int8" else "o", zorder=3)
-        low, high = row["test_macro_f1_ci95"] or (row["test_macro_f1"],) * 2
-        ax.errorbar(row["latency_ms_p50"], row["test_macro_f1"],
-                    yerr=[[row["test_macro_f1"] - low], [high - row["test_macro_f1"]]],
-                    color="grey", alpha=0.5, capsize=3, zorder=2)
-        if row["name"] == champion:
-            ax.scatter(row["latency_ms_p50"], row["test_macro_f1"], marker="*", s=260, color="gold",
-                       edgecolors="black", zorder=4)
-    ax.set_xscale("log")
-    left, right = ax.get_xlim()
-    ax.set_xlim(left, right * 1.5)  # room for the labels of the slowest members
-    points = sorted((r for r in plotted if r["name"] in front), key=lambda r: r["latency_ms_p50"])
-    ax.step([r["latency_ms_p50"] for r in points], [r["test_macro_f1"] for r in points], where="post",
-            color="tab:green", linewidth=2, label="Pareto front", zorder=1)
-    ax.axvline(sla.max_latency_ms, color="tab:purple", linestyle=":", label=f"SLA {sla.max_latency_ms} ms")
-    ax.set_xlabel("p50 latency, batch 1, 1 thread (ms, log scale)")
-    ax.set_ylabel("test macro-F1 (95% bootstrap CI)")
-    ax.set_title("FinCompress family: quality against CPU latency (marker area ~ size on disk)")
-    handles = [
-        plt.Line2D([], [], color="tab:green", linewidth=2, label="Pareto front"),
-        plt.Line2D([], [], color="tab:purple", linestyle=":", label=f"SLA {sla.max_latency_ms} ms"),
-        plt.Line2D([], [], marker="o", linestyle="", color="tab:red", alpha=0.6, label="teacher"),
-        plt.Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, label="PyTorch student"),
-        plt.Line2D([], [], marker="o", linestyle="", color="tab:orange", alpha=0.6, label="ONNX"),
-        plt.Line2D([], [], marker="s", linestyle="", color="grey", alpha=0.6, label="INT8 (square)"),
-        plt.Line2D([], [], marker="*", linestyle="", color="gold", markeredgecolor="black", markersize=12,
-                   label="champion (SLA)"),
-    ]
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    label_members(ax, plotted, front)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def read_curve(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
-
-
-def loss_curves_plot(curves: dict[str, Path], path: Path) -> None:
-    """One panel per training stage: every loss component per epoch, and validation macro-F1."""
-    present = {name: p for name, p in curves.items() if p.is_file()}
-    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.5 * max(1, len(present)), 4), dpi=110,
-                             squeeze=False)
-    for ax, (name, curve_path) in zip(axes[0], present.items()):
-        rows = read_curve(curve_path)
-        x = list(range(1, len(rows) + 1))
-        for key in ("loss_total", "loss_ce", "loss_kl", "loss_hidden", "loss_attention", "loss_relation", "train_loss"):
-            if key == "train_loss" and "loss_total" in rows[0]:
-                continue
-            values = [row.get(key) for row in rows]
-            if any(v is not None for v in values):
-                ax.plot(x, values, marker="o", label=key.replace("loss_", ""))
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_title(name)
-        twin = ax.twinx()
-        twin.plot(x, [row.get("eval_macro_f1") for row in rows], color="black", linestyle="--", label="val macro-F1")
-        twin.set_ylim(0, 1)
-        twin.set_ylabel("validation macro-F1")
-        lines, labels = ax.get_legend_handles_labels()
-        extra_lines, extra_labels = twin.get_legend_handles_labels()
-        ax.legend(lines + extra_lines, labels + extra_labels, fontsize=7, loc="center right")
-    axes[0][0].set_ylabel("training loss (log)")
-    fig.suptitle("Distillation loss components per epoch")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def label_members(ax: plt.Axes, rows: list[dict[str, Any]], front: list[str]) -> None:
-    """Name and size beside each point, moved down until it overlaps no label already placed: the
-    students of one architecture sit almost on top of each other."""
-    renderer = ax.figure.canvas.get_renderer()  # also settles the axis limits, so boxes are final
-    placed = []
-    for row in sorted(rows, key=lambda r: -r["test_macro_f1"]):
-        style = {
-            "text": f"{row['name']}\n{row['size_mb']:.1f} MB",
-            "xy": (row["latency_ms_p50"], row["test_macro_f1"]),
-            "textcoords": "offset points", "va": "top", "fontsize": 8,
-            "fontweight": "bold" if row["name"] in front else "normal",
-        }
-        offset = 8.0
-        label = ax.annotate(xytext=(8, offset), **style)
-        while any(label.get_window_extent(renderer).overlaps(box) for box in placed) and offset > -400:
-            offset -= 3
-            label.xyann = (8, offset)
-        if offset < 0:  # moved off its point: draw a thin line back to it
-            label.remove()
-            label = ax.annotate(xytext=(8, offset), arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6},
-                                **style)
-        placed.append(label.get_window_extent(renderer))

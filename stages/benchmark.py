@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline.config import Params
 from pipeline.errors import ModelError
 from pipeline.family import REFERENCE, Member, family
-from pipeline.io import dir_size_mb, write_json
+from pipeline.io import write_json
 from pipeline.latency import machine_info, run_benchmark, thread_settings
 from pipeline.prepared import load_split
 from pipeline.record import ModelRecord
@@ -19,13 +19,11 @@ from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = {"torch": "model.safetensors", "torch_int8": "model_int8.safetensors", "onnx": "model.onnx"}
-
 
 def present_members(params: Params) -> list[Member]:
     members = []
     for member in family(params):
-        if (member.path / WEIGHT_FILES[member.kind]).is_file():
+        if member.is_present():
             members.append(member)
         else:
             log.warning("%s not found at %s: left out of the benchmark", member.name, member.path)
@@ -42,7 +40,7 @@ def run(params: Params) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
         timings = run_benchmark(
-            [(m.name, m.kind, m.path) for m in members],
+            members,
             texts,
             params.teacher.max_length,
             cfg.threads,
@@ -63,10 +61,12 @@ def run(params: Params) -> dict[str, Any]:
         entries.append(
             {
                 "name": member.name,
+                "kind": member.kind,
                 "format": member.format,
                 "precision": member.precision,
+                "servable": member.servable,
                 "path": str(member.path.relative_to(params.root)) if member.path.is_relative_to(params.root) else str(member.path),
-                "size_mb": round(dir_size_mb(member.path / WEIGHT_FILES[member.kind]), 3),
+                "size_mb": round(member.size_mb(), 3),
                 "num_parameters": ModelRecord.read(member.path).num_parameters,
                 **timing,
                 "speedup_vs_teacher": {

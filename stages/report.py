@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import report, tracking
+from pipeline import plots, report, tracking
 from pipeline.config import Params
 from pipeline.errors import ModelError
 from pipeline.family import family
@@ -60,7 +60,7 @@ def run(params: Params) -> dict[str, Any]:
     rows = report.family_table(benchmark, records)
     front = report.pareto_front(rows)
     sla = params.report.sla
-    champion, note = report.choose_champion(rows, sla)
+    champion, note = report.pick_champion(rows, sla)
     for row in rows:
         row["pareto_optimal"] = row["name"] in front
         row["champion"] = champion is not None and row["name"] == champion["name"]
@@ -70,8 +70,8 @@ def run(params: Params) -> dict[str, Any]:
     write_text_atomic(out / "comparison.md", report.comparison_markdown(rows, benchmark, front, note, sla))
     write_text_atomic(out / "comparison.csv", report.comparison_csv(rows))
     curves = {name: params.path(params.paths.curves) / f"{name}.csv" for name in CURVES}
-    report.pareto_plot(rows, front, out / "pareto.png", sla, champion["name"] if champion else None)
-    report.loss_curves_plot(curves, out / "loss_curves.png")
+    plots.pareto_plot(rows, front, out / "pareto.png", sla, champion["name"] if champion else None)
+    plots.loss_curves_plot(curves, out / "loss_curves.png")
     for name in ("family.json", "comparison.md", "comparison.csv", "pareto.png", "loss_curves.png"):
         tracking.log_artifact(out / name, "report")
 

@@ -1,0 +1,131 @@
+"""The report's figures (matplotlib): the Pareto plot of the family and the training loss curves."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.config import SLAConfig  # noqa: E402
+
+
+def pareto_plot(
+    rows: list[dict[str, Any]], front: list[str], path: Path, sla: SLAConfig, champion: str | None = None
+) -> None:
+    """Test macro-F1 against p50 latency (log scale); marker area proportional to size on disk.
+    Pareto-optimal members are labelled in bold, the champion with a star."""
+    plotted = [row for row in rows if row.get("test_macro_f1") is not None]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    largest = max(row["size_mb"] for row in plotted)
+    for row in plotted:
+        onnx = row["format"] == "onnx"
+        colour = "tab:orange" if onnx else "tab:blue"
+        if row["name"].startswith("teacher"):
+            colour = "tab:red"
+        ax.scatter(row["latency_ms_p50"], row["test_macro_f1"], s=30 + 1500 * row["size_mb"] / largest,
+                   color=colour, alpha=0.45, edgecolors="black", linewidths=0.8,
+                   marker="s" if row["precision"] == "int8" else "o", zorder=3)
+        low, high = row["test_macro_f1_ci95"] or (row["test_macro_f1"],) * 2
+        ax.errorbar(row["latency_ms_p50"], row["test_macro_f1"],
+                    yerr=[[row["test_macro_f1"] - low], [high - row["test_macro_f1"]]],
+                    color="grey", alpha=0.5, capsize=3, zorder=2)
+        if row["name"] == champion:
+            ax.scatter(row["latency_ms_p50"], row["test_macro_f1"], marker="*", s=260, color="gold",
+                       edgecolors="black", zorder=4)
+    ax.set_xscale("log")
+    left, right = ax.get_xlim()
+    ax.set_xlim(left, right * 1.5)  # room for the labels of the slowest members
+    points = sorted((r for r in plotted if r["name"] in front), key=lambda r: r["latency_ms_p50"])
+    ax.step([r["latency_ms_p50"] for r in points], [r["test_macro_f1"] for r in points], where="post",
+            color="tab:green", linewidth=2, label="Pareto front", zorder=1)
+    ax.axvline(sla.max_latency_ms, color="tab:purple", linestyle=":", label=f"SLA {sla.max_latency_ms} ms")
+    ax.set_xlabel("p50 latency, batch 1, 1 thread (ms, log scale)")
+    ax.set_ylabel("test macro-F1 (95% bootstrap CI)")
+    ax.set_title("FinCompress family: quality against CPU latency (marker area ~ size on disk)")
+    handles = [
+        plt.Line2D([], [], color="tab:green", linewidth=2, label="Pareto front"),
+        plt.Line2D([], [], color="tab:purple", linestyle=":", label=f"SLA {sla.max_latency_ms} ms"),
+        plt.Line2D([], [], marker="o", linestyle="", color="tab:red", alpha=0.6, label="teacher"),
+        plt.Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, label="PyTorch student"),
+        plt.Line2D([], [], marker="o", linestyle="", color="tab:orange", alpha=0.6, label="ONNX"),
+        plt.Line2D([], [], marker="s", linestyle="", color="grey", alpha=0.6, label="INT8 (square)"),
+        plt.Line2D([], [], marker="*", linestyle="", color="gold", markeredgecolor="black", markersize=12,
+                   label="champion (SLA)"),
+    ]
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    label_members(ax, plotted, front)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+
+
+def loss_columns(rows: list[dict[str, float]]) -> list[str]:
+    """Every `loss_<name>` column of a curve, in the order the CSV has them; the Trainer's train_loss
+    only when the curve logs no loss_total (plain fine-tuning)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    losses = [key for key in columns if key.startswith("loss_")]
+    if "loss_total" not in losses and "train_loss" in columns:
+        losses.append("train_loss")
+    return losses
+
+
+def loss_curves_plot(curves: dict[str, Path], path: Path) -> None:
+    """One panel per training stage: every loss component per epoch, and validation macro-F1."""
+    present = {name: p for name, p in curves.items() if p.is_file()}
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.5 * max(1, len(present)), 4), dpi=110,
+                             squeeze=False)
+    for ax, (name, curve_path) in zip(axes[0], present.items()):
+        rows = read_curve(curve_path)
+        x = list(range(1, len(rows) + 1))
+        for key in loss_columns(rows):
+            ax.plot(x, [row.get(key) for row in rows], marker="o", label=key.removeprefix("loss_"))
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        twin = ax.twinx()
+        twin.plot(x, [row.get("eval_macro_f1") for row in rows], color="black", linestyle="--", label="val macro-F1")
+        twin.set_ylim(0, 1)
+        twin.set_ylabel("validation macro-F1")
+        lines, labels = ax.get_legend_handles_labels()
+        extra_lines, extra_labels = twin.get_legend_handles_labels()
+        ax.legend(lines + extra_lines, labels + extra_labels, fontsize=7, loc="center right")
+    axes[0][0].set_ylabel("training loss (log)")
+    fig.suptitle("Distillation loss components per epoch")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def label_members(ax: plt.Axes, rows: list[dict[str, Any]], front: list[str]) -> None:
+    """Name and size beside each point, moved down until it overlaps no label already placed: the
+    students of one architecture sit almost on top of each other."""
+    renderer = ax.figure.canvas.get_renderer()  # also settles the axis limits, so boxes are final
+    placed = []
+    for row in sorted(rows, key=lambda r: -r["test_macro_f1"]):
+        style = {
+            "text": f"{row['name']}\n{row['size_mb']:.1f} MB",
+            "xy": (row["latency_ms_p50"], row["test_macro_f1"]),
+            "textcoords": "offset points", "va": "top", "fontsize": 8,
+            "fontweight": "bold" if row["name"] in front else "normal",
+        }
+        offset = 8.0
+        label = ax.annotate(xytext=(8, offset), **style)
+        while any(label.get_window_extent(renderer).overlaps(box) for box in placed) and offset > -400:
+            offset -= 3
+            label.xyann = (8, offset)
+        if offset < 0:  # moved off its point: draw a thin line back to it
+            label.remove()
+            label = ax.annotate(xytext=(8, offset), arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6},
+                                **style)
+        placed.append(label.get_window_extent(renderer))
