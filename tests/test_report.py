@@ -13,8 +13,9 @@ from onnx import TensorProto, helper
 from pipeline.config import SLAConfig, params_from_dict
 from pipeline.family import family
 from pipeline.metrics import bootstrap_ci
+from pipeline.plots import label_members, loss_columns, read_curve
 from pipeline.record import ModelRecord
-from pipeline.report import choose_champion, label_members, markdown_table, pareto_front
+from pipeline.report import markdown_table, pareto_front, pick_champion
 from stages import report
 
 
@@ -30,9 +31,10 @@ def test_bootstrap_interval_on_a_known_case():
 
 
 def row(name, latency, f1, fmt="onnx", size=10.0, retention=None, validation=None):
-    return {"name": name, "format": fmt, "precision": "fp32", "latency_ms_p50": latency, "test_macro_f1": f1,
-            "f1_retention": retention if retention is not None else f1 / 0.95, "size_mb": size,
-            "validation_macro_f1": validation if validation is not None else f1}
+    validation = validation if validation is not None else f1
+    return {"name": name, "format": fmt, "precision": "fp32", "servable": fmt == "onnx", "latency_ms_p50": latency,
+            "test_macro_f1": f1, "f1_retention": retention if retention is not None else f1 / 0.95, "size_mb": size,
+            "validation_macro_f1": validation, "validation_f1_retention": validation / 0.95}
 
 
 def test_pareto_front_on_a_hand_made_family():
@@ -59,15 +61,34 @@ def test_labels_of_members_on_almost_the_same_point_do_not_overlap():
     assert overlapping == []
 
 
-def test_champion_is_the_fastest_onnx_member_within_the_sla_judged_on_validation():
+def test_champion_is_the_fastest_servable_member_within_the_sla_judged_on_validation():
     rows = [row("teacher", 60, 0.95, "torch"), row("torch_fast", 0.5, 0.95, "torch"),
             row("onnx_a", 1.5, 0.94, validation=0.93), row("onnx_b", 0.8, 0.95, validation=0.80),
             row("onnx_c", 1.2, 0.90, validation=0.92), row("onnx_slow", 9, 0.96)]
-    champion, note = choose_champion(rows, SLAConfig(max_latency_ms=2, min_f1_retention=0.95))
-    # onnx_b is faster but fails on validation (its good test F1 must not matter); torch is not ONNX.
-    assert champion["name"] == "onnx_c" and "fastest" in note
-    champion, note = choose_champion(rows, SLAConfig(max_latency_ms=0.5, min_f1_retention=0.95))
+    before = [dict(r) for r in rows]
+    champion, note = pick_champion(rows, SLAConfig(max_latency_ms=2, min_f1_retention=0.95))
+    # onnx_b is faster but fails on validation (its good test F1 must not matter); torch_fast is not servable.
+    assert champion["name"] == "onnx_c" and "fastest of the 2 servable members" in note
+    assert rows == before, "the rows are not changed"
+
+
+def test_no_champion_says_why():
+    rows = [row("teacher", 60, 0.95, "torch"), row("onnx_a", 1.5, 0.94, validation=0.93),
+            row("onnx_b", 0.8, 0.95, validation=0.80)]
+    champion, note = pick_champion(rows, SLAConfig(max_latency_ms=0.5, min_f1_retention=0.95))
     assert champion is None and "nothing was registered" in note
+    assert "the fastest, onnx_b, has p50 0.80 ms" in note and "onnx_a's, is 0.979" in note
+    champion, note = pick_champion(rows[:1], SLAConfig(max_latency_ms=100, min_f1_retention=0.5))
+    assert champion is None and "no servable member was benchmarked" in note
+
+
+def test_loss_curves_draw_every_loss_column(tmp_path):
+    path = tmp_path / "curve.csv"
+    path.write_text("step,loss_total,loss_ce,loss_contrastive,train_loss,eval_macro_f1\n1,1.0,0.6,0.4,,0.8\n"
+                    "2,0.5,0.3,0.2,0.7,0.9\n")
+    assert loss_columns(read_curve(path)) == ["loss_total", "loss_ce", "loss_contrastive"]
+    path.write_text("step,train_loss,eval_macro_f1\n1,0.9,0.7\n")  # plain fine-tuning logs no loss terms
+    assert loss_columns(read_curve(path)) == ["train_loss"]
 
 
 def test_markdown_marks_best_values():
@@ -106,11 +127,12 @@ def hand_made_family(tmp_path):
             validation={"macro_f1": f1 - 0.01},
         )
         record.write(member.path)
-        if member.kind == "onnx":
+        if member.format == "onnx":
             tiny_onnx(member.path / "model.onnx")
             (member.path / "config.json").write_text("{}")
         timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5} for t in ("1", "2")}
         entries.append({"name": member.name, "format": member.format, "precision": member.precision,
+                        "servable": member.servable,
                         "size_mb": size, "num_parameters": record.num_parameters, "latency_ms": timing,
                         "e2e_latency_ms": timing, "throughput_per_second": {"1": 1000 / latency, "2": 1800 / latency},
                         "peak_rss_mb": 100 + size, "speedup_vs_teacher": {"1": 60 / latency, "2": 60 / latency}})
@@ -140,7 +162,8 @@ def test_report_stage_on_a_hand_made_family(tmp_path):
                 "e2e_latency_ms_p50", "throughput_b32", "speedup_vs_teacher", "compression_vs_teacher", "peak_rss_mb"}
     assert required <= set(rows[0])
     int8 = next(r for r in rows if r["name"] == "student_onnx_int8")
-    assert int8["champion"] and int8["pareto_optimal"]
+    assert int8["champion"] and int8["pareto_optimal"] and int8["servable"]
+    assert int8["validation_f1_retention"] == pytest.approx(0.905 / 0.94)
     assert int8["compression_vs_teacher"] == pytest.approx(90 / 6.5)
     markdown = (reports / "comparison.md").read_text()
     assert "Test CPU" in markdown and "**0.900**" in markdown and "student_onnx_int8" in markdown
