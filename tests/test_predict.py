@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.onnx import OnnxClassifier, export_fp32
+from pipeline.onnx import OnnxClassifier
+from pipeline.onnx_export import export_fp32
 from pipeline.predict import main
 
 REPO = Path(__file__).resolve().parents[1]
