@@ -1,4 +1,5 @@
-"""The benchmark on the tiny model with a few runs: shape and sanity of the numbers (no timing thresholds)."""
+"""The family member kinds (weight files, sizes, benchmark feeds, attention) and the benchmark stage on
+the tiny model with a few runs (no timing thresholds)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,28 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from pipeline.config import params_from_dict
+from pipeline.family import (
+    MEMBER_KINDS,
+    OnnxInt8Member,
+    OnnxMember,
+    TorchInt8Member,
+    TorchMember,
+    family,
+)
 from pipeline.latency import percentiles, thread_settings
-from pipeline.models import load_trained
-from pipeline.onnx import export_fp32
-from pipeline.quantization import quantize_model, save_quantized
+from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
+from pipeline.onnx import OnnxClassifier
+from pipeline.onnx_export import export_fp32, quantize_int8
+from pipeline.quantization import load_quantized, quantize_model, resolve_engine, save_quantized
 from stages import benchmark
+
+LABELS = ["negative", "neutral", "positive"]
+TEXTS = ["Operating profit rose sharply in the third quarter.", "Net sales fell.", "The company held its AGM."]
+MAX_LENGTH = 32
 
 
 def test_percentiles_and_thread_settings():
@@ -21,6 +36,112 @@ def test_percentiles_and_thread_settings():
     assert stats["p50"] == pytest.approx(50.5) and stats["p99"] == pytest.approx(99.01) and stats["runs"] == 100
     settings = thread_settings([1, 0, 1])  # 0 means every core; duplicates collapse
     assert settings[0] == 1 and (os.cpu_count() or 1) in settings and len(settings) == len(set(settings))
+
+
+# --------------------------------------------------------------------------- member kinds
+
+
+def write_bytes(path, size):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+
+
+def test_members_count_only_their_weight_files(tmp_path):
+    for name in ("config.json", "tokenizer.json", "checkpoint_info.json"):  # never part of the size
+        for kind in ("torch", "int8", "onnx"):
+            write_bytes(tmp_path / kind / name, 5_000)
+    write_bytes(tmp_path / "torch" / "model.safetensors", 2_000)
+    write_bytes(tmp_path / "int8" / "model_int8.safetensors", 500)
+    write_bytes(tmp_path / "onnx" / "model.onnx", 300)
+    write_bytes(tmp_path / "onnx" / "model.onnx_data", 700)  # external data counts with the graph
+
+    fp32, int8 = TorchMember("a", tmp_path / "torch"), TorchInt8Member("b", tmp_path / "int8")
+    onnx_fp32 = OnnxMember("c", tmp_path / "onnx")
+    assert fp32.weight_files() == [tmp_path / "torch" / "model.safetensors"] and fp32.size_mb() == 0.002
+    assert int8.size_mb() == 0.0005
+    assert onnx_fp32.weight_files() == [tmp_path / "onnx" / "model.onnx", tmp_path / "onnx" / "model.onnx_data"]
+    assert onnx_fp32.size_mb() == 0.001
+    # A directory holding another kind's weights is not this member.
+    assert not TorchMember("d", tmp_path / "int8").is_present() and not TorchInt8Member("e", tmp_path / "torch").is_present()
+    missing = OnnxInt8Member("f", tmp_path / "absent")
+    assert not missing.is_present() and missing.size_mb() == 0
+
+
+def test_the_family_labels_and_the_worker_registry(tmp_path):
+    members = family(params_from_dict({}, root=tmp_path))
+    assert members[0].name == "teacher" and members[0].format == "torch"
+    for member in members:
+        assert MEMBER_KINDS[member.kind] is type(member), "the worker rebuilds the member kind from its name"
+    labels = {m.name: (m.format, m.precision, m.servable) for m in members}
+    assert labels["student_int8_torch"] == ("torch", "int8", False)
+    assert labels["student_onnx_fp32"] == ("onnx", "fp32", True)
+    assert labels["student_onnx_int8"] == ("onnx", "int8", True)
+    assert [m.name for m in members if m.servable] == ["teacher_onnx", "student_onnx_fp32", "student_onnx_int8"]
+
+
+@pytest.fixture(scope="module")
+def member_dirs(tiny_bert, tmp_path_factory):
+    """The tiny BERT with a random 3-class head as each member kind: torch fp32, torch INT8, ONNX fp32/INT8."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    root = tmp_path_factory.mktemp("members")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
+    )
+    tokenizer = load_tokenizer(str(tiny_bert))
+    save_model(model, tokenizer, root / "torch")
+    save_quantized(quantize_model(load_trained(root / "torch"), resolve_engine("auto")), root / "int8", "fbgemm")
+    tokenizer.save_pretrained(root / "int8")
+    export_fp32(root / "torch", root / "onnx_fp32", opset=17, max_length=MAX_LENGTH)
+    quantize_int8(root / "onnx_fp32", root / "onnx_int8", "avx2", per_channel=False, quantize_embeddings=False)
+    return root
+
+
+def feed_logits(member_kind, model_dir) -> np.ndarray:
+    """What the benchmark times: the member's feed of TEXTS (one padded batch) through its model."""
+    runnable = member_kind.load_runnable(model_dir, MAX_LENGTH, threads=[1])
+    runnable.use_threads(1)
+    with runnable.inference():
+        return runnable.run(runnable.feed(TEXTS))
+
+
+def test_each_benchmark_feed_gives_the_models_own_logits(member_dirs):
+    tokenizer = load_tokenizer(str(member_dirs / "torch"))
+    torch_fp32 = predict_logits(load_trained(member_dirs / "torch"), tokenizer, TEXTS, MAX_LENGTH).numpy()
+    torch_int8 = predict_logits(load_quantized(member_dirs / "int8"), tokenizer, TEXTS, MAX_LENGTH).numpy()
+    # SDPA in the benchmark, eager attention in predict_logits: equal up to float rounding.
+    np.testing.assert_allclose(feed_logits(TorchMember, member_dirs / "torch"), torch_fp32, atol=1e-5)
+    np.testing.assert_allclose(feed_logits(TorchInt8Member, member_dirs / "int8"), torch_int8, atol=1e-5)
+    for kind, directory in ((OnnxMember, "onnx_fp32"), (OnnxInt8Member, "onnx_int8")):
+        expected = OnnxClassifier.load(member_dirs / directory).logits(TEXTS)
+        np.testing.assert_allclose(feed_logits(kind, member_dirs / directory), expected, atol=1e-6)
+    assert not np.allclose(torch_int8, torch_fp32, atol=1e-6), "the INT8 member is really quantized"
+
+
+def test_torch_members_use_sdpa_where_the_architecture_has_it(member_dirs, tmp_path):
+    """ELECTRA (like MPNet and DeBERTa) has no SDPA kernel in transformers: it loads with eager attention."""
+    import torch
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    tokenizer = load_tokenizer(str(member_dirs / "torch"))
+    config = ElectraConfig(
+        vocab_size=tokenizer.vocab_size, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, num_labels=3,
+    )
+    torch.manual_seed(0)
+    save_model(ElectraForSequenceClassification(config), tokenizer, tmp_path / "electra")
+
+    bert = TorchMember.load_runnable(member_dirs / "torch", MAX_LENGTH, [1])
+    electra = TorchMember.load_runnable(tmp_path / "electra", MAX_LENGTH, [1])
+    assert bert.model.config._attn_implementation == "sdpa"
+    assert electra.model.config._attn_implementation == "eager"
+    expected = predict_logits(load_trained(tmp_path / "electra"), tokenizer, TEXTS, MAX_LENGTH).numpy()
+    np.testing.assert_allclose(feed_logits(TorchMember, tmp_path / "electra"), expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the stage
 
 
 def test_benchmark_on_the_tiny_family(trained_project, tmp_path):
@@ -36,7 +157,7 @@ def test_benchmark_on_the_tiny_family(trained_project, tmp_path):
     for faked in (params.paths.onnx_teacher, params.paths.quantized):  # the benchmark reads every member's record
         shutil.copy(teacher_dir / "checkpoint_info.json", params.path(faked))
 
-    metrics = benchmark.STAGE.execute(params)
+    benchmark.STAGE.execute(params)
     result = json.loads(params.path(params.paths.benchmark).read_text())
     members = {entry["name"]: entry for entry in result["members"]}
     assert set(members) == {"teacher", "teacher_onnx", "student_pruned", "student_int8_torch"}
@@ -48,8 +169,10 @@ def test_benchmark_on_the_tiny_family(trained_project, tmp_path):
             assert stats["runs"] >= params.benchmark.min_runs
             assert entry["e2e_latency_ms"][setting]["runs"] >= params.benchmark.min_runs
             assert entry["throughput_per_second"][setting] > 0
-        assert entry["peak_rss_mb"] > 10 and entry["size_mb"] > 0
-    assert members["teacher"]["speedup_vs_teacher"]["1"] == 1.0
+        assert entry["peak_rss_mb"] > 10
+    # Sizes are the weight files alone: the INT8 weights are smaller than the same model's fp32 ones.
+    onnx_file = params.path(params.paths.onnx_teacher) / "model.onnx"
+    assert members["teacher_onnx"]["size_mb"] == round(onnx_file.stat().st_size / 1e6, 3)
+    assert members["student_int8_torch"]["size_mb"] < members["student_pruned"]["size_mb"]
     assert members["teacher_onnx"]["imports_torch"] is False and members["teacher"]["imports_torch"] is True
-    assert members["teacher_onnx"]["format"] == "onnx" and members["student_int8_torch"]["precision"] == "int8"
-    assert metrics["teacher.speedup_t1"] == 1.0
+    assert members["teacher_onnx"]["servable"] and not members["student_int8_torch"]["servable"]
