@@ -88,17 +88,17 @@ class Runner:
     """One loaded member: batch-1 inputs tokenized once, runnable at any of the thread settings."""
 
     def __init__(self, kind: str, model_dir: Path, texts: list[str], max_length: int, threads: list[int]) -> None:
-        self.member = MEMBER_KINDS[kind].load_runnable(model_dir, max_length, threads)
+        self.runnable = MEMBER_KINDS[kind].load_runnable(model_dir, max_length, threads)
         self.texts = texts
-        self.inputs = [self.member.feed([text]) for text in texts]
+        self.inputs = [self.runnable.feed([text]) for text in texts]
 
     def _call(self, index: int, end_to_end: bool) -> None:
-        self.member.run(self.member.feed([self.texts[index]]) if end_to_end else self.inputs[index])
+        self.runnable.run(self.runnable.feed([self.texts[index]]) if end_to_end else self.inputs[index])
 
     def latency(self, threads: int, runs: int, seconds: float, warmup: int, end_to_end: bool, start: int) -> list[float]:
         """Batch-1 latencies in ms: at least `runs` calls and at least `seconds`, after `warmup` calls."""
-        self.member.use_threads(threads)
-        with self.member.inference():
+        self.runnable.use_threads(threads)
+        with self.runnable.inference():
             for i in range(warmup):
                 self._call((start + i) % len(self.texts), end_to_end)
             samples: list[float] = []
@@ -114,16 +114,16 @@ class Runner:
 
     def throughput(self, threads: int, batch_size: int, batches: int) -> float:
         """Sentences per second at `batch_size` (inputs tokenized and padded beforehand)."""
-        self.member.use_threads(threads)
+        self.runnable.use_threads(threads)
         groups = [
             [self.texts[(b * batch_size + j) % len(self.texts)] for j in range(batch_size)] for b in range(batches)
         ]
-        prepared = [self.member.feed(group) for group in groups]
-        with self.member.inference():
-            self.member.run(prepared[0])  # warm-up
+        prepared = [self.runnable.feed(group) for group in groups]
+        with self.runnable.inference():
+            self.runnable.run(prepared[0])  # warm-up
             began = time.perf_counter()
             for feed in prepared:
-                self.member.run(feed)
+                self.runnable.run(feed)
             elapsed = time.perf_counter() - began
         return batch_size * batches / elapsed
 
