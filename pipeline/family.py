@@ -3,8 +3,8 @@
 Each kind of member (PyTorch fp32, PyTorch INT8, ONNX fp32, ONNX INT8) is one small class that knows
 which files are its weights, its format and precision labels, whether it can be registered and served
 as the champion, and how to load itself into a benchmark worker. The benchmark and the champion
-choice ask the member; they never branch on its kind. Adding a backend is one subclass here plus a
-line in `MEMBER_KINDS` and in `family`.
+choice ask the member; they never branch on its kind. Adding a backend is one subclass here (it
+registers itself in `MEMBER_KINDS` under its `kind`) plus its line in `family`.
 
 This module imports neither torch nor transformers at module level: ONNX members load into
 torch-free processes.
@@ -13,6 +13,7 @@ torch-free processes.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +29,20 @@ REFERENCE = "teacher"
 # --------------------------------------------------------------------------- loaded members
 
 
-class Runnable:
+class Runnable(ABC):
     """A member loaded for timing: turns texts into a feed its model takes, and runs a feed."""
 
+    @abstractmethod
     def feed(self, texts: list[str]) -> Any:
         """`texts` tokenized and padded into one batch, ready for `run`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def run(self, feed: Any) -> np.ndarray:
         """One forward pass over `feed`: its logits."""
-        raise NotImplementedError
 
+    @abstractmethod
     def use_threads(self, threads: int) -> None:
         """Run on `threads` intra-op threads from now on."""
-        raise NotImplementedError
 
     def inference(self) -> AbstractContextManager:
         """The context timed calls run in."""
@@ -96,8 +97,13 @@ class OnnxRunnable(Runnable):
 # --------------------------------------------------------------------------- member kinds
 
 
+MEMBER_KINDS: dict[str, type[Member]] = {}
+"""Every member kind by its registry name (filled as the classes are defined): the benchmark worker
+is told a kind's name and loads the member with its class."""
+
+
 @dataclass(frozen=True)
-class Member:
+class Member(ABC):
     """A family member: its name and directory. Subclasses say what kind of model lives there."""
 
     name: str
@@ -108,6 +114,12 @@ class Member:
     precision: ClassVar[str]
     weights_file: ClassVar[str]  # the file that must exist for the member to be there
     servable: ClassVar[bool] = False  # can be registered and served as the champion
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__ or cls.kind in MEMBER_KINDS:
+            raise TypeError(f"{cls.__name__} must set a `kind` of its own (taken: {sorted(MEMBER_KINDS)})")
+        MEMBER_KINDS[cls.kind] = cls
 
     def weight_files(self) -> list[Path]:
         """The files whose size is the member's size on disk."""
@@ -120,9 +132,9 @@ class Member:
         return sum(path.stat().st_size for path in self.weight_files()) / 1e6
 
     @classmethod
+    @abstractmethod
     def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
         """Load the model in `model_dir` for timing at each of `threads` (in the benchmark worker)."""
-        raise NotImplementedError
 
 
 class TorchMember(Member):
@@ -180,11 +192,6 @@ class OnnxInt8Member(OnnxMember):
 
     kind = "onnx_int8"
     precision = "int8"
-
-
-MEMBER_KINDS: dict[str, type[Member]] = {
-    cls.kind: cls for cls in (TorchMember, TorchInt8Member, OnnxMember, OnnxInt8Member)
-}
 
 
 def family(params: Params) -> list[Member]:
