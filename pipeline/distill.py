@@ -1,72 +1,42 @@
-"""Knowledge-distillation losses and the one distillation Trainer that serves every student stage.
+"""Knowledge-distillation loss terms and the one distillation Trainer that serves every training stage.
 
-The student's loss is
+The loss is a weighted sum of small terms, each an `nn.Module` (the shape of torchtune's
+`modules/loss/kd_losses.py`) that declares its `name` (logged as `loss_<name>`), its `weight` and
+what it needs from the models:
 
-    alpha * T^2 * soft(teacher_T, student_T) + (1 - alpha) * hard(labels, student)
-    + hidden_weight * hidden-state MSE + attention_weight * attention MSE + relation_weight * relation
+    (1 - alpha) * hard-label CE + alpha * T^2 * soft(teacher_T, student_T)
+    + relation_weight * relation + hidden_weight * hidden-state MSE + attention_weight * attention MSE
 
 where `soft` is KL(teacher || student) over a softmax (single-label) or the binary cross-entropy of
-per-label sigmoids (multi-label). With alpha = 0 and no other term it is plain fine-tuning, which
-is how the no-KD baseline is trained, by the same code.
+per-label sigmoids (multi-label, where `label_alpha` may replace alpha label by label). With alpha = 0
+and no other term only the hard-label term is left: plain fine-tuning, which is how the teacher and
+the no-KD baseline are trained, by the same code. `build_kd_loss` turns a params section into the
+enabled terms; a new term is one `KDTerm` subclass plus one line there.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.utils import ModelOutput
 
 from pipeline.config import KDTerms
 from pipeline.errors import ConfigError, FinCompressError
 
 log = logging.getLogger(__name__)
 
-PROJECTION_FILE = "projection.safetensors"
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    temperature: float = 1.0
-    alpha: float = 0.0  # weight of the soft term; 0 disables the teacher's logits
-    hidden_weight: float = 0.0
-    attention_weight: float = 0.0
-    relation_weight: float = 0.0
-    # Teacher layer (1-based) for each student layer; needed by the hidden and attention terms.
-    layer_map: list[int] = field(default_factory=list)
-    task_type: str = "single_label"
-    # multi_label: per-label weights of the soft term, replacing alpha label by label.
-    label_alpha: list[float] | None = None
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.alpha > 0 or self.relation_weight > 0 or self.needs_internals
-
-    @property
-    def needs_internals(self) -> bool:
-        return self.hidden_weight > 0 or self.attention_weight > 0
-
-    @classmethod
-    def from_terms(cls, terms: KDTerms | None, task_type: str, layer_map: list[int] = ()) -> KDConfig:
-        if terms is None:
-            return cls(task_type=task_type)
-        return cls(
-            temperature=terms.temperature,
-            alpha=terms.alpha,
-            hidden_weight=getattr(terms, "hidden_weight", 0.0),
-            attention_weight=getattr(terms, "attention_weight", 0.0),
-            relation_weight=terms.relation_weight,
-            layer_map=list(layer_map),
-            task_type=task_type,
-            label_alpha=terms.label_alpha if task_type == "multi_label" else None,
-        )
+# The trainable parameters of the terms (the hidden-state projection), kept beside a resumable checkpoint.
+KD_TERMS_FILE = "kd_terms.safetensors"
 
 
 # --------------------------------------------------------------------------- losses
@@ -100,6 +70,15 @@ def hard_loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str, pos_we
     if task_type == "multi_label":
         return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
     return F.cross_entropy(logits, labels)
+
+
+def hard_loss_weighted(
+    logits: torch.Tensor, labels: torch.Tensor, label_weight: torch.Tensor, pos_weight: torch.Tensor | None
+) -> torch.Tensor:
+    per_label = F.binary_cross_entropy_with_logits(
+        logits, labels.float(), pos_weight=pos_weight, reduction="none"
+    ).mean(dim=0)
+    return (per_label * label_weight).mean()
 
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -153,50 +132,288 @@ def resolve_layer_map(layer_map: str | list[int], student_layers: int, teacher_l
     return list(layer_map)
 
 
+
+
+# --------------------------------------------------------------------------- the terms
+
+
+@dataclass
+class KDBatch:
+    """What the terms may read at one training step (the trainer fills only what they asked for)."""
+
+    student: ModelOutput  # logits; hidden_states / attentions when a term needs them
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    pos_weight: torch.Tensor | None = None  # multi-label BCE weight of positives
+    teacher_logits: torch.Tensor | None = None  # cached or live, in the student's dtype
+    teacher: ModelOutput | None = None  # the live teacher's outputs, when internals are needed
+
+
+class KDTerm(nn.Module):
+    """One weighted term of the student's loss.
+
+    A subclass sets `name` (the curve column is `loss_<name>`) and says what it reads: the teacher
+    (its logits, or its internals when it also needs hidden states or attentions) and the models'
+    hidden states or attention maps. `forward` returns the unweighted value; the trainer multiplies
+    it by `weight`, sums the terms and logs each value by name.
+    """
+
+    name: ClassVar[str]
+    needs_teacher: ClassVar[bool] = True
+    needs_hidden_states: ClassVar[bool] = False
+    needs_attentions: ClassVar[bool] = False
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward(batch)")
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+
+class HardLabelLoss(KDTerm):
+    """Cross-entropy with the true labels (per-label BCE, with pos_weight, for multi-label).
+
+    `label_weight` (multi-label only) weighs the per-label BCE before averaging: with per-label
+    alphas it is 1 - label_alpha.
+    """
+
+    name = "ce"
+    needs_teacher = False
+
+    def __init__(self, weight: float, task_type: str, label_weight: torch.Tensor | None = None) -> None:
+        super().__init__(weight)
+        self.task_type = task_type
+        self.register_buffer("label_weight", label_weight, persistent=False)
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        if self.label_weight is not None:
+            return hard_loss_weighted(batch.student.logits, batch.labels, self.label_weight, batch.pos_weight)
+        return hard_loss(batch.student.logits, batch.labels, self.task_type, batch.pos_weight)
+
+
+class SoftLabelKL(KDTerm):
+    """T^2 * KL(teacher || student) of the temperature-softened softmax (single-label)."""
+
+    name = "kl"
+
+    def __init__(self, weight: float, temperature: float) -> None:
+        super().__init__(weight)
+        self.temperature = temperature
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        return soft_loss(batch.student.logits, batch.teacher_logits, self.temperature)
+
+
+class SigmoidSoftLoss(KDTerm):
+    """T^2 * BCE of the temperature-softened per-label sigmoids (multi-label); logged as `kl`.
+
+    `label_weight` weighs the labels before averaging: the per-label alphas, when given.
+    """
+
+    name = "kl"
+
+    def __init__(self, weight: float, temperature: float, label_weight: torch.Tensor | None = None) -> None:
+        super().__init__(weight)
+        self.temperature = temperature
+        self.register_buffer("label_weight", label_weight, persistent=False)
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        return soft_loss_multilabel(batch.student.logits, batch.teacher_logits, self.temperature, self.label_weight)
+
+
+class RelationLoss(KDTerm):
+    """MSE between the batch's pairwise cosine-similarity matrices of student and teacher logits."""
+
+    name = "relation"
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        return relation_loss(batch.student.logits, batch.teacher_logits)
+
+
+class HiddenStateMSE(KDTerm):
+    """Masked hidden-state MSE averaged over the embedding output (0, 0) and the mapped layers.
+
+    `layer_map[i]` is the teacher layer (1-based) for student layer i + 1. With a narrower student a
+    projection (student hidden -> teacher hidden) trains with it but is not part of the saved student.
+    """
+
+    name = "hidden"
+    needs_hidden_states = True
+
+    def __init__(self, weight: float, layer_map: list[int], projection: nn.Module | None = None) -> None:
+        super().__init__(weight)
+        self.pairs = [(0, 0)] + [(i + 1, t) for i, t in enumerate(layer_map)]
+        self.projection = projection
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        student, teacher = batch.student.hidden_states, batch.teacher.hidden_states
+        return sum(
+            hidden_mse(student[s], teacher[t], batch.attention_mask, self.projection) for s, t in self.pairs
+        ) / len(self.pairs)
+
+
+class AttentionMSE(KDTerm):
+    """Masked attention-map MSE averaged over the mapped layers (head-averaged if head counts differ)."""
+
+    name = "attention"
+    needs_attentions = True
+
+    def __init__(self, weight: float, layer_map: list[int]) -> None:
+        super().__init__(weight)
+        self.layer_map = list(layer_map)
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        student, teacher = batch.student.attentions, batch.teacher.attentions
+        return sum(
+            attention_mse(student[i], teacher[t - 1], batch.attention_mask) for i, t in enumerate(self.layer_map)
+        ) / len(self.layer_map)
+
+
+class KDLoss(nn.Module):
+    """The enabled terms of one stage: what they need from the models, and their weighted sum."""
+
+    def __init__(self, terms: list[KDTerm], task_type: str) -> None:
+        super().__init__()
+        names = [term.name for term in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two KD terms log under the same name: {names}")
+        self.terms = nn.ModuleList(terms)
+        self.task_type = task_type
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(term.needs_teacher for term in self.terms)
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return any(term.needs_hidden_states for term in self.terms)
+
+    @property
+    def needs_attentions(self) -> bool:
+        return any(term.needs_attentions for term in self.terms)
+
+    @property
+    def needs_internals(self) -> bool:
+        """The teacher must run live (its cached logits are not enough)."""
+        return self.needs_hidden_states or self.needs_attentions
+
+    @property
+    def has_projection(self) -> bool:
+        return any(getattr(term, "projection", None) is not None for term in self.terms)
+
+    def forward(self, batch: KDBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the terms, and every term's unweighted value by name (plus `total`)."""
+        parts: dict[str, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for term in self.terms:
+            parts[term.name] = term(batch)
+            weighted = term.weight * parts[term.name]
+            total = weighted if total is None else total + weighted
+        parts["total"] = total
+        return total, parts
+
+    def evaluation_loss(self, logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None):
+        """The plain hard-label loss: evaluation losses stay comparable across every student."""
+        return hard_loss(logits, labels, self.task_type, pos_weight)
+
+
+def build_kd_loss(
+    section: KDTerms | None,
+    task_type: str,
+    *,
+    label_names: Sequence[str] = (),
+    key: str = "",
+    layer_map: Sequence[int] = (),
+    hidden_sizes: tuple[int, int] | None = None,
+) -> KDLoss:
+    """The terms a params section enables; None (the teacher, the baseline) is hard labels only.
+
+    `key` names the section in error messages, `layer_map` pairs student and teacher layers for the
+    hidden and attention terms, `hidden_sizes` (student, teacher) decide whether the hidden term
+    needs a projection. A new term is one `KDTerm` subclass and one line here.
+    """
+    if section is None:
+        return KDLoss([HardLabelLoss(1.0, task_type)], task_type)
+    multi_label = task_type == "multi_label"
+    if multi_label and section.label_alpha is not None and len(section.label_alpha) != len(label_names):
+        raise ConfigError(
+            f"{key}.label_alpha has {len(section.label_alpha)} values for {len(label_names)} labels {list(label_names)}"
+        )
+    hidden_weight = getattr(section, "hidden_weight", 0.0)
+    attention_weight = getattr(section, "attention_weight", 0.0)
+    if not (section.alpha > 0 or section.relation_weight > 0 or hidden_weight > 0 or attention_weight > 0):
+        return KDLoss([HardLabelLoss(1.0, task_type)], task_type)  # alpha 0 and no other term: the baseline
+
+    # The hard and soft pair is logged whenever the teacher is used, even at alpha 0 or 1.
+    temperature = section.temperature
+    if multi_label and section.label_alpha is not None:
+        # Per-label alpha: rare labels may lean on the teacher more; the weights live inside the terms.
+        alpha = torch.tensor(section.label_alpha)
+        terms: list[KDTerm] = [
+            HardLabelLoss(1.0, task_type, label_weight=1 - alpha),
+            SigmoidSoftLoss(1.0, temperature, label_weight=alpha),
+        ]
+    else:
+        soft = SigmoidSoftLoss if multi_label else SoftLabelKL
+        terms = [HardLabelLoss(1 - section.alpha, task_type), soft(section.alpha, temperature)]
+    if section.relation_weight > 0:
+        terms.append(RelationLoss(section.relation_weight))
+    if (hidden_weight > 0 or attention_weight > 0) and not layer_map:
+        raise ValueError("the hidden-state and attention terms need a layer_map")
+    if hidden_weight > 0:
+        projection = None
+        if hidden_sizes is not None and hidden_sizes[0] != hidden_sizes[1]:
+            # TinyBERT: a learned map from the student's hidden space into the teacher's.
+            projection = nn.Linear(*hidden_sizes)
+        terms.append(HiddenStateMSE(hidden_weight, list(layer_map), projection))
+    if attention_weight > 0:
+        terms.append(AttentionMSE(attention_weight, list(layer_map)))
+    return KDLoss(terms, task_type)
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
 class DistillationTrainer(Trainer):
-    """A Hugging Face Trainer whose loss is the KD objective above.
+    """A Hugging Face Trainer whose loss is the weighted sum of the KD terms in `kd`.
 
-    The teacher is frozen (eval mode, no gradients). When only its logits are needed they come from
-    the precomputed `teacher_logits` column; the hidden/attention terms run it live. A projection
-    (student hidden -> teacher hidden) is trained with the student but saved apart from it.
+    It asks the student and the teacher for exactly what the terms need. The teacher is frozen (eval
+    mode, no gradients) and only loaded when a term reads it; when only its logits are needed they
+    come from the precomputed `teacher_logits` column, else it runs live. The terms' parameters (the
+    hidden-state projection) train with the student in the same optimizer but are saved apart from it.
     """
 
     def __init__(
         self,
         *args: Any,
-        kd: KDConfig,
+        kd: KDLoss,
         teacher: PreTrainedModel | None = None,
-        projection: nn.Module | None = None,
         pos_weight: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.kd = kd
+        if kd.needs_teacher and teacher is None:
+            raise ValueError("these KD terms read the teacher: pass teacher=")
+        self.kd = kd.to(self.args.device)
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean already
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             teacher.to(self.args.device)
-        self.projection = projection.to(self.args.device) if projection is not None else None
         self.pos_weight = pos_weight.to(self.args.device) if pos_weight is not None else None
-        self.label_alpha = (
-            torch.tensor(kd.label_alpha, device=self.args.device) if kd.label_alpha is not None else None
-        )
         self._sums: dict[str, float] = defaultdict(float)
         self._batches = 0
 
-    # The projection trains with the student: one more parameter group in the same optimizer.
+    # The terms' parameters train with the student: one more parameter group in the same optimizer.
     def create_optimizer(self):  # noqa: D401 (Trainer API)
         optimizer = super().create_optimizer()
-        if self.projection is not None and not any(
-            group.get("name") == "projection" for group in optimizer.param_groups
-        ):
-            optimizer.add_param_group(
-                {"params": list(self.projection.parameters()), "weight_decay": 0.0, "name": "projection"}
-            )
+        parameters = list(self.kd.parameters())
+        if parameters and not any(group.get("name") == "kd_terms" for group in optimizer.param_groups):
+            optimizer.add_param_group({"params": parameters, "weight_decay": 0.0, "name": "kd_terms"})
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -205,62 +422,23 @@ class DistillationTrainer(Trainer):
         cached = inputs.pop("teacher_logits", None)
         kd = self.kd
         training = model.training
-        internals = training and kd.needs_internals
-        outputs = model(
-            **inputs,
-            output_hidden_states=internals and kd.hidden_weight > 0,
-            output_attentions=internals and kd.attention_weight > 0,
-        )
+        wants = {
+            "output_hidden_states": training and kd.needs_hidden_states,
+            "output_attentions": training and kd.needs_attentions,
+        }
+        outputs = model(**inputs, **wants)
         logits = outputs.logits
-        hard = hard_loss(logits, labels, kd.task_type, self.pos_weight)
-        if not training or not kd.needs_teacher:
-            # Evaluation loss is the plain hard loss, comparable across every student.
-            if training:
-                check_finite(hard, self.state.global_step)
-                self._accumulate({"ce": hard, "total": hard})
-            return (hard, outputs) if return_outputs else hard
-        teacher_out = None
-        if cached is None or internals:
-            with torch.no_grad():
-                teacher_out = self.teacher(
-                    **inputs,
-                    output_hidden_states=internals and kd.hidden_weight > 0,
-                    output_attentions=internals and kd.attention_weight > 0,
-                )
-        teacher_logits = cached if cached is not None else teacher_out.logits
-        teacher_logits = teacher_logits.to(logits.dtype)
-        parts: dict[str, torch.Tensor] = {"ce": hard}
-        if kd.task_type == "multi_label":
-            if self.label_alpha is not None:  # per-label alpha: rare labels may lean on the teacher more
-                soft = soft_loss_multilabel(logits, teacher_logits, kd.temperature, self.label_alpha)
-                hard_part = hard_loss_weighted(logits, labels, 1 - self.label_alpha, self.pos_weight)
-                loss = soft + hard_part
-                parts["kl"] = soft
-            else:
-                parts["kl"] = soft_loss_multilabel(logits, teacher_logits, kd.temperature)
-                loss = kd.alpha * parts["kl"] + (1 - kd.alpha) * hard
-        else:
-            parts["kl"] = soft_loss(logits, teacher_logits, kd.temperature)
-            loss = kd.alpha * parts["kl"] + (1 - kd.alpha) * hard
-        if kd.relation_weight > 0:
-            parts["relation"] = relation_loss(logits, teacher_logits)
-            loss = loss + kd.relation_weight * parts["relation"]
-        if internals:
-            mask = inputs["attention_mask"]
-            if kd.hidden_weight > 0:
-                s_states, t_states = outputs.hidden_states, teacher_out.hidden_states
-                pairs = [(0, 0)] + [(i + 1, t) for i, t in enumerate(kd.layer_map)]
-                parts["hidden"] = sum(
-                    hidden_mse(s_states[s], t_states[t], mask, self.projection) for s, t in pairs
-                ) / len(pairs)
-                loss = loss + kd.hidden_weight * parts["hidden"]
-            if kd.attention_weight > 0:
-                s_att, t_att = outputs.attentions, teacher_out.attentions
-                parts["attention"] = sum(
-                    attention_mse(s_att[i], t_att[t - 1], mask) for i, t in enumerate(kd.layer_map)
-                ) / len(kd.layer_map)
-                loss = loss + kd.attention_weight * parts["attention"]
-        parts["total"] = loss
+        if not training:
+            loss = kd.evaluation_loss(logits, labels, self.pos_weight)
+            return (loss, outputs) if return_outputs else loss
+        batch = KDBatch(student=outputs, labels=labels, attention_mask=inputs["attention_mask"], pos_weight=self.pos_weight)
+        if kd.needs_teacher:
+            if cached is None or kd.needs_internals:
+                with torch.no_grad():
+                    batch.teacher = self.teacher(**inputs, **wants)
+            teacher_logits = cached if cached is not None else batch.teacher.logits
+            batch.teacher_logits = teacher_logits.to(logits.dtype)
+        loss, parts = kd(batch)
         check_finite(loss, self.state.global_step)
         self._accumulate(parts)
         if return_outputs:
@@ -273,7 +451,7 @@ class DistillationTrainer(Trainer):
         self._batches += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the mean of every loss component since the last log (one row per epoch)."""
+        """Add the mean of every loss term since the last log (one row per epoch), as loss_<name>."""
         if "loss" in logs and self._batches:
             for name, total in self._sums.items():
                 logs[f"loss_{name}"] = total / self._batches
@@ -281,19 +459,20 @@ class DistillationTrainer(Trainer):
             self._batches = 0
         super().log(logs, *args, **kwargs)
 
-    # The projection is not part of the student, but a resumed run needs it.
+    # The terms' parameters are not part of the student, but a resumed run needs them.
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.projection is not None and self.is_world_process_zero():
+        state = self.kd.state_dict()
+        if state and self.is_world_process_zero():
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             if folder.is_dir():
-                save_file(self.projection.state_dict(), str(folder / PROJECTION_FILE))
+                save_file(state, str(folder / KD_TERMS_FILE))
 
     def train(self, resume_from_checkpoint=None, **kwargs: Any):
-        if self.projection is not None and resume_from_checkpoint:
-            path = Path(resume_from_checkpoint) / PROJECTION_FILE
+        if resume_from_checkpoint and self.kd.state_dict():
+            path = Path(resume_from_checkpoint) / KD_TERMS_FILE
             if path.is_file():
-                self.projection.load_state_dict(load_file(str(path), device=str(self.args.device)))
+                self.kd.load_state_dict(load_file(str(path), device=str(self.args.device)))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
@@ -304,15 +483,6 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
             f"the training loss became {loss.item()} at step {step}; lower the learning rate of this stage, "
             "check the data for empty or extreme inputs, or disable AMP (fp16) on GPU"
         )
-
-
-def hard_loss_weighted(
-    logits: torch.Tensor, labels: torch.Tensor, label_weight: torch.Tensor, pos_weight: torch.Tensor | None
-) -> torch.Tensor:
-    per_label = F.binary_cross_entropy_with_logits(
-        logits, labels.float(), pos_weight=pos_weight, reduction="none"
-    ).mean(dim=0)
-    return (per_label * label_weight).mean()
 
 
 @torch.no_grad()

@@ -7,11 +7,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from torch import nn
-
 from pipeline import training
 from pipeline.config import KDTerms, Params
-from pipeline.distill import DistillationTrainer, KDConfig, precompute_teacher_logits, resolve_layer_map
+from pipeline.distill import DistillationTrainer, build_kd_loss, precompute_teacher_logits, resolve_layer_map
 from pipeline.models import build_student, load_trained_with_tokenizer, state_fingerprint
 from pipeline.prepared import load_prepared
 
@@ -30,12 +28,10 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
     layer_map: list[int] = []
     if terms is not None and getattr(terms, "layer_map", None) is not None:
         layer_map = resolve_layer_map(terms.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-    kd = KDConfig.from_terms(terms, task_type, layer_map)
-    training.check_label_alpha(kd.label_alpha, names, stage)
-    projection = None
-    if kd.hidden_weight > 0 and s_cfg.hidden_size != t_cfg.hidden_size:
-        # TinyBERT: a learned map from the student's hidden space into the teacher's; not saved with it.
-        projection = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size)
+    kd = build_kd_loss(
+        terms, task_type, label_names=names, key=stage, layer_map=layer_map,
+        hidden_sizes=(s_cfg.hidden_size, t_cfg.hidden_size),
+    )
 
     max_length = params.teacher.max_length
     datasets = training.encode_splits(prepared, tokenizer, max_length)
@@ -59,7 +55,6 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         compute_metrics=training.compute_metrics_fn(task_type, params.task.threshold),
         kd=kd,
         teacher=teacher if kd.needs_teacher else None,
-        projection=projection,
         pos_weight=training.pos_weight(params.task, datasets["train"], names),
     )
     seconds = training.train(trainer, resume)
@@ -71,7 +66,7 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         params={"student": params.section("student"), stage: terms.model_dump() if terms else {}},
         details={
             "student": {**init_info, "num_layers": s_cfg.num_hidden_layers, "hidden_size": s_cfg.hidden_size},
-            "kd": {"layer_map": layer_map, "projection": projection is not None, **(terms.model_dump() if terms else {})},
+            "kd": {"layer_map": layer_map, "projection": kd.has_projection, **(terms.model_dump() if terms else {})},
         },
     )
     if record is None:  # not the main process of a distributed run

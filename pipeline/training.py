@@ -161,11 +161,6 @@ def pos_weight(task: TaskConfig, dataset: Dataset, label_names: list[str]) -> to
     return torch.tensor(task.pos_weight, dtype=torch.float32)
 
 
-def check_label_alpha(label_alpha: list[float] | None, label_names: list[str], key: str) -> None:
-    if label_alpha is not None and len(label_alpha) != len(label_names):
-        raise ConfigError(f"{key}.label_alpha has {len(label_alpha)} values for {len(label_names)} labels {label_names}")
-
-
 def store_tuned_thresholds(model: PreTrainedModel, task: TaskConfig, logits_fn, prepared: Prepared) -> float | list[float]:
     """The decision thresholds to evaluate `model` with. Multi-label with task.tune_thresholds: one per
     label, tuned on validation and STORED in model.config.label_thresholds, so the saved model, every

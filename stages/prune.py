@@ -8,12 +8,11 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline import pruning, training
 from pipeline.config import Params
-from pipeline.distill import DistillationTrainer, KDConfig
+from pipeline.distill import DistillationTrainer, build_kd_loss
 from pipeline.errors import ModelError
 from pipeline.io import atomic_dir
 from pipeline.models import (
@@ -60,11 +59,10 @@ def run(params: Params) -> dict[str, Any]:
     collator = training.Collator(tokenizer)
     recovery = cfg.recovery
     layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    kd = KDConfig.from_terms(recovery, task.type, layer_map)
-    training.check_label_alpha(kd.label_alpha, names, "prune.recovery")
-    projection = None
-    if kd.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size:
-        projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
+    kd = build_kd_loss(
+        recovery, task.type, label_names=names, key="prune.recovery", layer_map=layer_map,
+        hidden_sizes=(student.config.hidden_size, teacher.config.hidden_size),
+    )
 
     magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
     removed: dict[int, list[int]] = {}
@@ -102,7 +100,6 @@ def run(params: Params) -> dict[str, Any]:
             compute_metrics=training.compute_metrics_fn(task.type, task.threshold),
             kd=kd,
             teacher=teacher,
-            projection=projection,
             pos_weight=training.pos_weight(task, datasets["train"], names),
             callbacks=[magnitude] if magnitude else None,
         )

@@ -11,7 +11,7 @@ from transformers import set_seed
 
 from pipeline import labels, training
 from pipeline.config import Params
-from pipeline.distill import DistillationTrainer, KDConfig
+from pipeline.distill import DistillationTrainer, build_kd_loss
 from pipeline.models import load_pretrained_classifier, load_tokenizer, resolve_model_source
 from pipeline.prepared import load_prepared
 from pipeline.stage import Stage
@@ -39,7 +39,7 @@ def run(params: Params) -> dict[str, Any]:
         data_collator=training.Collator(tokenizer),
         processing_class=tokenizer,
         compute_metrics=training.compute_metrics_fn(params.task.type, params.task.threshold),
-        kd=KDConfig(task_type=params.task.type),  # hard labels only: no teacher for the teacher
+        kd=build_kd_loss(None, params.task.type),  # hard labels only: no teacher for the teacher
         pos_weight=training.pos_weight(params.task, datasets["train"], names),
     )
     seconds = training.train(trainer, resume)
