@@ -334,7 +334,7 @@ def build_kd_loss(
 
     `key` names the section in error messages, `layer_map` pairs student and teacher layers for the
     hidden and attention terms, `hidden_sizes` (student, teacher) decide whether the hidden term
-    needs a projection. A new term is one `KDTerm` subclass and one line here.
+    needs a projection. A new term is one `KDTerm` subclass and one line here (in `extra`).
     """
     if section is None:
         return KDLoss([HardLabelLoss(1.0, task_type)], task_type)
@@ -343,36 +343,38 @@ def build_kd_loss(
         raise ConfigError(
             f"{key}.label_alpha has {len(section.label_alpha)} values for {len(label_names)} labels {list(label_names)}"
         )
+    # The terms beyond the hard/soft pair, each on when its weight is positive (in summation order).
     hidden_weight = getattr(section, "hidden_weight", 0.0)
     attention_weight = getattr(section, "attention_weight", 0.0)
-    if not (section.alpha > 0 or section.relation_weight > 0 or hidden_weight > 0 or attention_weight > 0):
-        return KDLoss([HardLabelLoss(1.0, task_type)], task_type)  # alpha 0 and no other term: the baseline
-
-    # The hard and soft pair is logged whenever the teacher is used, even at alpha 0 or 1.
-    temperature = section.temperature
-    if multi_label and section.label_alpha is not None:
-        # Per-label alpha: rare labels may lean on the teacher more; the weights live inside the terms.
-        alpha = torch.tensor(section.label_alpha)
-        terms: list[KDTerm] = [
-            HardLabelLoss(1.0, task_type, label_weight=1 - alpha),
-            SigmoidSoftLoss(1.0, temperature, label_weight=alpha),
-        ]
-    else:
-        soft = SigmoidSoftLoss if multi_label else SoftLabelKL
-        terms = [HardLabelLoss(1 - section.alpha, task_type), soft(section.alpha, temperature)]
-    if section.relation_weight > 0:
-        terms.append(RelationLoss(section.relation_weight))
     if (hidden_weight > 0 or attention_weight > 0) and not layer_map:
         raise ValueError("the hidden-state and attention terms need a layer_map")
+    extra: list[KDTerm] = []
+    if section.relation_weight > 0:
+        extra.append(RelationLoss(section.relation_weight))
     if hidden_weight > 0:
         projection = None
         if hidden_sizes is not None and hidden_sizes[0] != hidden_sizes[1]:
             # TinyBERT: a learned map from the student's hidden space into the teacher's.
             projection = nn.Linear(*hidden_sizes)
-        terms.append(HiddenStateMSE(hidden_weight, list(layer_map), projection))
+        extra.append(HiddenStateMSE(hidden_weight, list(layer_map), projection))
     if attention_weight > 0:
-        terms.append(AttentionMSE(attention_weight, list(layer_map)))
-    return KDLoss(terms, task_type)
+        extra.append(AttentionMSE(attention_weight, list(layer_map)))
+
+    if section.alpha == 0 and not any(term.needs_teacher for term in extra):
+        return KDLoss([HardLabelLoss(1.0, task_type), *extra], task_type)  # no teacher: the baseline
+    # With the teacher, the hard and soft pair is always computed and logged, even at alpha 0 or 1.
+    temperature = section.temperature
+    if multi_label and section.label_alpha is not None:
+        # Per-label alpha: rare labels may lean on the teacher more; the weights live inside the terms.
+        alpha = torch.tensor(section.label_alpha)
+        pair: list[KDTerm] = [
+            HardLabelLoss(1.0, task_type, label_weight=1 - alpha),
+            SigmoidSoftLoss(1.0, temperature, label_weight=alpha),
+        ]
+    else:
+        soft = SigmoidSoftLoss if multi_label else SoftLabelKL
+        pair = [HardLabelLoss(1 - section.alpha, task_type), soft(section.alpha, temperature)]
+    return KDLoss(pair + extra, task_type)
 
 
 # --------------------------------------------------------------------------- the trainer
