@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup mpnet run run-phrasebank run-multilabel test lint deps clean mlflow-ui
+.PHONY: setup mpnet run run-phrasebank run-multilabel test lint deps clean mlflow-ui serve
 
 setup: $(STAMP)
 
@@ -75,6 +75,14 @@ deps: setup
 # Look at the tracked runs: http://127.0.0.1:5000
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+# The registered champion over HTTP (text in, labels out), from this project's MLflow registry:
+# curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
+#   -d '{"dataframe_records": [{"text": "Operating profit rose."}]}'
+MODEL_NAME ?= $(shell sed -n 's/^ *registered_model_name: *\([^ #]*\).*/\1/p' params.yaml | head -n 1)
+SERVE_PORT ?= 5001
+serve: setup
+	$(BIN)/mlflow models serve -m "models:/$(MODEL_NAME)@champion" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 clean:
 	rm -rf .cache data/prepared models reports/metrics reports/curves

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import DataError, FinCompressError
 from pipeline.onnx import OnnxClassifier
@@ -73,29 +74,38 @@ def read_texts(texts: list[str], file: Path | None) -> list[str]:
     return kept
 
 
+def classify(classifier: OnnxClassifier, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+    """One record per text, as --json prints it: the text, its `label` (multi-label: its `labels`)
+    and every class probability rounded to 6 decimals. The MLflow pyfunc answers with these too."""
+    logits = classifier.logits(texts, batch_size)
+    names = classifier.label_names
+    multi = classifier.task_type == "multi_label"
+    records = []
+    for text, probs, decision in zip(texts, classifier.probabilities(logits), classifier.decide(logits)):
+        by_name = {name: round(float(p), 6) for name, p in zip(names, probs)}
+        if multi:
+            records.append({"text": text, "labels": [n for n, on in zip(names, decision) if on], "probabilities": by_name})
+        else:
+            records.append({"text": text, "label": names[int(decision)], "probabilities": by_name})
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         texts = read_texts(args.texts, args.file)
         classifier = OnnxClassifier.load(args.model, args.threads, threshold=args.threshold)
-        logits = classifier.logits(texts, args.batch_size)
+        records = classify(classifier, texts, args.batch_size)
     except FinCompressError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    probabilities = classifier.probabilities(logits)
-    decisions = classifier.decide(logits)
-    names = classifier.label_names
-    multi = classifier.task_type == "multi_label"
-    for text, probs, decision in zip(texts, probabilities, decisions):
-        by_name = {name: round(float(p), 6) for name, p in zip(names, probs)}
-        chosen = [name for name, on in zip(names, decision) if on] if multi else names[int(decision)]
+    for record in records:
         if args.json:
-            key = "labels" if multi else "label"
-            print(json.dumps({"text": text, key: chosen, "probabilities": by_name}, ensure_ascii=False))
+            print(json.dumps(record, ensure_ascii=False))
         else:
-            label = (",".join(chosen) or "-") if multi else chosen
-            shown = " ".join(f"{name}={p:.3f}" for name, p in by_name.items())
-            print(f"{label}\t{shown}\t{text}")
+            label = (",".join(record["labels"]) or "-") if "labels" in record else record["label"]
+            shown = " ".join(f"{name}={p:.3f}" for name, p in record["probabilities"].items())
+            print(f"{label}\t{shown}\t{record['text']}")
     return 0
 
 

@@ -19,6 +19,7 @@ from pipeline import tracking
 from pipeline.config import Params
 from pipeline.errors import GateError
 from pipeline.io import atomic_dir, read_json, write_json, write_text_atomic
+from pipeline.model_card import write_export_cards
 from pipeline.models import (
     count_parameters,
     decision_thresholds,
@@ -149,6 +150,8 @@ def run(params: Params) -> dict[str, Any]:
                 "export_onnx.quantize_embeddings=false, or relax export_onnx.min_int8_label_agreement / "
                 "max_int8_f1_drop if that loss is acceptable. Nothing was written."
             )
+
+    write_export_cards(params)  # README.md model cards, from the checkpoint_info.json just written
 
     for artifact_path, directory in (
         ("student_onnx_fp32", student_out / "fp32"),

@@ -4,6 +4,8 @@ one comparable MLflow run per member, and the SLA champion registered in the MLf
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from pipeline.config import Params
 from pipeline.errors import ModelError
 from pipeline.family import family
 from pipeline.io import read_json, write_json, write_text_atomic
+from pipeline.model_card import CARD_FILE, card_for
 from pipeline.record import ModelRecord
 from pipeline.stage import Stage
 
@@ -27,24 +30,40 @@ COMPARABLE = (
 )
 
 
-def register_champion(row: dict[str, Any], model_dir: Path, name: str) -> str:
-    """Log the champion's ONNX model (tokenizer and config beside it) and point the alias at it."""
+def register_champion(row: dict[str, Any], model_dir: Path, name: str, card: str) -> str:
+    """Log the champion as a text-in pyfunc model with `card` as its README.md, register it under
+    `name` with the alias 'champion', and tag the version with the member's metrics."""
     import mlflow
-    import onnx
 
-    extra = [str(p) for p in sorted(model_dir.iterdir()) if p.suffix in (".json", ".txt") and p.is_file()]
-    info = mlflow.onnx.log_model(
-        onnx.load(str(model_dir / "model.onnx")),
-        name="champion",
-        registered_model_name=name,
-        extra_files=extra,
-        tags={"family_member": row["name"]},
-    )
+    from pipeline.serving import log_pyfunc
+
+    with tempfile.TemporaryDirectory(prefix="fincompress-champion-") as tmp:
+        # The exported directory's card cannot know the latency yet; the registered one carries it.
+        staged = Path(tmp) / model_dir.name
+        shutil.copytree(model_dir, staged)
+        (staged / CARD_FILE).write_text(card, encoding="utf-8")
+        info = log_pyfunc(staged, "champion", registered_model_name=name, tags={"family_member": row["name"]})
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
+    client.update_model_version(name, version, description=card)
     client.set_registered_model_alias(name, "champion", version)
     client.set_model_version_tag(name, version, "family_member", row["name"])
+    for key in COMPARABLE:
+        if row.get(key) is not None:
+            client.set_model_version_tag(name, version, key, f"{row[key]:.6g}")
     return version
+
+
+def log_for_review(rows: list[dict[str, Any]], out: Path) -> None:
+    """The comparison table as an MLflow table and the plots as images, shown in the run's UI pages."""
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    mlflow.log_table(pd.DataFrame(rows), artifact_file="report/comparison_table.json")
+    for name in ("pareto", "loss_curves"):
+        with Image.open(out / f"{name}.png") as image:
+            mlflow.log_image(image.convert("RGB"), key=name)
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -74,6 +93,7 @@ def run(params: Params) -> dict[str, Any]:
     plots.loss_curves_plot(curves, out / "loss_curves.png")
     for name in ("family.json", "comparison.md", "comparison.csv", "pareto.png", "loss_curves.png"):
         tracking.log_artifact(out / name, "report")
+    log_for_review(rows, out)
 
     parent_tags = mlflow.active_run().data.tags
     for row in rows:
@@ -92,7 +112,10 @@ def run(params: Params) -> dict[str, Any]:
     if champion is not None:
         metrics["champion"] = {key: champion[key] for key in ("test_macro_f1", "latency_ms_p50", "size_mb")}
         if params.report.register_champion:
-            version = register_champion(champion, members[champion["name"]].path, params.report.registered_model_name)
+            card = card_for(params, champion["name"], latency=champion, machine=benchmark.get("machine"))
+            version = register_champion(
+                champion, members[champion["name"]].path, params.report.registered_model_name, card
+            )
             log.info("registered %s as %s version %s, alias 'champion'", champion["name"],
                      params.report.registered_model_name, version)
             metrics["champion"]["registry_version"] = int(version)
