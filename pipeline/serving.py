@@ -60,6 +60,8 @@ def texts_from(model_input: Any) -> list[str]:
         raise DataError("no texts to classify: the input is empty")
     texts = []
     for row, value in enumerate(values):
+        if value is None or (isinstance(value, float) and np.isnan(value)):  # pandas turns None into NaN
+            raise DataError(f"text {row} is missing (null); send a string for every row")
         if not isinstance(value, str):
             raise DataError(f"text {row} is a {type(value).__name__} ({value!r}), not a string; send strings only")
         if not value.strip():
@@ -74,7 +76,9 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.classifier = OnnxClassifier.load(context.artifacts[MODEL_DIR])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # No type hints on predict: MLflow would read them as the input schema, which the signature declares.
+    def predict(self, context, model_input, params=None):
+        """One row per text: `text`, `label` (multi-label: `labels`) and `probabilities` by class."""
         return pd.DataFrame(classify(self.classifier, texts_from(model_input)))
 
 
@@ -115,7 +119,7 @@ def log_pyfunc(model_dir: str | Path, name: str, **log_model_kwargs: Any) -> Any
     with serving_code() as package:
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=TextClassifier(),
+            python_model=str(Path(__file__).with_name("serving_model.py")),  # code, not a pickle
             artifacts={MODEL_DIR: str(model_dir)},
             code_paths=[str(package)],
             signature=signature,

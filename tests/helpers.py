@@ -28,6 +28,24 @@ def copy_project(params, root: Path, dirs: tuple[str, ...] = ("data", "models", 
     return params_from_dict(tree, root=root)
 
 
+def export_tiny_classifier(tiny_bert: Path, root: Path, labels: list[str]) -> Path:
+    """The tiny BERT with a (random) classification head over `labels`, exported to ONNX in root/onnx."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.onnx_export import export_fp32
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    model.save_pretrained(root / "source", safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(root / "source")
+    export_fp32(root / "source", root / "onnx", opset=17, max_length=32)
+    return root / "onnx"
+
+
 # --------------------------------------------------------------------------- multi-label
 
 TOPICS = ["corporate", "outlook", "results"]

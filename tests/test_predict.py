@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.onnx import OnnxClassifier
-from pipeline.onnx_export import export_fp32
 from pipeline.predict import main
+from tests.helpers import export_tiny_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
@@ -25,18 +25,7 @@ TEXTS = ["Operating profit rose sharply in the third quarter.", "Net sales fell.
 @pytest.fixture(scope="module")
 def model_dir(tiny_bert, tmp_path_factory) -> Path:
     """The tiny BERT with a (random) 3-class head, exported to ONNX."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    root = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
-    )
-    model.save_pretrained(root / "source", safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(root / "source")
-    export_fp32(root / "source", root / "onnx", opset=17, max_length=32)
-    return root / "onnx"
+    return export_tiny_classifier(tiny_bert, tmp_path_factory.mktemp("predict"), LABELS)
 
 
 def expected_probabilities(model_dir: Path, texts: list[str]) -> np.ndarray:

@@ -1,0 +1,11 @@
+"""The MLflow "models from code" entry point of the text-in pyfunc (see pipeline/serving.py).
+
+MLflow copies this file into the logged model and runs it when the model is loaded, so the model is
+rebuilt from code rather than unpickled.
+"""
+
+import mlflow
+
+from pipeline.serving import TextClassifier
+
+mlflow.models.set_model(TextClassifier())

@@ -1,0 +1,244 @@
+"""The text-in MLflow pyfunc on a tiny exported model: it answers exactly as `pipeline.predict --json`,
+loads without torch from the code it ships, rejects bad input clearly; and, slow, `mlflow models
+serve` answers POST /invocations and the tracking server shows the registered champion."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline.errors import DataError
+from pipeline.predict import main as predict
+from pipeline.serving import SERVING_MODULES, log_pyfunc
+from tests.helpers import export_tiny_classifier
+
+LABELS = ["negative", "neutral", "positive"]
+TEXTS = ["Operating profit rose sharply in the third quarter.", "Net sales fell.", "  The company held its AGM. "]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_bert, tmp_path_factory) -> Path:
+    return export_tiny_classifier(tiny_bert, tmp_path_factory.mktemp("serving"), LABELS)
+
+
+@pytest.fixture(scope="module")
+def logged(model_dir):
+    with mlflow.start_run(run_name="serving-test"):
+        return log_pyfunc(model_dir, "classifier")
+
+
+@pytest.fixture(scope="module")
+def model_uri(logged) -> str:
+    return logged.model_uri
+
+
+@pytest.fixture(scope="module")
+def loaded(model_uri):
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def predict_json(model_dir: Path, texts: list[str], capsys) -> list[dict]:
+    assert predict(["--model", str(model_dir), "--json", *texts]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def imported_top_level(stderr: str) -> set[str]:
+    """The top-level packages a `python -X importtime` process imported."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+texts = json.loads(sys.argv[2])
+print(json.dumps({
+    "pipeline_file": sys.modules["pipeline"].__file__,
+    "frame": model.predict(pd.DataFrame({"text": texts})).to_dict("records"),
+    "list": model.predict(texts).to_dict("records"),
+}))
+"""
+
+
+def test_pyfunc_answers_as_predict_does_in_a_process_without_torch(model_dir, model_uri, tmp_path, capsys):
+    """A fresh interpreter outside the repository: the model runs from the code it ships."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", LOAD_AND_PREDICT, model_uri, json.dumps(TEXTS)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = predict_json(model_dir, TEXTS, capsys)
+    assert answer["frame"] == expected and answer["list"] == expected
+    assert [row["text"] for row in expected] == [text.strip() for text in TEXTS]
+    shipped = Path(answer["pipeline_file"]).parent
+    assert shipped.parent.name == "code", f"pipeline came from {shipped}, not the model's code_paths"
+    assert sorted(path.stem for path in shipped.glob("*.py")) == sorted(SERVING_MODULES)
+    imported = imported_top_level(result.stderr)
+    assert {"onnxruntime", "tokenizers", "mlflow"} <= imported  # the listing is real
+    assert not imported & {"torch", "transformers", "optimum"}
+
+
+def test_pyfunc_metadata_declares_what_inference_needs(logged, model_uri):
+    info = logged
+    assert info.signature is not None and info.saved_input_example_info is not None
+    outputs = info.signature.outputs.input_names()
+    assert outputs == ["text", "label", "probabilities"]
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text()
+    names = {line.split("==")[0] for line in requirements.split() if line and not line.startswith("-")}
+    assert {"onnxruntime", "tokenizers", "numpy", "pandas", "mlflow"} <= names
+    assert not names & {"torch", "transformers", "optimum", "optimum-onnx"}
+
+
+def test_multi_label_pyfunc_applies_the_thresholds_as_predict_does(model_dir, tmp_path, capsys):
+    multi = tmp_path / "multi"
+    shutil.copytree(model_dir, multi)
+    config = json.loads((multi / "config.json").read_text())
+    config.update(problem_type="multi_label_classification", label_thresholds=[0.0, 1.0, 0.5])
+    (multi / "config.json").write_text(json.dumps(config))
+    with mlflow.start_run(run_name="serving-multi-label"):
+        uri = log_pyfunc(multi, "classifier").model_uri
+    answer = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": TEXTS})).to_dict("records")
+    expected = predict_json(multi, TEXTS, capsys)
+    assert answer == expected
+    assert all(row["labels"][0] == "negative" and "neutral" not in row["labels"] for row in answer)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (pd.DataFrame({"sentence": ["Profit rose."]}), "has no 'text' column"),
+        (pd.DataFrame({"text": ["Profit rose.", 3]}), "text 1 is a int"),
+        (["Profit rose.", None], "text 1 is missing"),
+        (pd.DataFrame({"text": ["Profit rose.", "   "]}), "text 1 is empty"),
+        (pd.DataFrame({"text": []}), "the input is empty"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(loaded, bad, message):
+    with pytest.raises(DataError, match=message):
+        loaded.predict(bad)
+
+
+def test_an_empty_list_is_refused(loaded):
+    # MLflow's own schema check refuses it before the model sees it; its message says why.
+    with pytest.raises(mlflow.exceptions.MlflowException, match="0 inputs"):
+        loaded.predict([])
+
+
+# --------------------------------------------------------------------------- servers (slow)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(url: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+            return response.status, json.loads(body) if body.strip() else {}
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """A server in its own process group (stopped by that group's id), its output in `log`."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_up(process: subprocess.Popen, url: str, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.slow
+def test_served_champion_answers_like_predict_and_shows_in_the_tracking_server(model_dir, tmp_path, capsys):
+    from stages.report import register_champion
+
+    name = "serving-test-champion"
+    row = {"name": "student_onnx_int8", "test_macro_f1": 0.75, "latency_ms_p50": 0.5, "size_mb": 1.25}
+    with mlflow.start_run(run_name="report") as run:
+        version = register_champion(row, model_dir, name, card="# student_onnx_int8: the card\n")
+    expected = predict_json(model_dir, TEXTS, capsys)
+
+    port = free_port()
+    serve_log = tmp_path / "serve.log"
+    server = start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
+                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], tmp_path, serve_log)
+    try:
+        wait_until_up(server, f"http://127.0.0.1:{port}/ping", serve_log)
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, answer = http(url, {"dataframe_records": [{"text": text} for text in TEXTS]})
+        assert status == 200, answer
+        assert answer["predictions"] == expected
+        status, answer = http(url, {"inputs": TEXTS})
+        assert status == 200 and answer["predictions"] == expected
+        status, answer = http(url, {"dataframe_records": [{"sentence": "Profit rose."}]})
+        assert status == 400 and "has no 'text' column" in answer["message"]
+    finally:
+        stop(server)
+    assert server.returncode is not None
+
+    # The registry and the run, fetched from a tracking server's REST API as the MLflow UI does.
+    port = free_port()
+    ui_log = tmp_path / "ui.log"
+    ui = start([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                os.environ["MLFLOW_TRACKING_URI"], "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+               tmp_path, ui_log)
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        wait_until_up(ui, f"http://127.0.0.1:{port}/health", ui_log)
+        status, answer = http(f"{api}/registered-models/alias?name={name}&alias=champion")
+        assert status == 200, answer
+        found = answer["model_version"]
+        assert found["version"] == version and found["description"].startswith("# student_onnx_int8")
+        tags = {tag["key"]: tag["value"] for tag in found["tags"]}
+        assert tags["family_member"] == "student_onnx_int8" and float(tags["test_macro_f1"]) == 0.75
+        status, answer = http(f"{api}/runs/get?run_id={run.info.run_id}")
+        assert status == 200 and answer["run"]["info"]["run_name"] == "report"
+    finally:
+        stop(ui)
