@@ -23,6 +23,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.errors import DataError
 from pipeline.onnx import OnnxClassifier
@@ -70,16 +72,31 @@ def texts_from(model_input: Any) -> list[str]:
     return texts
 
 
+class InputError(DataError, MlflowException):
+    """Bad input to the served model. An MlflowException too, so that `mlflow models serve` answers
+    400 with this message instead of a generic 500 ("unexpected error while evaluating the model")."""
+
+    def __init__(self, message: str) -> None:
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class TextClassifier(mlflow.pyfunc.PythonModel):
     """An exported ONNX classifier that takes texts, for `mlflow.pyfunc` and `mlflow models serve`."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.classifier = OnnxClassifier.load(context.artifacts[MODEL_DIR])
 
-    # No type hints on predict: MLflow would read them as the input schema, which the signature declares.
-    def predict(self, context, model_input, params=None):
+    # MLflow hands the input over as a DataFrame (a list of strings too, after the signature check); a
+    # DataFrame hint also tells MLflow to take the schema from the signature, not from type hints.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """One row per text: `text`, `label` (multi-label: `labels`) and `probabilities` by class."""
-        return pd.DataFrame(classify(self.classifier, texts_from(model_input)))
+        try:
+            texts = texts_from(model_input)
+        except DataError as error:
+            raise InputError(str(error)) from None
+        return pd.DataFrame(classify(self.classifier, texts))
 
 
 @contextmanager
