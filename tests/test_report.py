@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
-import onnx
+import pandas as pd
 import pytest
-from onnx import TensorProto, helper
 
 from pipeline.config import SLAConfig, params_from_dict
 from pipeline.family import family
@@ -17,6 +18,7 @@ from pipeline.plots import label_members, loss_columns, read_curve
 from pipeline.record import ModelRecord
 from pipeline.report import markdown_table, pareto_front, pick_champion
 from stages import report
+from tests.helpers import export_tiny_classifier
 
 
 def test_bootstrap_interval_on_a_known_case():
@@ -99,16 +101,16 @@ def test_markdown_marks_best_values():
     assert "**0.950**" in table and "**1.000**" in table and "[0.800, 0.950]" in table
 
 
-def tiny_onnx(path):
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-    )
-    onnx.save(helper.make_model(graph), str(path))
+LABELS = ["negative", "neutral", "positive"]
 
 
-def hand_made_family(tmp_path):
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_bert, tmp_path_factory):
+    """A real exported classifier: the champion is registered as a text-in model over it."""
+    return export_tiny_classifier(tiny_bert, tmp_path_factory.mktemp("report_onnx"), LABELS)
+
+
+def hand_made_family(tmp_path, onnx_dir):
     params = params_from_dict({"report": {"sla": {"max_latency_ms": 5.0, "min_f1_retention": 0.9}}}, root=tmp_path)
     figures = {  # name: (test F1, p50 ms, size MB)
         "teacher": (0.95, 60.0, 90.0), "teacher_onnx": (0.95, 40.0, 90.0), "student_baseline": (0.88, 9.0, 69.0),
@@ -120,16 +122,16 @@ def hand_made_family(tmp_path):
     for member in family(params):
         f1, latency, size = figures[member.name]
         member.path.mkdir(parents=True)
+        if member.format == "onnx":
+            shutil.copytree(onnx_dir, member.path, dirs_exist_ok=True)
         record = ModelRecord(
-            member=member.name, stage="hand-made", label_names=["negative", "positive"], task_type="single_label",
+            member=member.name, stage="hand-made", label_names=LABELS, task_type="single_label",
             max_length=32, num_parameters=int(size * 250_000), size_mb=size, data_hash="0",
-            test={"macro_f1": f1, "macro_f1_ci95": [f1 - 0.02, f1 + 0.02], "accuracy": f1 + 0.02},
+            test={"macro_f1": f1, "macro_f1_ci95": [f1 - 0.02, f1 + 0.02], "accuracy": f1 + 0.02,
+                  "per_class_f1": dict(zip(LABELS, (f1 - 0.1, f1, f1 + 0.05))), "examples": 40},
             validation={"macro_f1": f1 - 0.01},
         )
         record.write(member.path)
-        if member.format == "onnx":
-            tiny_onnx(member.path / "model.onnx")
-            (member.path / "config.json").write_text("{}")
         timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5} for t in ("1", "2")}
         entries.append({"name": member.name, "format": member.format, "precision": member.precision,
                         "servable": member.servable,
@@ -143,6 +145,10 @@ def hand_made_family(tmp_path):
     path = params.path(params.paths.benchmark)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(benchmark))
+    manifest = {"task_type": "single_label", "label_names": LABELS, "source": "data/tiny.csv", "seed": 0,
+                "splits": {"train": {"rows": 120}, "validation": {"rows": 40}, "test": {"rows": 40}}}
+    params.path(params.paths.prepared).mkdir(parents=True)
+    (params.path(params.paths.prepared) / "manifest.json").write_text(json.dumps(manifest))
     curves = params.path(params.paths.curves)
     curves.mkdir(parents=True)
     (curves / "distill_intermediate.csv").write_text(
@@ -151,8 +157,8 @@ def hand_made_family(tmp_path):
     return params
 
 
-def test_report_stage_on_a_hand_made_family(tmp_path):
-    params = hand_made_family(tmp_path)
+def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
+    params = hand_made_family(tmp_path, onnx_dir)
     metrics = report.STAGE.execute(params)
     reports = params.path(params.paths.reports)
     rows = json.loads((reports / "family.json").read_text())
@@ -173,6 +179,23 @@ def test_report_stage_on_a_hand_made_family(tmp_path):
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(params.report.registered_model_name, "champion")
     assert version.tags["family_member"] == "student_onnx_int8"
+    assert float(version.tags["test_macro_f1"]) == 0.915 and float(version.tags["latency_ms_p50"]) == 0.9
+    # The registered card is the complete one: the benchmark's latency and its machine.
+    assert version.description.startswith("# student_onnx_int8: FinCompress model card")
+    assert "Test CPU" in version.description and "| p50 / p95 / p99, 1 thread (ms) | 0.900 / " in version.description
+    champion = mlflow.pyfunc.load_model(f"models:/{params.report.registered_model_name}@champion")
+    answer = champion.predict(pd.DataFrame({"text": ["Operating profit rose."]}))
+    assert answer["label"].iloc[0] in LABELS and list(answer["probabilities"].iloc[0]) == LABELS
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{params.report.registered_model_name}@champion"))
+    assert next(local.glob("artifacts/*/README.md")).read_text() == version.description
+    # The report run shows the comparison in the MLflow UI: a table and the plots as images.
+    report_run = mlflow.search_runs(experiment_names=[params.tracking.experiment],
+                                    filter_string="tags.stage = 'report' AND tags.family_member = ''").iloc[0]
+    client = mlflow.MlflowClient()
+    table = json.loads(Path(client.download_artifacts(report_run.run_id, "report/comparison_table.json")).read_text())
+    assert "student_onnx_int8" in str(table["data"]) and "test_macro_f1" in table["columns"]
+    images = [item.path for item in client.list_artifacts(report_run.run_id, "images")]
+    assert any("pareto" in path for path in images) and any("loss_curves" in path for path in images)
     children = mlflow.search_runs(experiment_names=[params.tracking.experiment],
                                   filter_string="tags.stage = 'report' AND tags.family_member = 'student_pruned'")
     assert "metrics.latency_ms_p50" in children.columns and children["metrics.latency_ms_p50"].iloc[0] == 5.0
