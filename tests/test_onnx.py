@@ -267,6 +267,43 @@ def test_export_without_the_teacher_still_writes_its_directory(project, exported
     assert (params.path(params.paths.onnx_student) / "int8" / "model.onnx").is_file()
 
 
+def test_every_exported_directory_has_its_model_card(project, exported):
+    teacher_f1 = json.loads((project.path(project.paths.teacher) / "checkpoint_info.json").read_text())["test"]["macro_f1"]
+    student = project.path(project.paths.onnx_student)
+    for member, directory in (("student_onnx_fp32", student / "fp32"), ("student_onnx_int8", student / "int8"),
+                              ("teacher_onnx", project.path(project.paths.onnx_teacher))):
+        card = (directory / "README.md").read_text()
+        info = json.loads((directory / "checkpoint_info.json").read_text())
+        test = info["test"]
+        low, high = test["macro_f1_ci95"]
+        assert card.startswith(f"# {member}: FinCompress model card")
+        assert f"macro-F1 **{test['macro_f1']:.3f}** (95% bootstrap interval [{low:.3f}, {high:.3f}])" in card
+        assert f"retains {100 * test['macro_f1'] / teacher_f1:.1f}% of it" in card
+        for name, score in test["per_class_f1"].items():
+            assert f"| {name} | {score:.3f} |" in card
+        assert f"max |logit difference| {info['parity']['max_abs_logit_diff']:.6f}" in card
+        assert f"{info['num_parameters']:,}" in card and "| architecture | bert, " in card
+        assert f"({test['examples']} examples)" in card
+        # Latency comes from the benchmark, which runs later: the card says where to find it.
+        assert "Not measured when this directory was written" in card and "reports/comparison.md" in card
+        assert f"--model {directory.relative_to(project.root)}" in card
+    assert "quantized for" in (student / "int8" / "README.md").read_text()
+
+
+def test_optimum_and_transformers_load_an_exported_directory_with_its_card(project, exported):
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer, pipeline
+
+    directory = project.path(project.paths.onnx_student) / "int8"
+    assert (directory / "README.md").is_file()
+    model = ORTModelForSequenceClassification.from_pretrained(directory)
+    classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(directory))
+    texts = ["Operating profit rose sharply.", "Net sales fell."]
+    onnx_classifier = OnnxClassifier.load(directory)
+    expected = [onnx_classifier.label_names[i] for i in onnx_classifier.decide(onnx_classifier.logits(texts))]
+    assert [answer["label"] for answer in classify(texts)] == expected
+
+
 # --------------------------------------------------------------------------- quantize (torch INT8)
 
 
