@@ -31,6 +31,15 @@ def _architecture(config: dict[str, Any]) -> str:
     return ", ".join(str(part) for part in parts)
 
 
+def _source(manifest: dict[str, Any]) -> str:
+    """The data source as prepare_data recorded it (a dict: type and path or dataset name)."""
+    source = manifest.get("source", "?")
+    if isinstance(source, dict):
+        where = source.get("path") or source.get("name") or source.get("dataset") or "?"
+        return f"{source.get('type', 'data')} `{where}`"
+    return f"`{source}`"
+
+
 def _latency_section(latency: dict[str, Any] | None, machine: dict[str, Any] | None) -> list[str]:
     if latency is None:
         return [
@@ -89,8 +98,7 @@ def render_card(
         f"# {member}: FinCompress model card",
         "",
         f"A {'multi-label' if multi else 'single-label'} text classifier over {len(names)} classes "
-        f"({', '.join(names)}), the `{member}` member of a FinCompress model family, exported to ONNX "
-        f"({info.get('precision', 'fp32')}).",
+        f"({', '.join(names)}): the `{member}` member of a FinCompress model family, exported to ONNX.",
         "",
         "## The model",
         "",
@@ -107,7 +115,7 @@ def render_card(
         "",
         "## Evaluation data",
         "",
-        f"Source: `{manifest.get('source', '?')}`, split (seed {manifest.get('seed', '?')}) into "
+        f"Source: {_source(manifest)}, split (seed {manifest.get('seed', '?')}) into "
         + ", ".join(f"{name} {split.get('rows', '?')}" for name, split in splits.items())
         + f" examples; data hash `{info.get('data_hash', manifest.get('content_hash', '?'))[:12]}`. Every "
         f"figure below is on the **test** split ({test.get('examples', '?')} examples), never used for "
@@ -165,11 +173,15 @@ def render_card(
         "",
         f"- Evaluated on {test.get('examples', '?')} test examples only: the 95% interval is "
         f"{_f((high - low) if low is not None and high is not None else None)} wide, and differences "
-        "between family members smaller than that are not significant. The bundled demo set is small "
-        "(hundreds of sentences) and was written for this project.",
-        f"- Trained and evaluated on one source (`{manifest.get('source', '?')}`): other domains, text "
+        "between family members smaller than that are not significant.",
+        f"- Trained and evaluated on one source ({_source(manifest)}): other domains, text "
         "styles or languages are untested. Texts longer than the max sequence length are truncated.",
     ]
+    if _source(manifest).startswith("demo ") or "data/demo" in _source(manifest):
+        lines.append(
+            "- The bundled demo set is small and was written for this project: its figures show that the "
+            "pipeline works, not how the model does on real financial text."
+        )
     if multi:
         lines.append(
             "- Multi-label decisions use the per-label thresholds in config.json (`label_thresholds`); "
