@@ -14,9 +14,10 @@ from typing import Any
 from pipeline.config import Params
 from pipeline.family import REFERENCE, family
 from pipeline.io import read_json, write_text_atomic
+from pipeline.prepared import MANIFEST_FILE
+from pipeline.record import INFO_FILE
 
 CARD_FILE = "README.md"
-INFO_FILE = "checkpoint_info.json"  # pipeline.models.INFO_FILE; not imported: that module needs torch
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -80,9 +81,10 @@ def render_card(
     """The Markdown card of one exported member.
 
     `model_dir` is the directory as a user names it (e.g. models/student_onnx/int8); `info` its
-    checkpoint_info and `config` its config.json; `manifest` the prepared data's manifest; `latency` the member's report row
+    checkpoint_info.json (a ModelRecord) and `config` its config.json; `manifest` the prepared data's manifest; `latency` the member's report row
     (None before the benchmark) and `machine` the benchmark's machine record.
     """
+    info = {**info, **info.get("details", {})}  # the record's kind-specific details: precision, parity, ...
     test = info.get("test", {})
     names = info.get("label_names") or manifest.get("label_names", [])
     task_type = info.get("task_type", manifest.get("task_type", "single_label"))
@@ -207,7 +209,7 @@ def card_for(
     shown_dir = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
     return render_card(
         member.name, shown_dir, read_json(member.path / INFO_FILE), read_json(member.path / "config.json"),
-        read_json(params.path(params.paths.prepared) / "manifest.json"),
+        read_json(params.path(params.paths.prepared) / MANIFEST_FILE),
         read_json(teacher_info_path) if teacher_info_path.is_file() else None,
         params.report.registered_model_name, latency, machine,
     )

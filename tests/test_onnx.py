@@ -281,7 +281,7 @@ def test_every_exported_directory_has_its_model_card(project, exported):
         assert f"retains {100 * test['macro_f1'] / teacher_f1:.1f}% of it" in card
         for name, score in test["per_class_f1"].items():
             assert f"| {name} | {score:.3f} |" in card
-        assert f"max |logit difference| {info['parity']['max_abs_logit_diff']:.6f}" in card
+        assert f"max |logit difference| {info['details']['parity']['max_abs_logit_diff']:.6f}" in card
         assert f"{info['num_parameters']:,}" in card and "| architecture | bert, " in card
         assert f"({test['examples']} examples)" in card
         # Latency comes from the benchmark, which runs later: the card says where to find it.
