@@ -219,7 +219,7 @@ def write_export_cards(params: Params) -> list[Path]:
     """Write README.md into every exported ONNX member's directory; return the cards written."""
     written = []
     for member in family(params):
-        if member.kind == "onnx" and (member.path / "model.onnx").is_file():
+        if member.servable and (member.path / "model.onnx").is_file():  # the exported ONNX directories
             write_text_atomic(member.path / CARD_FILE, card_for(params, member.name))
             written.append(member.path / CARD_FILE)
     return written
