@@ -214,9 +214,10 @@ class PruneConfig(Section):
     steps: int = Field(1, ge=1, le=20)
     # Training batches used to accumulate head and neuron importance.
     importance_batches: int = Field(32, ge=1)
-    # `corpus`: keep only the tokens the training data uses (plus specials, single characters and
-    # vocab_keep_top others); `none`: keep the vocabulary.
-    vocab: Literal["none", "corpus"] = "corpus"
+    # `corpus`: keep only the tokens the training data uses (plus specials, single characters or
+    # bytes, and vocab_keep_top others), an error if this tokenizer cannot be trimmed; `auto`: trim
+    # when the tokenizer is WordPiece, byte-level BPE or Unigram, else keep it and say so; `none`: keep.
+    vocab: Literal["auto", "none", "corpus"] = "auto"
     vocab_keep_top: int = Field(2000, ge=0)
     recovery: RecoveryConfig = RecoveryConfig()
 

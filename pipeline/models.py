@@ -1,13 +1,12 @@
-"""Loading, saving and building models: sources, students, layer maps, sizes and parameter counts."""
+"""Loading and saving models (every save proven to reload to the same logits), sources, layer maps,
+sizes and parameter counts. Students are built in pipeline/students.py."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +17,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipeline.config import StudentConfig
 from pipeline.errors import ConfigError, ModelError
 from pipeline.packaged_models import PACKAGED_MODELS, WEIGHTS_FILE
 
@@ -129,9 +127,51 @@ def check_model_dir(
         raise ModelError(f"{model_dir} is not {kind}: missing {missing}; {hint}")
 
 
+# Sentences the reload check runs through both copies: different lengths (so padding is exercised),
+# digits, punctuation and words a small vocabulary may lack.
+RELOAD_PROBE = [
+    "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007.",
+    "Shares fell.",
+    "The Finnish company's net sales decreased, and it warned of further layoffs (about 5%).",
+]
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """Save `model` and `tokenizer` as safetensors and prove they reload to the same logits.
+
+    Every stage that writes a torch model saves through here, so a model whose in-memory structure
+    config.json cannot describe (a layer copied where from_pretrained builds a different one, a head
+    count the config does not record) fails now, with the size of the difference, not later with
+    silently different scores.
+    """
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    verify_reload(model, tokenizer, out_dir)
+
+
+def verify_reload(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, atol: float = 1e-4) -> None:
+    """The directory must reload (model and tokenizer) to the very logits of the in-memory copy."""
+    was_training = model.training
+    try:
+        reloaded = load_trained(out_dir, attn_implementation=model.config._attn_implementation or "eager")
+        reloaded_tokenizer = load_tokenizer(str(out_dir))
+        batch = tokenizer(RELOAD_PROBE, padding=True, return_tensors="pt")
+        again = reloaded_tokenizer(RELOAD_PROBE, padding=True, return_tensors="pt")
+        if not torch.equal(batch["input_ids"], again["input_ids"]):
+            raise ModelError(f"{out_dir}: the saved tokenizer splits text differently from the one in memory")
+        device = next(model.parameters()).device  # both copies on one device: same kernels, same numbers
+        with torch.no_grad():
+            expected = model.eval()(**batch.to(device)).logits.float().cpu()
+            got = reloaded.to(device)(**again.to(device)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+    difference = (expected - got).abs().max().item()
+    if not difference <= atol:
+        raise ModelError(
+            f"{out_dir}: the saved {model.config.model_type} model reloads to different logits (max |diff| "
+            f"{difference:.3g} > {atol}): its config.json does not describe the model in memory. This is a bug "
+            "in how the model was built or pruned (pipeline/architectures.py); nothing was published."
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -156,22 +196,7 @@ def decision_thresholds(model: PreTrainedModel, default: float) -> float | list[
     return getattr(model.config, "label_thresholds", None) or default
 
 
-# --------------------------------------------------------------------------- students
-
-
-def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The transformer blocks of a BERT-like encoder (BERT, RoBERTa, ELECTRA, DistilBERT, ...)."""
-    base = model.base_model
-    for path in ("encoder.layer", "transformer.layer", "layers"):
-        module: Any = base
-        for part in path.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ModelError(
-        f"{type(model).__name__}: cannot find its transformer layers; layer selection supports BERT-like "
-        "encoders. Use student.init=random."
-    )
+# --------------------------------------------------------------------------- layer maps
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
@@ -187,90 +212,6 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [math.ceil((i + 1) * teacher_layers / student_layers - 1e-9) for i in range(student_layers)]
 
 
-def keep_layers(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
-    """A copy of `model` with only the given encoder layers (1-based), in order."""
-    student = copy.deepcopy(model)
-    blocks = encoder_layers(student)
-    kept = nn.ModuleList([blocks[i - 1] for i in layers])
-    blocks._modules.clear()
-    for index, block in enumerate(kept):
-        blocks.add_module(str(index), block)
-    student.config.num_hidden_layers = len(layers)
-    return student
-
-
-def build_student(
-    teacher: PreTrainedModel, cfg: StudentConfig, label_names: list[str], trust_remote_code: bool = False
-) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """Construct the student from params; return it and a description for checkpoint_info.json."""
-    t_cfg = teacher.config
-    t_layers, t_hidden = t_cfg.num_hidden_layers, t_cfg.hidden_size
-    layers = cfg.num_layers or math.ceil(t_layers / 2)
-    torch.manual_seed(cfg.seed)
-    if cfg.init == "teacher":
-        differs = {
-            key: (value, getattr(t_cfg, name))
-            for key, value, name in (
-                ("hidden_size", cfg.hidden_size, "hidden_size"),
-                ("num_heads", cfg.num_heads, "num_attention_heads"),
-                ("intermediate_size", cfg.intermediate_size, "intermediate_size"),
-            )
-            if value is not None and value != getattr(t_cfg, name)
-        }
-        if differs:
-            raise ConfigError(
-                f"student.init=teacher copies the teacher's weights, so the student must keep the teacher's "
-                f"widths; these differ (student, teacher): {differs}. Use student.init=random to change them."
-            )
-        if layers > t_layers:
-            raise ConfigError(
-                f"student.num_layers={layers} is deeper than its init source, the {t_layers}-layer teacher"
-            )
-        chosen = uniform_layer_map(layers, t_layers)
-        student = keep_layers(teacher, chosen)
-        return student.train(), {"init": "teacher", "init_layers": chosen}
-    if cfg.init == "random":
-        hidden = cfg.hidden_size or t_hidden
-        heads = cfg.num_heads or t_cfg.num_attention_heads
-        if hidden % heads:
-            raise ConfigError(
-                f"student.hidden_size={hidden} is not divisible by {heads} attention heads; set student.num_heads"
-            )
-        config = copy.deepcopy(t_cfg)
-        config.num_hidden_layers = layers
-        config.hidden_size = hidden
-        config.num_attention_heads = heads
-        config.intermediate_size = cfg.intermediate_size or (
-            t_cfg.intermediate_size if hidden == t_hidden else 4 * hidden
-        )
-        student = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-        return student.train(), {"init": "random"}
-    # A pretrained model id or directory.
-    source = resolve_model_source(cfg.init)
-    student = load_pretrained_classifier(
-        source, label_names, teacher.config.problem_type or "single_label_classification", trust_remote_code
-    )
-    s_cfg = student.config
-    if s_cfg.vocab_size != t_cfg.vocab_size:
-        raise ConfigError(
-            f"student.init={cfg.init!r} has a vocabulary of {s_cfg.vocab_size} tokens but the teacher's has "
-            f"{t_cfg.vocab_size}; students share the teacher's tokenizer, so pick a model with the same one"
-        )
-    if cfg.hidden_size is not None and cfg.hidden_size != s_cfg.hidden_size:
-        raise ConfigError(
-            f"student.hidden_size={cfg.hidden_size} differs from {cfg.init!r}'s {s_cfg.hidden_size}; "
-            "leave it null to use the pretrained width"
-        )
-    source_layers = s_cfg.num_hidden_layers
-    if layers > source_layers:
-        raise ConfigError(
-            f"student.num_layers={layers} is deeper than its init source {cfg.init!r} ({source_layers} layers)"
-        )
-    chosen = uniform_layer_map(layers, source_layers)
-    if layers < source_layers:
-        student = keep_layers(student, chosen)
-    return student.train(), {"init": cfg.init, "init_layers": chosen}
-
 
 # --------------------------------------------------------------------------- inference
 
@@ -278,7 +219,6 @@ def build_student(
 def logits_fn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int):
     """texts -> logits as a NumPy array: how the record of a PyTorch member is evaluated."""
     return lambda texts: predict_logits(model, tokenizer, texts, max_length).numpy()
-
 
 @torch.no_grad()
 def predict_logits(

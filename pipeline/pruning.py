@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast, TrainerCallback
-from transformers.pytorch_utils import prune_linear_layer
 
+from pipeline.architectures import architecture_for, encoder_layers
 from pipeline.errors import ConfigError, ModelError
-from pipeline.models import encoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +30,27 @@ log = logging.getLogger(__name__)
 
 
 def heads_per_layer(model: PreTrainedModel) -> list[int]:
-    return [layer.attention.self.num_attention_heads for layer in encoder_layers(model)]
+    arch = architecture_for(model)
+    return [arch.head_count(layer) for layer in arch.layers(model)]
 
 
 def ffn_width(model: PreTrainedModel) -> int:
-    widths = {layer.intermediate.dense.out_features for layer in encoder_layers(model)}
+    arch = architecture_for(model)
+    widths = {arch.ffn_width(layer) for layer in arch.layers(model)}
     if len(widths) != 1:
         raise ModelError(f"the FFN widths differ between layers ({sorted(widths)}); cannot prune uniformly")
     return widths.pop()
+
+
+def check_structured(model: PreTrainedModel, heads_ratio: float, heads_keep: int) -> None:
+    """Fail before any work when this architecture cannot remove heads the way the params ask."""
+    arch = architecture_for(model)
+    problem = arch.head_pruning_problem()
+    if problem and heads_keep < heads_per_layer(model)[0]:
+        raise ConfigError(
+            f"prune.heads_ratio={heads_ratio}: attention heads cannot be removed from {arch.model_type} "
+            f"models ({problem}). Set prune.heads_ratio=0 (prune.ffn_ratio still removes FFN neurons)."
+        )
 
 
 def keep_count(total: int, ratio: float, what: str, key: str) -> int:
@@ -66,36 +78,49 @@ def importance_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Head importance (Michel et al., 2019) and FFN neuron importance, from the task loss.
 
-    Heads: |dL/d mask_h| for a per-head mask of ones, accumulated over batches and normalised per
-    layer. Neurons: the first-order Taylor estimate |a * dL/da| of each intermediate activation.
-    Returns ([layers, heads], [layers, ffn width]).
+    Heads: |dL/d g_h| for a gate of ones multiplying each head's share of the input of the attention
+    output linear (the same gradient as Michel et al.'s head mask, without needing the model to take
+    a `head_mask`), accumulated over batches and normalised per layer. Neurons: the first-order
+    Taylor estimate |a * dL/da| of each input of the FFN output linear. A layer applied several times
+    (ALBERT) sums over its applications. Returns ([layers, heads], [layers, ffn width]).
     """
-    layers = encoder_layers(model)
+    arch = architecture_for(model)
+    layers = arch.layers(model)
     heads = heads_per_layer(model)
     if len(set(heads)) != 1:
         raise ModelError(f"layers have different head counts {heads}; head importance needs them equal")
     device = next(model.parameters()).device
-    head_mask = torch.ones(len(layers), heads[0], device=device, requires_grad=True)
+    gates = torch.ones(len(layers), heads[0], device=device, requires_grad=True)
     head_importance = torch.zeros(len(layers), heads[0], device=device)
     neuron_importance = torch.zeros(len(layers), ffn_width(model), device=device)
-    activations: list[torch.Tensor] = []
+    activations: list[tuple[int, torch.Tensor]] = []
 
-    def keep_activation(_module, _inputs, output):
-        output.retain_grad()
-        activations.append(output)
+    def gate_heads(index: int, size: int):
+        def hook(_module, inputs):
+            return (inputs[0] * gates[index].repeat_interleave(size).to(inputs[0].dtype), *inputs[1:])
+        return hook
 
-    hooks = [layer.intermediate.register_forward_hook(keep_activation) for layer in layers]
+    def keep_activation(index: int):
+        def hook(_module, inputs):
+            inputs[0].retain_grad()
+            activations.append((index, inputs[0]))
+        return hook
+
+    hooks = []
+    for index, layer in enumerate(layers):
+        hooks.append(arch.attention_output_linear(layer).register_forward_pre_hook(gate_heads(index, arch.head_size(layer))))
+        hooks.append(arch.ffn_output_linear(layer).register_forward_pre_hook(keep_activation(index)))
     was_training = model.training
     model.eval()  # no dropout: the scores should reflect the model as it will run
     try:
         for batch in itertools.islice(batches, max_batches):
             batch = {key: value.to(device) for key, value in batch.items() if key != "teacher_logits"}
             activations.clear()
-            loss = model(**batch, head_mask=head_mask).loss
+            loss = model(**batch).loss
             loss.backward()
-            head_importance += head_mask.grad.abs().detach()
-            head_mask.grad = None
-            for index, activation in enumerate(activations):
+            head_importance += gates.grad.abs().detach()
+            gates.grad = None
+            for index, activation in activations:
                 neuron_importance[index] += (activation * activation.grad).abs().sum(dim=(0, 1)).detach()
             model.zero_grad(set_to_none=True)
     finally:
@@ -110,64 +135,105 @@ def importance_scores(
 
 
 def prune_heads(model: PreTrainedModel, importance: torch.Tensor, keep: int) -> dict[int, list[int]]:
-    """Remove the least important heads of every layer so `keep` remain; returns the original ids removed."""
-    already = {int(k): set(v) for k, v in (model.config.pruned_heads or {}).items()}
-    original = model.config.num_attention_heads
+    """Remove the least important heads of every layer so `keep` remain, by slicing the adapter's
+    linears, and record the layout in the config; returns the original ids removed per layer."""
+    arch = architecture_for(model)
+    layers = arch.layers(model)
     to_prune: dict[int, list[int]] = {}
-    for layer, scores in enumerate(importance):
-        alive = [h for h in range(original) if h not in already.get(layer, set())]  # current -> original id
+    for index, (layer, scores) in enumerate(zip(layers, importance)):
+        attention = arch.attention_module(layer)
+        alive = getattr(attention, "fincompress_original_heads", None) or _alive_heads(model, index, arch.head_count(layer))
         remove = len(alive) - keep
         if remove <= 0:
             continue
-        order = torch.argsort(scores)[:remove].tolist()
-        to_prune[layer] = sorted(alive[i] for i in order)
+        current = sorted(torch.argsort(scores[: len(alive)])[:remove].tolist())
+        arch.remove_heads(model, index, layer, current)
+        attention.fincompress_original_heads = [h for i, h in enumerate(alive) if i not in set(current)]
+        to_prune[index] = sorted(alive[i] for i in current)
     if to_prune:
-        model.prune_heads(to_prune)
+        arch.record_heads(model, to_prune)
     return to_prune
+
+
+def _alive_heads(model: PreTrainedModel, layer: int, count: int) -> list[int]:
+    """Original ids of the heads a layer still has (config.pruned_heads lists those already gone)."""
+    gone = set((model.config.pruned_heads or {}).get(layer, []))
+    return [h for h in range(count + len(gone)) if h not in gone]
 
 
 def prune_ffn(model: PreTrainedModel, importance: torch.Tensor, keep: int) -> None:
     """Keep the `keep` most important intermediate neurons in every layer (one width for all layers)."""
-    for layer, scores in zip(encoder_layers(model), importance):
-        index = torch.argsort(scores, descending=True)[:keep].sort().values.to(layer.intermediate.dense.weight.device)
-        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, index, dim=0)
-        layer.output.dense = prune_linear_layer(layer.output.dense, index, dim=1)
-    model.config.intermediate_size = keep
+    arch = architecture_for(model)
+    for layer, scores in zip(arch.layers(model), importance):
+        arch.remove_neurons(layer, torch.argsort(scores, descending=True)[:keep].sort().values)
+    arch.set_ffn_width(model.config, keep)
 
 
 # --------------------------------------------------------------------------- vocabulary trimming
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    return set(tokenizer.all_special_ids)
+TRIMMABLE = "WordPiece, byte-level BPE and Unigram"
+
+
+def vocabulary_trim_problem(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why the vocabulary of `tokenizer` cannot be trimmed, or None when it can."""
+    if not getattr(tokenizer, "is_fast", False):
+        return "the tokenizer is not a fast tokenizer (no tokenizer.json)"
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    kind = state["model"]["type"]
+    if kind == "BPE" and not _is_byte_level(state.get("pre_tokenizer")):
+        return "its BPE tokenizer is not byte-level, so unseen characters could not be spelled with kept tokens"
+    if kind not in ("WordPiece", "BPE", "Unigram"):
+        return f"its tokenizer is {kind}; vocabulary trimming supports {TRIMMABLE}"
+    return None
+
+
+def _is_byte_level(pre_tokenizer: dict[str, Any] | None) -> bool:
+    if not pre_tokenizer:
+        return False
+    if pre_tokenizer.get("type") == "Sequence":
+        return any(_is_byte_level(item) for item in pre_tokenizer.get("pretokenizers", []))
+    return pre_tokenizer.get("type") == "ByteLevel"
 
 
 def trim_vocabulary(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corpus: list[str], keep_top: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, dict[str, Any]]:
-    """Keep the special tokens, every token `corpus` uses, every single-character piece (so unseen
-    words still split into known pieces instead of [UNK]) and `keep_top` other tokens in the
-    vocabulary's own order (frequency order for BERT's WordPiece). The tokenizer and the embedding
-    matrix are rebuilt together; ids are renumbered but every kept token keeps its embedding row."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError("prune.vocab=corpus needs a fast tokenizer (tokenizer.json); set prune.vocab=none")
+    """Keep the special tokens, every token `corpus` uses, every token unseen words fall back to
+    (WordPiece and Unigram: single characters; byte-level BPE: the 256 byte symbols) and `keep_top`
+    other tokens in the vocabulary's own order. Byte-level BPE also keeps every merge whose result
+    and parts survive, and the parts of every kept token, so the corpus splits exactly as before.
+    The tokenizer and the embedding matrix are rebuilt together; ids are renumbered but every kept
+    token keeps its embedding row, so the corpus gives the very same logits."""
+    problem = vocabulary_trim_problem(tokenizer)
+    if problem:
+        raise ConfigError(f"prune.vocab=corpus cannot trim this vocabulary: {problem}. Set prune.vocab=auto or none.")
     state = json.loads(tokenizer.backend_tokenizer.to_str())
-    if state["model"]["type"] != "WordPiece":
-        raise ConfigError(
-            f"prune.vocab=corpus supports WordPiece tokenizers (BERT family); this one is "
-            f"{state['model']['type']}. Set prune.vocab=none."
-        )
-    vocab: dict[str, int] = state["model"]["vocab"]
-    by_id = {index: token for token, index in vocab.items()}
+    spec = state["model"]
+    kind = spec["type"]
+    if kind == "Unigram":
+        by_id = {index: piece for index, (piece, _score) in enumerate(spec["vocab"])}
+    else:
+        by_id = {index: token for token, index in spec["vocab"].items()}
     used = {i for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"] for i in ids}
-    chars = {i for t, i in vocab.items() if len(t) == 1 or (t.startswith("##") and len(t) == 3)}
-    kept = used | chars | _special_ids(tokenizer)
+    kept = used | set(tokenizer.all_special_ids) | {t["id"] for t in state.get("added_tokens", [])}
+    kept |= {i for i, token in by_id.items() if _is_fallback_piece(kind, token)}
     others = [i for i in sorted(by_id) if i not in kept and not by_id[i].startswith("[unused")]
     kept |= set(others[:keep_top])
+    if kind == "BPE":
+        kept = _close_under_merges(kept, by_id, spec)
     old_ids = sorted(kept)
     new_id = {old: new for new, old in enumerate(old_ids)}
 
-    state["model"]["vocab"] = {by_id[old]: new for new, old in enumerate(old_ids)}
+    if kind == "Unigram":
+        spec["vocab"] = [spec["vocab"][old] for old in old_ids]
+        if spec.get("unk_id") is not None:
+            spec["unk_id"] = new_id[spec["unk_id"]]
+    else:
+        spec["vocab"] = {by_id[old]: new for new, old in enumerate(old_ids)}
+    if kind == "BPE":
+        survivors = {by_id[i] for i in old_ids}
+        spec["merges"] = [m for m in spec["merges"] if all(t in survivors for t in (*_merge_parts(m), "".join(_merge_parts(m))))]
     for token in state.get("added_tokens", []):
         token["id"] = new_id[token["id"]]
     _renumber_post_processor(state.get("post_processor"), new_id)
@@ -176,19 +242,68 @@ def trim_vocabulary(
     backend = Tokenizer.from_str(json.dumps(state))
     trimmed = type(tokenizer)(
         tokenizer_object=backend,
-        **{k: v for k, v in tokenizer.init_kwargs.items() if k not in ("vocab_file", "tokenizer_file", "name_or_path")},
+        **{k: v for k, v in tokenizer.init_kwargs.items() if k not in ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")},
     )
 
     old_embeddings = model.get_input_embeddings()
     index = torch.tensor(old_ids, device=old_embeddings.weight.device)
-    pad_id = new_id.get(model.config.pad_token_id) if model.config.pad_token_id is not None else None
+    config = model.config
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id"):
+        if getattr(config, key, None) is not None and getattr(config, key) in new_id:
+            setattr(config, key, new_id[getattr(config, key)])
+    pad_id = config.pad_token_id if config.pad_token_id in range(len(old_ids)) else None
     embeddings = nn.Embedding(len(old_ids), old_embeddings.embedding_dim, padding_idx=pad_id)
     embeddings.weight.data = old_embeddings.weight.data[index].clone()
     model.set_input_embeddings(embeddings)
-    model.config.vocab_size = len(old_ids)
-    model.config.pad_token_id = pad_id
-    info = {"vocab_size_before": len(vocab), "vocab_size_after": len(old_ids), "corpus_tokens": len(used)}
+    base_embeddings = getattr(model.base_model, "embeddings", None)
+    if base_embeddings is not None and hasattr(base_embeddings, "padding_idx"):
+        base_embeddings.padding_idx = pad_id  # RoBERTa-style position ids count from the pad id
+    config.vocab_size = len(old_ids)
+    info = {
+        "vocab_kind": kind, "vocab_size_before": len(by_id), "vocab_size_after": len(old_ids), "corpus_tokens": len(used),
+    }
     return model, trimmed, info
+
+
+def _is_fallback_piece(kind: str, token: str) -> bool:
+    """Tokens unseen words fall back to: single characters (WordPiece, Unigram, with their
+    continuation or word-start marks), byte pieces (Unigram byte_fallback), the byte alphabet (BPE)."""
+    if kind == "BPE":
+        return token in _byte_alphabet()
+    if kind == "Unigram":
+        return len(token) == 1 or (len(token) == 2 and token[0] == "\u2581") or (token.startswith("<0x") and len(token) == 6)
+    return len(token) == 1 or (token.startswith("##") and len(token) == 3)
+
+
+def _byte_alphabet() -> set[str]:
+    from tokenizers import pre_tokenizers
+
+    return set(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _merge_parts(merge: str | list[str]) -> tuple[str, str]:
+    """A merge as its two parts (tokenizers writes "a b" strings or, since 0.20, [a, b] pairs)."""
+    first, second = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return first, second
+
+
+def _close_under_merges(kept: set[int], by_id: dict[int, str], spec: dict[str, Any]) -> set[int]:
+    """Add the parts of every kept token a merge produces, recursively: BPE builds a token only
+    through its parts, so a token whose parts are gone could never be produced again."""
+    ids = {token: index for index, token in by_id.items()}
+    parts_of: dict[str, list[tuple[str, str]]] = {}
+    for merge in spec["merges"]:
+        first, second = _merge_parts(merge)
+        parts_of.setdefault(first + second, []).append((first, second))
+    kept = set(kept)
+    todo = [by_id[i] for i in kept]
+    while todo:
+        for pair in parts_of.get(todo.pop(), []):
+            for part in pair:
+                if part in ids and ids[part] not in kept:
+                    kept.add(ids[part])
+                    todo.append(part)
+    return kept
 
 
 def _renumber_post_processor(processor: dict[str, Any] | None, new_id: dict[int, int]) -> None:

@@ -1,19 +1,118 @@
 """The flow the three student stages share: build the student from the verified teacher, train it
 with the distillation Trainer (KD terms from the stage's params, none for the baseline), evaluate,
-save. The stages differ only in the KD terms they pass."""
+save. The stages differ only in the KD terms they pass.
+
+Building a student (`build_student`) lives here too: layer selection goes through the teacher's
+architecture adapter (pipeline/architectures.py)."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from typing import Any
 
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
 from pipeline import training
-from pipeline.config import KDTerms, Params
+from pipeline.architectures import architecture_for, ffn_width_key
+from pipeline.config import KDTerms, Params, StudentConfig
 from pipeline.distill import DistillationTrainer, build_kd_loss, precompute_teacher_logits, resolve_layer_map
-from pipeline.models import build_student, load_trained_with_tokenizer, state_fingerprint
+from pipeline.errors import ConfigError
+from pipeline.models import (
+    load_pretrained_classifier,
+    load_trained_with_tokenizer,
+    resolve_model_source,
+    state_fingerprint,
+    uniform_layer_map,
+)
 from pipeline.prepared import load_prepared
 
 log = logging.getLogger(__name__)
+
+
+def keep_layers(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A copy of `model` with only the given encoder layers (1-based), in order; how depends on the
+    architecture (copied modules, a rebuild for position-dependent layers, fewer ALBERT repetitions)."""
+    return architecture_for(model).select_layers(model, layers)
+
+
+def build_student(
+    teacher: PreTrainedModel, cfg: StudentConfig, label_names: list[str], trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Construct the student from params; return it and a description for checkpoint_info.json."""
+    t_cfg = teacher.config
+    t_layers, t_hidden = t_cfg.num_hidden_layers, t_cfg.hidden_size
+    layers = cfg.num_layers or math.ceil(t_layers / 2)
+    torch.manual_seed(cfg.seed)
+    if cfg.init == "teacher":
+        differs = {
+            key: (value, getattr(t_cfg, name))
+            for key, value, name in (
+                ("hidden_size", cfg.hidden_size, "hidden_size"),
+                ("num_heads", cfg.num_heads, "num_attention_heads"),
+                ("intermediate_size", cfg.intermediate_size, ffn_width_key(t_cfg)),
+            )
+            if value is not None and value != getattr(t_cfg, name)
+        }
+        if differs:
+            raise ConfigError(
+                f"student.init=teacher copies the teacher's weights, so the student must keep the teacher's "
+                f"widths; these differ (student, teacher): {differs}. Use student.init=random to change them."
+            )
+        if layers > t_layers:
+            raise ConfigError(
+                f"student.num_layers={layers} is deeper than its init source, the {t_layers}-layer teacher"
+            )
+        chosen = uniform_layer_map(layers, t_layers)
+        student = keep_layers(teacher, chosen)
+        if architecture_for(t_cfg).shared_layers:
+            return student.train(), {"init": "teacher", "shared_layer_repetitions": layers}
+        return student.train(), {"init": "teacher", "init_layers": chosen}
+    if cfg.init == "random":
+        hidden = cfg.hidden_size or t_hidden
+        heads = cfg.num_heads or t_cfg.num_attention_heads
+        if hidden % heads:
+            raise ConfigError(
+                f"student.hidden_size={hidden} is not divisible by {heads} attention heads; set student.num_heads"
+            )
+        config = copy.deepcopy(t_cfg)
+        config.num_hidden_layers = layers
+        config.hidden_size = hidden
+        config.num_attention_heads = heads
+        width_key = ffn_width_key(t_cfg)  # a random student needs no adapter: any architecture works
+        setattr(config, width_key, cfg.intermediate_size or (getattr(t_cfg, width_key) if hidden == t_hidden else 4 * hidden))
+        config.pruned_heads = {}  # a fresh model has every head
+        if getattr(config, "attention_head_size", None) is not None:
+            config.attention_head_size = hidden // heads
+        student = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+        return student.train(), {"init": "random"}
+    # A pretrained model id or directory.
+    source = resolve_model_source(cfg.init)
+    student = load_pretrained_classifier(
+        source, label_names, teacher.config.problem_type or "single_label_classification", trust_remote_code
+    )
+    s_cfg = student.config
+    if s_cfg.vocab_size != t_cfg.vocab_size:
+        raise ConfigError(
+            f"student.init={cfg.init!r} has a vocabulary of {s_cfg.vocab_size} tokens but the teacher's has "
+            f"{t_cfg.vocab_size}; students share the teacher's tokenizer, so pick a model with the same one"
+        )
+    if cfg.hidden_size is not None and cfg.hidden_size != s_cfg.hidden_size:
+        raise ConfigError(
+            f"student.hidden_size={cfg.hidden_size} differs from {cfg.init!r}'s {s_cfg.hidden_size}; "
+            "leave it null to use the pretrained width"
+        )
+    source_layers = s_cfg.num_hidden_layers
+    if layers > source_layers:
+        raise ConfigError(
+            f"student.num_layers={layers} is deeper than its init source {cfg.init!r} ({source_layers} layers)"
+        )
+    chosen = uniform_layer_map(layers, source_layers)
+    if layers < source_layers:
+        student = keep_layers(student, chosen)
+    return student.train(), {"init": cfg.init, "init_layers": chosen}
 
 
 def train_student(params: Params, stage: str, member: str, out_path: str, terms: KDTerms | None) -> dict[str, Any]:

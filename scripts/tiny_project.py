@@ -1,5 +1,6 @@
 """A tiny runnable FinCompress project: a random 2-layer BERT with a WordPiece vocabulary written for a
-74-sentence corpus, params sized for seconds, laid out with the code and dvc.yaml as a git + DVC
+74-sentence corpus (or, with make_tiny_model, any of the nine supported architectures with its own
+kind of fast tokenizer), params sized for seconds, laid out with the code and dvc.yaml as a git + DVC
 repository. The tests (tests/conftest.py) and scripts/prefect_e2e.py build their projects with it."""
 
 from __future__ import annotations
@@ -45,6 +46,113 @@ def make_tiny_bert(directory: Path, texts: list[str], seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# The special tokens of each tokenizer kind, in the order of their first ids.
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+TINY_WIDTHS = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
+TINY_ARCHITECTURES = (
+    "bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta-v2", "albert", "modernbert",
+)
+
+
+def _wordpiece(directory: Path, texts: list[str], specials: list[str], cls_name: str):
+    import transformers
+
+    (directory / "vocab.txt").write_text("\n".join(specials + tiny_vocabulary(texts)[5:]) + "\n")
+    return getattr(transformers, cls_name)(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+
+
+def _byte_level_bpe(texts: list[str], specials: list[str], template: tuple[str, str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    cls, sep = template
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}",
+        special_tokens=[(t, tokenizer.token_to_id(t)) for t in (cls, sep)],
+    )
+    return tokenizer
+
+
+def _unigram(texts: list[str], specials: list[str], unk: str, template: tuple[str, str]):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=250, special_tokens=specials, unk_token=unk)
+    tokenizer.train_from_iterator(texts, trainer)
+    cls, sep = template
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
+        special_tokens=[(t, tokenizer.token_to_id(t)) for t in (cls, sep)],
+    )
+    return tokenizer
+
+
+def make_tiny_model(directory: Path, texts: list[str], model_type: str, seed: int = 0) -> Path:
+    """A random encoder of `model_type` (hidden 32, 2-3 layers, 2 heads) with a fast tokenizer of its
+    family's kind trained offline on `texts`: WordPiece (BERT, DistilBERT, ELECTRA, MPNet), byte-level
+    BPE (RoBERTa, ModernBERT) or Unigram (XLM-RoBERTa, DeBERTa-v2, ALBERT). Safetensors weights."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
+
+    if model_type == "bert":
+        return make_tiny_bert(directory, texts, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {}
+    if model_type in ("distilbert", "electra"):
+        name = {"distilbert": "DistilBertTokenizerFast", "electra": "ElectraTokenizerFast"}[model_type]
+        tokenizer = _wordpiece(directory, texts, BERT_SPECIALS, name)
+    elif model_type == "mpnet":
+        tokenizer = _wordpiece(directory, texts, ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"], "MPNetTokenizerFast")
+    elif model_type == "roberta":
+        backend = _byte_level_bpe(texts, ROBERTA_SPECIALS, ("<s>", "</s>"))
+        tokenizer = transformers.RobertaTokenizerFast(tokenizer_object=backend)
+    elif model_type == "modernbert":
+        backend = _byte_level_bpe(texts, BERT_SPECIALS, ("[CLS]", "[SEP]"))
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+            mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],
+        )
+        extra = {"num_hidden_layers": 3, "global_attn_every_n_layers": 2, "local_attention": 8,
+                 "pad_token_id": 0, "cls_token_id": 2, "sep_token_id": 3, "bos_token_id": 2, "eos_token_id": 3}
+    elif model_type == "xlm-roberta":
+        backend = _unigram(texts, ROBERTA_SPECIALS, "<unk>", ("<s>", "</s>"))
+        tokenizer = transformers.XLMRobertaTokenizerFast(tokenizer_object=backend)
+    elif model_type == "deberta-v2":
+        backend = _unigram(texts, BERT_SPECIALS, "[UNK]", ("[CLS]", "[SEP]"))
+        tokenizer = transformers.DebertaV2TokenizerFast(tokenizer_object=backend)
+        # DeBERTa-v3's layout: relative attention with shared key projections, position buckets.
+        extra = {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 16,
+                 "max_relative_positions": -1, "share_att_key": True, "norm_rel_ebd": "layer_norm",
+                 "position_biased_input": False, "type_vocab_size": 0, "pad_token_id": 0}
+    elif model_type == "albert":
+        backend = _unigram(texts, BERT_SPECIALS, "[UNK]", ("[CLS]", "[SEP]"))
+        tokenizer = transformers.AlbertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+        extra = {"embedding_size": 16, "num_hidden_groups": 1, "pad_token_id": 0}
+    else:
+        raise ValueError(f"no tiny recipe for {model_type}")
+    if model_type in ("roberta", "xlm-roberta"):
+        extra = {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
+    widths = {"num_hidden_layers": 2, **TINY_WIDTHS, **extra}
+    if model_type == "distilbert":
+        widths = {"dim": 32, "n_heads": 2, "n_layers": 2, "hidden_dim": 64, "max_position_embeddings": 128}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **widths)
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -29,7 +29,6 @@ from pipeline.distill import (
 from pipeline.errors import ConfigError
 from pipeline.labels import problem_type
 from pipeline.models import (
-    build_student,
     load_pretrained_classifier,
     load_tokenizer,
     load_trained,
@@ -39,6 +38,7 @@ from pipeline.models import (
 )
 from pipeline.prepared import load_prepared
 from pipeline.record import ModelRecord, evaluate_splits
+from pipeline.students import build_student
 from pipeline.training import Collator, encode, training_arguments
 from stages import distill_intermediate, distill_vanilla, student_baseline
 from tests.helpers import copy_project

@@ -16,8 +16,9 @@ from onnx import TensorProto, helper
 from safetensors import safe_open
 from transformers.pytorch_utils import prune_linear_layer
 
+from pipeline.architectures import encoder_layers
 from pipeline.errors import ConfigError, GateError, ModelError
-from pipeline.models import encoder_layers, load_tokenizer, load_trained, predict_logits, save_model
+from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
 from pipeline.onnx import OnnxClassifier, check_onnx_file, create_session
 from pipeline.onnx_export import (
     detect_isa,
