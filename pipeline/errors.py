@@ -23,3 +23,7 @@ class GateError(FinCompressError):
 
 class TransientError(FinCompressError):
     """Something outside the inputs failed (a tracking server is down): running again may succeed."""
+
+
+class OutputError(FinCompressError):
+    """An output path that would overwrite something this pipeline did not write, or is in use."""

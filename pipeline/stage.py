@@ -6,6 +6,7 @@ traceback) and exits with status 1; nothing already written is touched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 from pipeline import tracking
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params
 from pipeline.errors import FinCompressError, TransientError
-from pipeline.io import read_json, write_json
+from pipeline.io import check_output_paths, read_json, stage_lock, write_json
 
 log = logging.getLogger("fincompress")
 
@@ -87,7 +88,11 @@ class Stage:
         setup_logging()
         try:
             params = load_params(args.params, args.overrides)
-            self.execute(params)
+            check_output_paths(params)
+            # One run of a stage at a time, also outside DVC's lock (only rank 0 writes under torchrun).
+            lock = stage_lock(params, self.name) if is_main_process() else contextlib.nullcontext()
+            with lock:
+                self.execute(params)
         except TransientError as error:
             # Not "error: <stage>:": orchestrators retry this one (the inputs are not at fault).
             print(f"transient error: {self.name}: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ import pytest
 from pipeline.config import params_from_dict
 from pipeline.data import prepare
 from pipeline.errors import DataError
+from pipeline.io import OUTPUT_MARKER
 from pipeline.prepared import load_split
 from scripts.tiny_project import REPO, TINY_CSV
 from stages import prepare_data
@@ -197,9 +198,10 @@ def test_bad_input_is_a_clear_error_and_leaves_outputs_untouched(tmp_path, case)
     previous = tmp_path / "data" / "prepared"
     previous.mkdir(parents=True)
     (previous / "manifest.json").write_text("previous run")
+    (previous / OUTPUT_MARKER).write_text("a previous run of this pipeline")
     with pytest.raises(DataError, match=message):
         prepare_data.STAGE.execute(params)
-    assert [p.name for p in previous.iterdir()] == ["manifest.json"]
+    assert sorted(p.name for p in previous.iterdir()) == [OUTPUT_MARKER, "manifest.json"]
     assert (previous / "manifest.json").read_text() == "previous run"
     assert not (tmp_path / "reports" / "metrics" / "prepare_data.json").exists()
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".")], "temp dir left behind"

@@ -104,9 +104,11 @@ def test_a_killed_write_leaves_the_previous_output_and_is_cleaned_up(tmp_path):
     from pipeline.io import atomic_dir
 
     target = tmp_path / "model"
-    target.mkdir()
-    (target / "weights").write_text("previous")
-    (tmp_path / ".model.tmp-left-by-sigkill").mkdir()  # what a killed writer leaves
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("previous")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f".model.tmp-{dead}-x1y2").mkdir()  # what a killed writer leaves (its owner is gone)
     with pytest.raises(RuntimeError):
         with atomic_dir(target) as tmp:
             (tmp / "weights").write_text("half")
