@@ -336,7 +336,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. teacher.epochs=1")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({problem}); quote it, e.g. {key.strip()}='\"...\"'"
+        ) from None
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
@@ -359,15 +365,35 @@ def params_from_dict(tree: dict[str, Any], root: Path | None = None, source: str
         raise ConfigError(_format_validation_error(error, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                continue  # SafeLoader itself reports unhashable keys
+            if key in seen:
+                raise ConfigError(
+                    f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (first on line "
+                    f"{seen[key]}); the second would silently replace the first. Merge them into one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS_FILE, overrides: list[str] = ()) -> Params:
     """Load and validate params.yaml, applying `key=value` overrides on top."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path.resolve()}; run from the project root or pass --params")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for override in overrides:

@@ -9,6 +9,7 @@ JSONL files with a manifest that records counts and content hashes.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections import Counter
@@ -42,13 +43,30 @@ class Example:
 
 
 def _decode(path: Path) -> str:
-    """UTF-8 first (with or without BOM), Latin-1 as the fallback: Financial PhraseBank mixes both."""
+    """UTF-8 first (with or without BOM), then Windows-1252 (what Excel writes), then Latin-1
+    (Financial PhraseBank mixes UTF-8 and Latin-1; the two agree on every byte it uses)."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        log.info("%s is not UTF-8; reading it as Latin-1", path)
-        return raw.decode("latin-1")
+        pass
+    try:
+        text = raw.decode("cp1252")
+        log.info("%s is not UTF-8; reading it as Windows-1252", path)
+        return text
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    controls = sorted({f"U+{ord(c):04X}" for c in text if "\x80" <= c <= "\x9f"})
+    log.warning(
+        "%s is neither UTF-8 nor Windows-1252; read as Latin-1, but it has C1 control characters %s that "
+        "are probably mis-decoded punctuation. Save the file as UTF-8 to be sure", path, controls[:10],
+    )
+    return text
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split on \\n only (str.splitlines would also split inside a text at U+2028, U+0085, ...)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _require_file(path: Path, what: str) -> None:
@@ -65,7 +83,7 @@ def read_phrasebank(path: Path) -> list[RawRecord]:
     """Financial PhraseBank: one `sentence@label` per line (any of the four agreement files)."""
     _require_file(path, "Financial PhraseBank (sentence@label)")
     records = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    for number, line in enumerate(_lines(_decode(path)), start=1):
         if not line.strip():
             continue
         text, sep, label = line.rpartition("@")
@@ -83,8 +101,15 @@ def _multi_label_columns(cfg: DataConfig, task: TaskConfig) -> list[str] | None:
 
 def read_csv(path: Path, cfg: DataConfig, task: TaskConfig) -> list[RawRecord]:
     _require_file(path, "CSV")
-    rows = csv.DictReader(_decode(path).splitlines())
+    # The csv module over the whole text: a quoted field keeps its line breaks (Excel's Alt+Enter).
+    rows = csv.DictReader(io.StringIO(_decode(path), newline=""))
     columns = rows.fieldnames or []
+    duplicated = sorted({column for column in columns if columns.count(column) > 1})
+    if duplicated:
+        raise DataError(
+            f"{path}: the header names the column(s) {duplicated} more than once; rename them so every "
+            "column has its own name"
+        )
     label_columns = _multi_label_columns(cfg, task)
     needed = [cfg.text_column] + (label_columns or [cfg.label_column])
     for column in needed:
@@ -109,7 +134,7 @@ def read_jsonl(path: Path, cfg: DataConfig, task: TaskConfig) -> list[RawRecord]
     _require_file(path, "JSONL")
     label_columns = _multi_label_columns(cfg, task)
     records = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    for number, line in enumerate(_lines(_decode(path)), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -201,6 +226,10 @@ def normalize_text(text: Any) -> str:
     return " ".join(str(text).split()) if text is not None else ""
 
 
+# Spellings of "no value" that must never become a class when label names are inferred.
+MISSING_LABELS = {"", "nan", "na", "n/a", "none", "null"}
+
+
 def _canonical_label(raw: Any, cfg: DataConfig, where: str) -> str:
     key = str(raw).strip()
     key = cfg.label_map.get(key, key)
@@ -208,6 +237,11 @@ def _canonical_label(raw: Any, cfg: DataConfig, where: str) -> str:
     if names is None or key in names:
         if not key:
             raise DataError(f"{where}: empty label")
+        if names is None and key.lower() in MISSING_LABELS:
+            raise DataError(
+                f"{where}: label {raw!r} is a missing value, not a class; fill it in or drop the row "
+                "(or list the classes in data.label_names)"
+            )
         return key
     if key.lstrip("-").isdigit():  # integer labels index label_names
         index = int(key)
@@ -275,6 +309,15 @@ def label_names_for(examples: list[Example], cfg: DataConfig) -> list[str]:
     found: set[str] = set()
     for example in examples:
         found.update(example.label if isinstance(example.label, tuple) else [example.label])
+    spellings: dict[str, list[str]] = {}
+    for name in sorted(found):
+        spellings.setdefault("".join(name.lower().split()), []).append(name)
+    for names in spellings.values():
+        if len(names) > 1:
+            log.warning(
+                "labels %s differ only by case or spaces and become separate classes; if they mean the "
+                "same, map them together with data.label_map, e.g. {%r: %r}", names, names[1], names[0],
+            )
     return sorted(found)
 
 
