@@ -1,5 +1,11 @@
 """Errors a user can act on. The stage runner prints their message (no traceback) and exits nonzero."""
 
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
 
 class FinCompressError(Exception):
     """A problem with the user's input, params or environment, with a message saying how to fix it."""
@@ -27,3 +33,18 @@ class TransientError(FinCompressError):
 
 class OutputError(FinCompressError):
     """An output path that would overwrite something this pipeline did not write, or is in use."""
+
+
+def unexpected_error_message(command: str, error: BaseException, log_dir: Path) -> str:
+    """Write the traceback of an unexpected exception to a log file; return the one-line message for
+    the terminal (`<command>: <what> ... how to go on`)."""
+    what = f"unexpected {type(error).__name__}: {str(error).strip()[:300]}"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"fincompress-{command}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        path.write_text("".join(traceback.format_exception(error)), encoding="utf-8")
+        where = f"the traceback is in {path}"
+    except OSError:
+        where = "the traceback could not be written to a log file"
+    return (f"{command}: {what}; {where}. This is not a known input problem: check the inputs and the "
+            "machine (disk space, permissions), run again, and report the log file if it persists")

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from pipeline.errors import OutputError
 
 if TYPE_CHECKING:
     from pipeline.config import Params
+
+log = logging.getLogger(__name__)
 
 OUTPUT_MARKER = ".fincompress-output"
 STAGE_LOCKS = ".cache/locks"
@@ -64,7 +67,7 @@ def check_output_paths(params: Params) -> None:
                                   "output directory must be separate from the others")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -80,8 +83,9 @@ def _owner_pid(name: str, prefix: str) -> int | None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: str | os.PathLike[str], what: str) -> Iterator[None]:
-    """Hold an exclusive lock file (fcntl) holding our PID; fail at once when another process has it.
+def exclusive_lock(lock_path: str | os.PathLike[str], what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock file (fcntl) holding our PID. When another process has it: fail at once,
+    or with `wait`, wait for it (logging who holds it). The kernel releases the lock of a killed holder.
 
     The file is removed on release; the inode check after locking keeps that race-free.
     """
@@ -92,15 +96,21 @@ def exclusive_lock(lock_path: str | os.PathLike[str], what: str) -> Iterator[Non
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
-            os.close(fd)
             if error.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
                 raise
             try:
                 holder = lock_path.read_text().strip() or "unknown"
             except OSError:
                 holder = "unknown"
-            raise OutputError(f"another run is writing {what} (pid {holder}); wait for it to finish "
-                              f"or stop it, then run again") from None
+            if wait:
+                log.warning("waiting for another process (pid %s) to finish %s", holder, what)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                raise OutputError(
+                    f"another run is writing {what} (pid {holder}); wait for it to finish or stop it, then run again"
+                ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
         except FileNotFoundError:
@@ -154,7 +164,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         prefix = f".{target.name}.tmp-"
         for stale in target.parent.glob(f"{prefix}*"):
             owner = _owner_pid(stale.name, prefix)
-            if owner is None or (owner != os.getpid() and not _pid_alive(owner)):
+            if owner is None or (owner != os.getpid() and not pid_alive(owner)):
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
         try:

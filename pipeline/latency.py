@@ -13,6 +13,7 @@ This module imports neither torch nor transformers at module level.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,9 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,6 +301,42 @@ def run_benchmark(
     finally:
         for worker in workers:
             worker.stop()
+
+
+
+# --------------------------------------------------------------------------- quiet machine
+
+# 1-minute load average per core above which timings are likely disturbed by other work.
+BUSY_LOAD_PER_CORE = 0.5
+BENCHMARK_LOCK = Path(tempfile.gettempdir()) / "fincompress-benchmark.lock"
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages (empty where the OS has none)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return []
+
+
+@contextlib.contextmanager
+def quiet_machine(lock_path: Path = BENCHMARK_LOCK) -> Iterator[dict[str, Any]]:
+    """One benchmark per machine at a time (a second one waits), and the load average recorded beside
+    the numbers: before and after timing, with a warning when the machine was busy."""
+    from pipeline.io import exclusive_lock
+
+    with exclusive_lock(lock_path, "its benchmark", wait=True):
+        record: dict[str, Any] = {"load_average_before": load_average(), "cores": all_cores()}
+        yield record
+        record["load_average_after"] = load_average()
+    before = record["load_average_before"]
+    record["busy"] = bool(before) and before[0] > BUSY_LOAD_PER_CORE * record["cores"]
+    if record["busy"]:
+        log.warning(
+            "the machine was busy when the benchmark started (1-minute load average %.2f on %d cores): the "
+            "timings are likely slower and noisier than on a quiet machine; re-run the benchmark when it is idle",
+            before[0], record["cores"],
+        )
 
 
 if __name__ == "__main__":

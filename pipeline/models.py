@@ -72,7 +72,27 @@ def load_pretrained_classifier(
             attn_implementation="eager",  # attention maps are needed for KD and head pruning
         )
     except Exception as error:
+        if "size mismatch" in str(error):  # a classifier whose head has another number of labels
+            raise ModelError(
+                f"{source} is already a classifier, and its classification head does not fit the "
+                f"{len(label_names)} classes of the data ({label_names}): {str(error).strip()[:300]}. Point "
+                "teacher.model at the base encoder it was fine-tuned from, or prepare data with its labels"
+            ) from None
         raise _load_error(source, error) from None
+
+
+def check_max_length(model: PreTrainedModel, max_length: int, key: str) -> None:
+    """Refuse a max_length beyond the model's position embeddings (a tensor-size error mid-training)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return  # no absolute position table: nothing to check
+    if model.config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"):
+        limit -= (model.config.pad_token_id or 0) + 1  # positions start after the padding index
+    if max_length > limit:
+        raise ConfigError(
+            f"{key}={max_length} is longer than the model's position embeddings ({limit} tokens); set "
+            f"{key} to at most {limit}"
+        )
 
 
 def load_trained(

@@ -113,6 +113,14 @@ class OnnxClassifier:
         for name in ("config.json", TOKENIZER_FILE):
             if not (model_dir / name).is_file():
                 raise ModelError(f"{model_dir} has no {name}; re-export the model with export_onnx")
+        inside = model_dir.resolve()
+        for name in (MODEL_FILE, "config.json", TOKENIZER_FILE, "tokenizer_config.json"):
+            real = (model_dir / name).resolve()
+            if (model_dir / name).exists() and not real.is_relative_to(inside):
+                raise ModelError(
+                    f"{model_dir / name} points outside the model directory (to {real}); a model directory "
+                    "must hold its own files. Copy the file in, or re-export the model with export_onnx"
+                )
         config = read_json(model_dir / "config.json")
         id2label = config.get("id2label")
         if not id2label:
@@ -135,6 +143,25 @@ class OnnxClassifier:
         pad_id = _pad_id(tokenizer, tokenizer_config, config)
         tokenizer.enable_padding(pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "[PAD]")
         session = create_session(model_dir / MODEL_FILE, intra_op_threads, inter_op_threads)
+        # The parts must belong together: a foreign tokenizer gives confident wrong answers, and
+        # id2label must name every output. (After the session: ONNX Runtime has checked the file.)
+        import onnx
+
+        graph = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False).graph
+        rows = [int(t.dims[0]) for t in graph.initializer if "word_embeddings" in t.name and len(t.dims) == 2]
+        embedding_rows = min(rows) if rows else config.get("vocab_size")
+        tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+        if embedding_rows and tokens > embedding_rows:
+            raise ModelError(
+                f"{model_dir}: the tokenizer has {tokens} tokens but the model's embeddings only "
+                f"{embedding_rows}: they come from different models. Re-export the directory with export_onnx"
+            )
+        width = session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and width != len(label_names):
+            raise ModelError(
+                f"{model_dir / 'config.json'}: id2label names {len(label_names)} labels but the model outputs "
+                f"{width} values; config.json belongs to another model. Re-export the directory with export_onnx"
+            )
         return cls(
             session, tokenizer, int(max_length), label_names, "multi_label" if multi else "single_label", thresholds
         )
@@ -155,7 +182,13 @@ class OnnxClassifier:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            out[index] = self.session.run(None, self.feed([texts[i] for i in index]))[0]
+            result = self.session.run(None, self.feed([texts[i] for i in index]))[0]
+            if result.shape[-1] != out.shape[1]:  # an output width the graph did not declare
+                raise ModelError(
+                    f"the model outputs {result.shape[-1]} values per text but config.json's id2label names "
+                    f"{out.shape[1]} labels; config.json belongs to another model. Re-export it with export_onnx"
+                )
+            out[index] = result
         return out
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError, FinCompressError
+from pipeline.errors import DataError, FinCompressError, unexpected_error_message
 from pipeline.onnx import OnnxClassifier
 
 
@@ -56,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _utf8_lines(raw: bytes, source: str) -> list[str]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{source}: line {line} is not UTF-8 (byte 0x{raw[error.start]:02x}); save the texts as UTF-8, "
+            "e.g. iconv -f WINDOWS-1252 -t UTF-8"
+        ) from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_texts(texts: list[str], file: Path | None) -> list[str]:
     """Texts from the arguments, else the file, else standard input; blank lines dropped."""
     if texts:
@@ -63,11 +76,11 @@ def read_texts(texts: list[str], file: Path | None) -> list[str]:
     elif file is not None:
         if not file.is_file():
             raise DataError(f"--file: file not found: {file}")
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = _utf8_lines(file.read_bytes(), f"--file {file}")
     elif sys.stdin.isatty():
         raise DataError("no texts: pass them as arguments, with --file, or on standard input (one per line)")
     else:
-        lines = sys.stdin.read().splitlines()
+        lines = _utf8_lines(sys.stdin.buffer.read(), "standard input")
     kept = [line.strip() for line in lines if line.strip()]
     if not kept:
         raise DataError("no texts to classify: the input is empty")
@@ -98,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         records = classify(classifier, texts, args.batch_size)
     except FinCompressError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug or the environment: a message here, the traceback in a file
+        print(f"error: {unexpected_error_message('predict', error, Path(tempfile.gettempdir()))}", file=sys.stderr)
         return 1
     for record in records:
         if args.json:

@@ -12,17 +12,19 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params
-from pipeline.errors import FinCompressError, TransientError
+from pipeline.errors import FinCompressError, TransientError, unexpected_error_message
 from pipeline.io import check_output_paths, read_json, stage_lock, write_json
 
 log = logging.getLogger("fincompress")
 
 StageFn = Callable[[Params], dict[str, Any]]
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, worth retrying
+LOG_DIR = ".cache/logs"  # tracebacks of unexpected errors (the terminal gets one line)
 
 
 def is_main_process() -> bool:
@@ -103,3 +105,7 @@ class Stage:
         except KeyboardInterrupt:
             print(f"error: {self.name}: interrupted; previous outputs are untouched", file=sys.stderr)
             sys.exit(130)
+        except Exception as error:  # a bug or the environment: a message here, the traceback in the log
+            log_dir = Path(args.params).resolve().parent / LOG_DIR
+            print(f"error: {unexpected_error_message(self.name, error, log_dir)}", file=sys.stderr)
+            sys.exit(1)

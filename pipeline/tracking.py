@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,13 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.errors import TransientError
+from pipeline.io import pid_alive as _pid_alive
 
 log = logging.getLogger(__name__)
 
 PIPELINE_RUN_ENV = "FINCOMPRESS_PIPELINE_RUN"
+# host:pid of the process running a stage run, so a run left RUNNING by a killed process can be closed.
+OWNER_TAG = "owner"
 
 
 def project_root(params: Params) -> Path:
@@ -128,13 +132,54 @@ def stage_run(
         "data_hash": data_hash or "",
         "pipeline_run": pipeline_run_id(params, commit),
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+    with writing(uri, "the stage's run"):
+        mark_killed_runs(experiment_id, stage, member)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage,
+            tags={**tags, OWNER_TAG: f"{socket.gethostname()}:{os.getpid()}"},
+        )
+    with run:
         logged = {}
         for section in sections:
             logged.update(flatten(params.section(section), f"{section}."))
         # MLflow caps param values at 6000 characters; params here are short.
-        mlflow.log_params({key: str(value) for key, value in logged.items()})
+        with writing(uri, "the stage's params"):
+            mlflow.log_params({key: str(value) for key, value in logged.items()})
         yield run
+
+
+@contextlib.contextmanager
+def writing(uri: str | None, what: str) -> Iterator[None]:
+    """MLflow write failures (a read-only or full database, a server error) as the retryable error."""
+    try:
+        yield
+    except Exception as error:
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "the tracking store")
+        raise TransientError(
+            f"could not write {what} to MLflow at {uri} ({type(error).__name__}: {str(error)[:200]}); "
+            "check that the tracking database is writable and its disk has space (or that the server "
+            "is up), then run again"
+        ) from None
+
+
+def mark_killed_runs(experiment_id: str, stage: str, member: str | None) -> None:
+    """Runs of this stage left RUNNING by a killed process (on this machine) become KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
+        max_results=100,
+    )
+    for run in runs:
+        owner_host, _, pid = run.data.tags.get(OWNER_TAG, "").rpartition(":")
+        if run.data.tags.get("family_member", "") != (member or "") or owner_host != host or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            log.info("marking run %s KILLED: its process %s is gone", run.info.run_id, pid)
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
@@ -149,14 +194,16 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     }
     if scalars:
-        mlflow.log_metrics(scalars, step=step)
+        with writing(None, "metrics"):
+            mlflow.log_metrics(scalars, step=step)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 
     path = Path(path)
-    if path.is_dir():
-        mlflow.log_artifacts(str(path), artifact_path)
-    elif path.is_file():
-        mlflow.log_artifact(str(path), artifact_path)
+    with writing(None, f"the artifact {path.name}"):
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path)

@@ -195,10 +195,32 @@ def checkpoint_dir(params: Params, stage: str, key: str) -> tuple[Path, str | No
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
         stamp.write_text(key + "\n")
+        for checkpoint in sorted(directory.glob("checkpoint-*")):
+            if checkpoint.is_dir() and not complete_checkpoint(checkpoint):
+                log.warning("removing the incomplete checkpoint %s (a run was stopped while writing it)", checkpoint)
+                shutil.rmtree(checkpoint)
     last = get_last_checkpoint(str(directory)) if matches and directory.is_dir() else None
     if last:
         log.info("resuming from %s (written by an interrupted run with the same params)", last)
     return directory, last
+
+
+def complete_checkpoint(checkpoint: Path) -> bool:
+    """True when the Trainer state and the model weights of `checkpoint` exist and load."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        index = checkpoint / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "model.safetensors"
+        ]
+        for shard in shards:
+            with safe_open(str(checkpoint / shard), framework="pt") as weights:
+                weights.keys()  # opening checks the header against the file size: truncation fails
+        return True
+    except Exception:  # missing, truncated or unparsable (safetensors raises its own error type)
+        return False
 
 
 def train(trainer: Trainer, resume_from: str | None) -> float:

@@ -12,7 +12,7 @@ from pipeline.config import Params
 from pipeline.errors import ModelError
 from pipeline.family import REFERENCE, Member, family
 from pipeline.io import write_json
-from pipeline.latency import machine_info, run_benchmark, thread_settings
+from pipeline.latency import machine_info, quiet_machine, run_benchmark, thread_settings
 from pipeline.prepared import load_split
 from pipeline.record import ModelRecord
 from pipeline.stage import Stage
@@ -38,7 +38,7 @@ def run(params: Params) -> dict[str, Any]:
     texts = [row["text"] for row in load_split(params.path(params.paths.prepared), "test")]
     members = present_members(params)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as progress:
+    with quiet_machine() as load, Progress(*columns) as progress:
         timings = run_benchmark(
             members,
             texts,
@@ -78,7 +78,7 @@ def run(params: Params) -> dict[str, Any]:
             }
         )
     result = {
-        "machine": machine_info(),
+        "machine": {**machine_info(), "load": load},
         "settings": {**cfg.model_dump(), "thread_counts": settings, "test_sentences": len(texts),
                      "max_length": params.teacher.max_length},
         "reference": REFERENCE,
