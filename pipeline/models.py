@@ -75,8 +75,8 @@ def load_pretrained_classifier(
         if "size mismatch" in str(error):  # a classifier whose head has another number of labels
             raise ModelError(
                 f"{source} is already a classifier, and its classification head does not fit the "
-                f"{len(label_names)} classes of the data ({label_names}): {str(error).strip()[:300]}. Point "
-                "teacher.model at the base encoder it was fine-tuned from, or prepare data with its labels"
+                f"{len(label_names)} classes of the data ({label_names}). Point teacher.model at the base "
+                "encoder it was fine-tuned from, or prepare data with its labels"
             ) from None
         raise _load_error(source, error) from None
 
