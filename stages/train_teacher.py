@@ -11,13 +11,8 @@ from transformers import set_seed
 
 from pipeline import labels, training
 from pipeline.config import Params
-<<<<<<< HEAD
 from pipeline.distill import DistillationTrainer, build_kd_loss
-from pipeline.models import load_pretrained_classifier, load_tokenizer, resolve_model_source
-=======
-from pipeline.distill import DistillationTrainer, KDConfig
 from pipeline.models import check_max_length, load_pretrained_classifier, load_tokenizer, resolve_model_source
->>>>>>> 8129987 (Mismatched parts, error boundaries, checkpoints, benchmark conditions: ONNX loader checks tokenizer/embeddings, id2label/output width and symlink escapes; max_length vs positions and re-headed classifier hint; predict refuses non-UTF-8; one error boundary per command with the traceback in a log; MLflow write failures are transient, orphaned RUNNING runs become KILLED; only complete checkpoints resume; one benchmark per machine with its load average (issue 18 parts 3-5))
 from pipeline.prepared import load_prepared
 from pipeline.stage import Stage
 
