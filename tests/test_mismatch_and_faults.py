@@ -31,9 +31,8 @@ from pipeline.config import params_from_dict
 from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.onnx import OnnxClassifier, export_fp32
 from pipeline.predict import main as predict
-from pipeline.stage import execute
+from scripts.tiny_project import sh, tiny_params_tree, write_project
 from stages import prepare_data, train_teacher
-from tests.conftest import sh, tiny_params_tree, write_project
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
@@ -135,13 +134,13 @@ def test_predict_turns_an_unexpected_exception_into_one_line(exported, tmp_path,
 def test_a_stage_turns_an_unexpected_exception_into_one_line(tmp_path, tiny_bert):
     root = write_project(tmp_path / "project", tiny_params_tree(tiny_bert))
     (root / "stages" / "broken.py").write_text(textwrap.dedent("""
-        from pipeline.stage import main
+        from pipeline.stage import Stage
 
         def run(params):
             return {"x": [][1]}  # a bug
 
         if __name__ == "__main__":
-            main(run, stage="broken")
+            Stage("broken", run).main()
     """))
     result = sh([sys.executable, "-m", "stages.broken"], root, check=False)
     assert result.returncode == 1
@@ -158,7 +157,7 @@ def test_an_mlflow_write_failure_is_the_retryable_error(tmp_path, tiny_params):
     params = tiny_params(tracking={"experiment": "artifact-store-broken"})
     (tmp_path / "mlartifacts").write_text("a file where the artifact store should be")
     with pytest.raises(TransientError, match=r"could not write the artifact manifest\.json to MLflow .*then run again"):
-        execute(prepare_data.run, params, "prepare_data", sections=("data",))
+        prepare_data.STAGE.execute(params)
     runs = mlflow.search_runs(experiment_names=["artifact-store-broken"])
     assert list(runs["status"]) == ["FAILED"]
 
@@ -222,10 +221,10 @@ def test_only_a_complete_checkpoint_is_resumed(tmp_path, caplog):
 
 def test_teacher_max_length_beyond_the_position_embeddings_fails_before_training(tiny_params):
     params = tiny_params(teacher={"max_length": 256})  # the tiny BERT has 128 positions
-    execute(prepare_data.run, params, "prepare_data", sections=("data",))
+    prepare_data.STAGE.execute(params)
     with pytest.raises(ConfigError, match=r"teacher\.max_length=256 is longer than the model's position "
                                           r"embeddings \(128 tokens\); set teacher\.max_length to at most 128"):
-        execute(train_teacher.run, params, "train_teacher", "teacher", ("teacher",))
+        train_teacher.STAGE.execute(params)
     assert not params.path(params.paths.checkpoints).exists()
 
 
@@ -236,10 +235,10 @@ def test_a_classifier_with_other_labels_as_teacher_gets_the_right_hint(tmp_path,
     AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=5).save_pretrained(five)
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(five)
     params = tiny_params(teacher={"model": str(five)})
-    execute(prepare_data.run, params, "prepare_data", sections=("data",))
+    prepare_data.STAGE.execute(params)
     with pytest.raises(ModelError, match=r"is already a classifier, and its classification head does not fit "
                                          r"the 3 classes of the data .*base encoder it was fine-tuned from") as error:
-        execute(train_teacher.run, params, "train_teacher", "teacher", ("teacher",))
+        train_teacher.STAGE.execute(params)
     assert "config.json and model.safetensors" not in str(error.value)
 
 

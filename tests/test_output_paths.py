@@ -17,7 +17,7 @@ import pytest
 from pipeline.config import params_from_dict
 from pipeline.errors import OutputError
 from pipeline.io import OUTPUT_MARKER, atomic_dir, check_output_paths, exclusive_lock, stage_lock
-from tests.conftest import sh, tiny_params_tree, write_project
+from scripts.tiny_project import sh, tiny_params_tree, write_project
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

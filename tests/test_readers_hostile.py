@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import DataConfig, TaskConfig, load_params
 from pipeline.data import label_names_for, read_csv, read_jsonl, read_phrasebank, to_examples
 from pipeline.errors import ConfigError, DataError
-from tests.conftest import sh, tiny_params_tree, write_project
+from scripts.tiny_project import sh, tiny_params_tree, write_project
 
 CSV = DataConfig(source="csv", path="data.csv")
 INFERRED = DataConfig(source="csv", path="data.csv", label_names=None)
