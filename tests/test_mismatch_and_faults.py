@@ -29,7 +29,8 @@ from tokenizers import Tokenizer
 from pipeline import latency, tracking, training
 from pipeline.config import params_from_dict
 from pipeline.errors import ConfigError, ModelError, TransientError
-from pipeline.onnx import OnnxClassifier, export_fp32
+from pipeline.onnx import OnnxClassifier
+from pipeline.onnx_export import export_fp32
 from pipeline.predict import main as predict
 from scripts.tiny_project import sh, tiny_params_tree, write_project
 from stages import prepare_data, train_teacher
