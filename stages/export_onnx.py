@@ -52,7 +52,7 @@ def evaluate_onnx(
     classifier = OnnxClassifier.load(model_dir)  # decides with the thresholds in its config.json
     saved, logits = evaluate_and_record(
         classifier.logits, prepared, params.evaluation, model_dir, stage=STAGE.name,
-        max_length=params.teacher.max_length, size_mb=onnx_size_mb(model_dir), thresholds=classifier.thresholds,
+        max_length=params.task.max_length, size_mb=onnx_size_mb(model_dir), thresholds=classifier.thresholds,
         params={"export_onnx": params.section("export_onnx")}, **record,
     )
     return saved, logits, classifier.thresholds
@@ -63,7 +63,7 @@ def export_checked(
 ) -> tuple[ModelRecord, dict[str, np.ndarray], np.ndarray]:
     """Export the PyTorch model at `source` to ONNX fp32 in `out_dir`, evaluate it, and record its
     parity with PyTorch on the test split (details.parity)."""
-    task, max_length = params.task, params.teacher.max_length
+    task, max_length = params.task, params.task.max_length
     model, tokenizer = load_trained_with_tokenizer(params.path(source), prepared.label_names)  # safetensors only
     export_fp32(params.path(source), out_dir, params.export_onnx.opset, max_length)
     thresholds = decision_thresholds(model, task.threshold)

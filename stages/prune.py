@@ -60,7 +60,7 @@ def run(params: Params) -> dict[str, Any]:
     if vocab_problem:
         log.warning("prune.vocab=auto keeps the whole vocabulary: %s", vocab_problem)
 
-    max_length = params.teacher.max_length
+    max_length = params.task.max_length
     datasets = training.encode_splits(prepared, tokenizer, max_length)
     collator = training.Collator(tokenizer)
     recovery = cfg.recovery

@@ -43,7 +43,7 @@ def run(params: Params) -> dict[str, Any]:
     model, tokenizer = load_trained_with_tokenizer(source, prepared.label_names)
     engine = resolve_engine(params.quantize.engine)
     quantized = quantize_model(model, engine)
-    max_length = params.teacher.max_length
+    max_length = params.task.max_length
 
     out = params.path(params.paths.quantized)
     with atomic_dir(out) as tmp:

@@ -28,8 +28,8 @@ def run(params: Params) -> dict[str, Any]:
     model = load_pretrained_classifier(
         source, names, labels.problem_type(params.task.type), cfg.trust_remote_code
     )
-    check_max_length(model, cfg.max_length, "teacher.max_length")
-    datasets = training.encode_splits(prepared, tokenizer, cfg.max_length)
+    check_max_length(model, params.task.max_length, "task.max_length")
+    datasets = training.encode_splits(prepared, tokenizer, params.task.max_length)
     key = training.fingerprint(params.section("teacher"), params.section("task"), prepared.content_hash)
     scratch, resume = training.checkpoint_dir(params, STAGE.name, key)
     trainer = DistillationTrainer(

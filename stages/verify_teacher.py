@@ -21,7 +21,7 @@ def run(params: Params) -> dict[str, Any]:
     prepared = load_prepared(params.path(params.paths.prepared))
     names, task = prepared.label_names, params.task
     model, tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), names)
-    logits = predict_logits(model, tokenizer, prepared.texts("validation"), params.teacher.max_length).numpy()
+    logits = predict_logits(model, tokenizer, prepared.texts("validation"), params.task.max_length).numpy()
     thresholds = decision_thresholds(model, task.threshold)
     metrics = evaluate_logits(logits, prepared.labels("validation"), names, task.type, params.evaluation, thresholds)
     threshold = params.verify_teacher.min_macro_f1

@@ -411,7 +411,7 @@ def test_student_stages(trained_project, tmp_path, module, stage, out_key, membe
     # The record describes the saved model: evaluating the reloaded student gives the recorded numbers.
     model, tokenizer = load_trained_with_tokenizer(out)
     prepared = load_prepared(params.path(params.paths.prepared))
-    results, _ = evaluate_splits(logits_fn(model, tokenizer, params.teacher.max_length), prepared, params.evaluation)
+    results, _ = evaluate_splits(logits_fn(model, tokenizer, params.task.max_length), prepared, params.evaluation)
     assert results["test"] == record.test and results["validation"] == record.validation
     curve = (params.path(params.paths.curves) / f"{stage}.csv").read_text().splitlines()
     expected = {"student_baseline": ["loss_ce"], "distill_vanilla": ["loss_kl", "loss_ce"],

@@ -193,7 +193,7 @@ def test_export_writes_self_contained_directories(project, exported):
             assert (directory / name).is_file(), f"{directory}/{name}"
         check_onnx_file(directory / "model.onnx")
         tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
-        assert tokenizer_config["model_max_length"] == project.teacher.max_length
+        assert tokenizer_config["model_max_length"] == project.task.max_length
         graph = onnx.load(str(directory / "model.onnx")).graph
         for tensor in graph.input:  # dynamic batch and sequence axes
             assert [dim.dim_param for dim in tensor.type.tensor_type.shape.dim] == ["batch_size", "sequence_length"]
@@ -233,7 +233,7 @@ def test_export_parity_sizes_and_metrics(project, exported):
 def test_onnx_fp32_matches_pytorch_with_pruned_heads(project, exported):
     pruned = project.path(project.paths.pruned)
     texts = [row["text"] for row in load_split(project.path(project.paths.prepared), "validation")]
-    reference = predict_logits(load_trained(pruned), load_tokenizer(str(pruned)), texts, project.teacher.max_length)
+    reference = predict_logits(load_trained(pruned), load_tokenizer(str(pruned)), texts, project.task.max_length)
     got = OnnxClassifier.load(project.path(project.paths.onnx_student) / "fp32").logits(texts, batch_size=4)
     assert np.abs(reference.numpy() - got).max() <= 1e-4
     assert (reference.numpy().argmax(-1) == got.argmax(-1)).all()
@@ -343,10 +343,10 @@ def test_load_quantized_gives_exactly_the_in_memory_logits(project, quantized):
     assert encoder_layers(reloaded)[0].attention.self.num_attention_heads == 1
     tokenizer = load_tokenizer(str(pruned))
     texts = [row["text"] for row in load_split(project.path(project.paths.prepared), "test")]
-    expected = predict_logits(in_memory, tokenizer, texts, project.teacher.max_length)
-    got = predict_logits(reloaded, tokenizer, texts, project.teacher.max_length)
+    expected = predict_logits(in_memory, tokenizer, texts, project.task.max_length)
+    got = predict_logits(reloaded, tokenizer, texts, project.task.max_length)
     assert torch.equal(expected, got)
-    fp32 = predict_logits(load_trained(pruned), tokenizer, texts, project.teacher.max_length)
+    fp32 = predict_logits(load_trained(pruned), tokenizer, texts, project.task.max_length)
     assert not torch.equal(fp32, got), "the reloaded model is really quantized"
 
 
