@@ -208,6 +208,10 @@ class PruneConfig(Section):
     method: Literal["structured", "magnitude"] = "structured"
     # Share of attention heads to remove in every layer (at least one head per layer always stays).
     heads_ratio: float = Field(0.5, ge=0, lt=1)
+    # Architectures whose config cannot describe fewer heads (MPNet, DeBERTa-v2/v3, ModernBERT):
+    # `auto` keeps their heads and says so in the log and the metrics; `required` fails before any
+    # training instead.
+    head_pruning: Literal["auto", "required"] = "auto"
     # Share of FFN intermediate neurons to remove; every layer keeps the same width.
     ffn_ratio: float = Field(0.75, ge=0, lt=1)
     # magnitude only: final share of zeroed weights in the encoder's linear layers.

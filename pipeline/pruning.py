@@ -42,14 +42,20 @@ def ffn_width(model: PreTrainedModel) -> int:
     return widths.pop()
 
 
+def head_pruning_problem(model: PreTrainedModel) -> str | None:
+    """Why this architecture cannot remove attention heads (its config cannot describe it), or None."""
+    return architecture_for(model).head_pruning_problem()
+
+
 def check_structured(model: PreTrainedModel, heads_ratio: float, heads_keep: int) -> None:
     """Fail before any work when this architecture cannot remove heads the way the params ask."""
-    arch = architecture_for(model)
-    problem = arch.head_pruning_problem()
+    problem = head_pruning_problem(model)
     if problem and heads_keep < heads_per_layer(model)[0]:
         raise ConfigError(
-            f"prune.heads_ratio={heads_ratio}: attention heads cannot be removed from {arch.model_type} "
-            f"models ({problem}). Set prune.heads_ratio=0 (prune.ffn_ratio still removes FFN neurons)."
+            f"prune.heads_ratio={heads_ratio}: attention heads cannot be removed from "
+            f"{architecture_for(model).model_type} models ({problem}). Set prune.heads_ratio=0, or "
+            "prune.head_pruning=auto to keep the heads and prune the rest (prune.ffn_ratio still removes "
+            "FFN neurons)."
         )
 
 

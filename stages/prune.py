@@ -47,9 +47,14 @@ def run(params: Params) -> dict[str, Any]:
     # Validate everything against this model before any work: the ratios (fails with the allowed
     # maximum), whether this architecture can drop heads, whether this tokenizer can be trimmed.
     structured = cfg.method == "structured"
+    heads_problem = None
     if structured:
         heads_final = pruning.keep_count(heads_before[0], cfg.heads_ratio, "attention heads", "prune.heads_ratio")
         width_final = pruning.keep_count(width_before, cfg.ffn_ratio, "FFN neurons", "prune.ffn_ratio")
+        heads_problem = pruning.head_pruning_problem(student)
+        if heads_problem and cfg.head_pruning == "auto" and heads_final < heads_before[0]:
+            log.warning("prune.head_pruning=auto keeps every attention head: %s", heads_problem)
+            heads_final = heads_before[0]
         pruning.check_structured(student, cfg.heads_ratio, heads_final)
         heads_plan = pruning.schedule(heads_before[0], heads_final, cfg.steps)
         width_plan = pruning.schedule(width_before, width_final, cfg.steps)
@@ -128,6 +133,9 @@ def run(params: Params) -> dict[str, Any]:
     texts = {split: prepared.texts(split) for split in ("validation", "test")}
     unk_before = {split: pruning.unk_share(tokenizer, texts[split]) for split in texts}
     info["vocab_trimmed"] = trim_vocab
+    info["heads_pruned"] = bool(removed)
+    if structured and heads_problem and cfg.heads_ratio > 0:
+        info["heads_note"] = f"attention heads kept: {heads_problem}"
     if trim_vocab:
         student, tokenizer, vocab_info = pruning.trim_vocabulary(student, tokenizer, prepared.texts("train"), cfg.vocab_keep_top)
         info.update(vocab_info)
@@ -169,6 +177,7 @@ def run(params: Params) -> dict[str, Any]:
         "parameter_reduction": info["parameter_reduction"],
         "vocab_size": info["vocab_size"],
         "vocab_trimmed": int(trim_vocab),
+        "heads_pruned": int(bool(removed)),
         "ffn_width": info["ffn_width"],
         "heads_per_layer": info["heads_per_layer"][0],
         "validation_unk_share_after": unk_after["validation"],

@@ -124,7 +124,7 @@ def test_pruning_and_trimming_reload_to_the_same_logits(model_type, tiny_checkpo
     assert (heads > 0).all() and (neurons > 0).any()
 
     if model_type in NO_HEAD_PRUNING:
-        with pytest.raises(ConfigError, match=r"prune.heads_ratio=0.5: .*Set prune.heads_ratio=0"):
+        with pytest.raises(ConfigError, match=r"prune.heads_ratio=0.5: .*Set prune.heads_ratio=0, or prune.head_pruning=auto"):
             pruning.check_structured(model, 0.5, 1)
         pruning.check_structured(model, 0.0, 2)
     else:
@@ -178,8 +178,9 @@ CHAIN_BY_DEFAULT = ("modernbert", "albert")
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", TINY_ARCHITECTURES)
 def test_stages_run_on_every_architecture(model_type, tiny_checkpoints, tmp_path):
-    """Teacher to ONNX export in-process, default prune knobs except where the architecture cannot
-    drop heads: there prune fails before training, naming prune.heads_ratio=0, which then works."""
+    """Teacher to ONNX export in-process with default knobs. Where the architecture cannot drop heads,
+    prune.head_pruning=required fails before training naming the knob; the default (auto) keeps
+    the heads, prunes the FFN and trims the vocabulary, and says so in the record."""
     if model_type not in CHAIN_BY_DEFAULT and not ALL_ARCHITECTURES:
         pytest.skip("set FINCOMPRESS_ALL_ARCHITECTURES=1 to run the whole chain on every architecture")
     params = arch_params(tmp_path, tiny_checkpoints(model_type))
@@ -187,16 +188,19 @@ def test_stages_run_on_every_architecture(model_type, tiny_checkpoints, tmp_path
     for stage in STAGES:
         start = time.perf_counter()
         if stage is prune and model_type in NO_HEAD_PRUNING:
+            strict = arch_params(tmp_path, tiny_checkpoints(model_type), prune={"head_pruning": "required"})
             with pytest.raises(ConfigError, match="Set prune.heads_ratio=0"):
-                stage.STAGE.execute(params)
+                stage.STAGE.execute(strict)
             assert not params.path(params.paths.pruned).exists()
-            params = arch_params(tmp_path, tiny_checkpoints(model_type), prune={"heads_ratio": 0.0})
         stage.STAGE.execute(params)
         timings[stage.STAGE.name] = round(time.perf_counter() - start, 1)
     info = ModelRecord.read(params.path(params.paths.pruned)).details
     assert info["vocab_trimmed"] and info["vocab_size"] < info.get("vocab_size_before", 0)
     assert info["ffn_width"] < info["ffn_width_before"]
-    assert info["heads_per_layer"] != info["heads_per_layer_before"] or model_type in NO_HEAD_PRUNING
+    if model_type in NO_HEAD_PRUNING:
+        assert info["heads_per_layer"] == info["heads_per_layer_before"] and "attention heads kept" in info["heads_note"]
+    else:
+        assert info["heads_per_layer"] != info["heads_per_layer_before"] and info["heads_pruned"]
     print(model_type, timings, {k: info[k] for k in ("heads_per_layer", "ffn_width", "vocab_size", "vocab_size_before")})
 
 

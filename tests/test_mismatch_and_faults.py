@@ -224,7 +224,7 @@ def test_max_length_beyond_the_position_embeddings_fails_before_training(tiny_pa
     params = tiny_params(task={"max_length": 256})  # the tiny BERT has 128 positions
     prepare_data.STAGE.execute(params)
     with pytest.raises(ConfigError, match=r"task\.max_length=256 is longer than the model's position "
-                                          r"embeddings \(128 tokens\); set teacher\.max_length to at most 128"):
+                                          r"embeddings \(128 tokens\); set task\.max_length to at most 128"):
         train_teacher.STAGE.execute(params)
     assert not params.path(params.paths.checkpoints).exists()
 
