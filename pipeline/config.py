@@ -278,7 +278,7 @@ class SLAConfig(Section):
 class ReportConfig(Section):
     sla: SLAConfig = SLAConfig()
     register_champion: bool = True
-    registered_model_name: str = "fincompress-sentiment"
+    registered_model_name: str = Field("fincompress-sentiment", min_length=1, pattern=r"\S")
 
 
 class EvaluationConfig(Section):
@@ -288,7 +288,7 @@ class EvaluationConfig(Section):
 
 
 class TrackingConfig(Section):
-    experiment: str = "fincompress"
+    experiment: str = Field("fincompress", min_length=1, pattern=r"\S")
 
 
 class FlowConfig(Section):
