@@ -1,6 +1,6 @@
 """The model family: every member the pipeline builds, where it lives and how it runs.
 
-Each kind of member (PyTorch fp32, PyTorch INT8, ONNX fp32, ONNX INT8) is one small class that knows
+Each kind of member (PyTorch fp32, PyTorch INT8, ONNX fp32, ONNX INT8 dynamic and static) is one small class that knows
 which files are its weights, its format and precision labels, whether it can be registered and served
 as the champion, and how to load itself into a benchmark worker. The benchmark and the champion
 choice ask the member; they never branch on its kind. Adding a backend is one subclass here (it
@@ -194,6 +194,13 @@ class OnnxInt8Member(OnnxMember):
     precision = "int8"
 
 
+class OnnxInt8StaticMember(OnnxMember):
+    """ONNX Runtime static INT8 (QDQ, activation ranges calibrated on training texts)."""
+
+    kind = "onnx_int8_static"
+    precision = "int8"
+
+
 def family(params: Params) -> list[Member]:
     """Every family member in pipeline order; the PyTorch fp32 teacher (the reference) comes first."""
     p = params.paths
@@ -208,4 +215,5 @@ def family(params: Params) -> list[Member]:
         TorchInt8Member("student_int8_torch", params.path(p.quantized)),
         OnnxMember("student_onnx_fp32", onnx_student / "fp32"),
         OnnxInt8Member("student_onnx_int8", onnx_student / "int8"),
+        OnnxInt8StaticMember("student_onnx_int8_static", onnx_student / "int8_static"),
     ]
