@@ -108,6 +108,17 @@ def member_dirs(tiny_bert, tmp_path_factory):
     return root
 
 
+def test_one_thread_copies_run_side_by_side_and_give_the_same_logits(member_dirs):
+    runnable = OnnxInt8StaticMember.load_runnable(member_dirs / "onnx_int8_static", MAX_LENGTH, threads=[1])
+    copies = runnable.one_thread_copies(2)
+    assert len(copies) == 2 and copies[0].current.session is not copies[1].current.session
+    feed = runnable.feed(TEXTS)
+    for copy in copies:
+        np.testing.assert_array_equal(copy.run(feed), runnable.run(feed))
+    with pytest.raises(NotImplementedError):
+        TorchMember.load_runnable(member_dirs / "torch", MAX_LENGTH, [1]).one_thread_copies(2)
+
+
 def feed_logits(member_kind, model_dir) -> np.ndarray:
     """What the benchmark times: the member's feed of TEXTS (one padded batch) through its model."""
     runnable = member_kind.load_runnable(model_dir, MAX_LENGTH, threads=[1])
@@ -189,3 +200,10 @@ def test_benchmark_on_the_tiny_family(trained_project, tmp_path):
     assert members["student_int8_torch"]["size_mb"] < members["student_pruned"]["size_mb"]
     assert members["teacher_onnx"]["imports_torch"] is False and members["teacher"]["imports_torch"] is True
     assert members["teacher_onnx"]["servable"] and not members["student_int8_torch"]["servable"]
+    # All cores, both serving layouts, for the ONNX member only (torch members cannot run side by side).
+    layouts = members["teacher_onnx"]["all_cores_throughput"]
+    assert layouts["cores"] == result["machine"]["cores"]
+    assert layouts["one_session_n_threads"] > 0 and layouts["n_sessions_one_thread"] > 0
+    faster = max(("one_session_n_threads", "n_sessions_one_thread"), key=layouts.get)
+    assert layouts["best_layout"] == faster
+    assert not any("all_cores_throughput" in members[name] for name in ("teacher", "student_pruned", "student_int8_torch"))
