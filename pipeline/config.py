@@ -245,6 +245,9 @@ class ExportOnnxConfig(Section):
     # Static INT8: at most this many training texts calibrate the activation ranges, with this method.
     calibration_texts: int = Field(256, ge=1)
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # INT8 failing its gates on validation: up to this many rounds, each keeping in fp32 the nodes that add the most error.
+    fallback_rounds: int = Field(2, ge=0)
+    fallback_nodes_per_round: int = Field(2, ge=1)
     # Parity gates (over the whole test split); failing any fails the stage.
     max_abs_logit_diff: float = Field(1e-3, gt=0)
     min_int8_label_agreement: float = Field(0.98, ge=0, le=1)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
@@ -21,6 +22,7 @@ from pipeline.io import read_json, write_json
 from pipeline.labels import decide
 from pipeline.onnx import MODEL_FILE, TOKENIZER_FILE, check_onnx_file, onnx_size_mb
 
+log = logging.getLogger(__name__)
 ISAS = ("avx512_vnni", "avx512", "avx2", "arm64")
 # Largest protobuf ONNX can write in one file; bigger models need external data.
 PROTOBUF_LIMIT_BYTES = 2_000_000_000
@@ -128,15 +130,18 @@ def quantization_operators(quantize_embeddings: bool) -> list[str]:
 
 
 def quantize_int8(
-    fp32_dir: Path, out_dir: Path, isa: str, per_channel: bool, quantize_embeddings: bool
+    fp32_dir: Path, out_dir: Path, isa: str, per_channel: bool, quantize_embeddings: bool,
+    nodes_to_exclude: list[str] | None = None,
 ) -> Path:
-    """ONNX Runtime dynamic INT8 of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer)."""
+    """ONNX Runtime dynamic INT8 of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer);
+    `nodes_to_exclude` stay fp32."""
     from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
 
     if isa not in ISAS:
         raise ConfigError(f"export_onnx.isa={isa}: expected one of {ISAS}")
     config = getattr(AutoQuantizationConfig, isa)(
-        is_static=False, per_channel=per_channel, operators_to_quantize=quantization_operators(quantize_embeddings)
+        is_static=False, per_channel=per_channel, operators_to_quantize=quantization_operators(quantize_embeddings),
+        nodes_to_exclude=nodes_to_exclude or [],
     )
     quantizer = ORTQuantizer.from_pretrained(fp32_dir, file_name=MODEL_FILE)
     # Keep the weights outside the protobuf whenever the fp32 model needed to (conservative: always valid).
@@ -184,10 +189,11 @@ def quantize_int8_static(
     per_channel: bool,
     quantize_embeddings: bool,
     method: str,
+    nodes_to_exclude: list[str] | None = None,
 ) -> Path:
     """ONNX Runtime static INT8 (QDQ) of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer):
     activation ranges calibrated on `calibration_texts` with `method`, data types for `isa` as optimum
-    chooses them for dynamic INT8."""
+    chooses them for dynamic INT8; `nodes_to_exclude` stay fp32."""
     import shutil
     import tempfile
 
@@ -221,6 +227,7 @@ def quantize_int8_static(
                 op_types_to_quantize=quantization_operators(quantize_embeddings),
                 per_channel=per_channel,
                 reduce_range=config.reduce_range,
+                nodes_to_exclude=nodes_to_exclude or [],
                 activation_type=config.activations_dtype,
                 weight_type=config.weights_dtype,
                 use_external_data_format=external,
@@ -236,6 +243,88 @@ def quantize_int8_static(
     path = out_dir / MODEL_FILE
     check_onnx_file(path)
     return path
+
+
+# --------------------------------------------------------------------------- accuracy-aware fallback
+
+DIAGNOSIS_TEXTS = 64  # validation texts the per-node error is measured on
+
+
+def _intermediates(model: Any, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """The values of tensors `names` of `model` (an onnx ModelProto, changed here) for each feed."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    outputs = {output.name for output in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in outputs)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [session.run(names, feed) for feed in feeds]
+
+
+def node_errors(
+    fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], operators: list[str], skip: list[str]
+) -> dict[str, float]:
+    """How much relative error each quantizable node of the fp32 graph adds in the INT8 graph: the
+    relative L2 error of its output minus that of its activation input (what reached it already)."""
+    import onnx
+
+    fp32, int8 = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
+    constants = {tensor.name for tensor in fp32.graph.initializer}
+    weights = {t.name for t in fp32.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    in_int8 = {name for node in int8.graph.node for name in node.output}
+    # The nodes with float weights (MatMul by a weight matrix, the embedding Gather): what INT8 quantizes.
+    nodes = [
+        n for n in fp32.graph.node
+        if n.op_type in operators and n.name not in skip and n.output[0] in in_int8 and weights & set(n.input)
+    ]
+    names = sorted({n.output[0] for n in nodes} | {n.input[0] for n in nodes if n.input[0] in in_int8 and n.input[0] not in constants})
+    if not names:
+        return {}
+    reference, quantized = _intermediates(fp32, names, feeds), _intermediates(int8, names, feeds)
+    error = {}
+    for i, name in enumerate(names):
+        diff = sum(float(np.square(r[i] - q[i]).sum()) for r, q in zip(reference, quantized, strict=True))
+        norm = sum(float(np.square(r[i]).sum()) for r in reference)
+        error[name] = (diff / norm) ** 0.5 if norm else 0.0
+    return {n.name: error[n.output[0]] - error.get(n.input[0], 0.0) for n in nodes}
+
+
+def quantize_with_fallback(
+    quantize: Callable[[list[str]], Path],
+    fp32_dir: Path,
+    validation_texts: list[str],
+    failures_of: Callable[[np.ndarray], list[str]],
+    operators: list[str],
+    rounds: int,
+    nodes_per_round: int,
+) -> dict[str, Any]:
+    """Quantize; while the model fails its gate on validation (`failures_of` its validation logits) and
+    rounds remain, keep the `nodes_per_round` nodes that add the most error in fp32 and quantize again.
+
+    Validation texts only: the test split judges the result. Returns what was kept in fp32 and each
+    round's size and validation failures (the caller's test-split gate still decides)."""
+    from pipeline.onnx import OnnxClassifier
+
+    kept: list[str] = []
+    history: list[dict[str, Any]] = []
+    feeds: list[dict[str, np.ndarray]] | None = None
+    for round_index in range(rounds + 1):
+        path = quantize(kept)
+        failures = failures_of(OnnxClassifier.load(path.parent, intra_op_threads=1).logits(validation_texts))
+        history.append({"kept_fp32_nodes": list(kept), "size_mb": onnx_size_mb(path.parent), "validation_failures": failures})
+        if not failures or round_index == rounds:
+            break
+        if feeds is None:
+            sample = validation_texts[:DIAGNOSIS_TEXTS]
+            classifier = OnnxClassifier.load(fp32_dir, intra_op_threads=1)
+            feeds = [classifier.feed(sample[i : i + CALIBRATION_BATCH_SIZE]) for i in range(0, len(sample), CALIBRATION_BATCH_SIZE)]
+        errors = node_errors(fp32_dir / MODEL_FILE, path, feeds, operators, kept)
+        worst = sorted(errors, key=errors.__getitem__, reverse=True)[:nodes_per_round]
+        if not worst:
+            break
+        log.info("INT8 fails on validation (%s): keeping %s in fp32", "; ".join(failures), ", ".join(worst))
+        kept += worst
+    return {"kept_fp32_nodes": kept, "rounds": history}
 
 
 # --------------------------------------------------------------------------- parity

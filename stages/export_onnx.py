@@ -10,6 +10,7 @@ gate fails the stage and nothing is written."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from pipeline import tracking
 from pipeline.config import Params
 from pipeline.errors import GateError
 from pipeline.io import atomic_dir, read_json, write_json, write_text_atomic
+from pipeline.labels import decide
+from pipeline.metrics import macro_f1
 from pipeline.model_card import write_export_cards
 from pipeline.models import (
     count_parameters,
@@ -37,6 +40,7 @@ from pipeline.onnx_export import (
     quantization_operators,
     quantize_int8,
     quantize_int8_static,
+    quantize_with_fallback,
     resolve_isa,
 )
 from pipeline.prepared import Prepared, load_prepared
@@ -121,6 +125,24 @@ def gate_int8(
     return metrics, failures
 
 
+def validation_gate(
+    what: str, fp32: ModelRecord, fp32_dir: Path, fp32_logits: dict[str, np.ndarray], fp32_thresholds: np.ndarray,
+    prepared: Prepared, params: Params,
+) -> Callable[[np.ndarray], list[str]]:
+    """The INT8 gates judged on the validation split: what the accuracy-aware fallback steers by."""
+    cfg, task_type = params.export_onnx, params.task.type
+    labels = prepared.labels("validation")
+
+    def failures(logits: np.ndarray) -> list[str]:
+        parity = logit_parity(fp32_logits["validation"], logits, task_type, fp32_thresholds)
+        drop = fp32.validation["macro_f1"] - macro_f1(labels, decide(logits, task_type, fp32_thresholds))
+        return int8_parity_failures(
+            f"{what} (validation)", parity, drop, cfg.min_int8_label_agreement, cfg.max_int8_f1_drop
+        )
+
+    return failures
+
+
 def run(params: Params) -> dict[str, Any]:
     """Read paths.pruned and paths.teacher; write paths.onnx_student/{fp32,int8,int8_static} (the INT8
     directories export_onnx.quantization asks for) and paths.onnx_teacher."""
@@ -143,24 +165,33 @@ def run(params: Params) -> dict[str, Any]:
 
         if cfg.quantization in ("dynamic", "both"):
             int8_dir = student_tmp / "int8"
-            quantize_int8(fp32_dir, int8_dir, isa, cfg.per_channel, cfg.quantize_embeddings)
+            fallback = quantize_with_fallback(
+                lambda kept: quantize_int8(fp32_dir, int8_dir, isa, cfg.per_channel, cfg.quantize_embeddings, kept),
+                fp32_dir, prepared.texts("validation"), validation_gate("student ONNX INT8", *reference),
+                operators, cfg.fallback_rounds, cfg.fallback_nodes_per_round,
+            )
             metrics["student_onnx_int8"], int8_failures = gate_int8(
                 "student_onnx_int8", "student ONNX INT8", int8_dir, *reference,
                 details={"precision": "int8 (ONNX Runtime dynamic quantization)", "isa": isa,
-                         "per_channel": cfg.per_channel, "quantized_operators": operators},
+                         "per_channel": cfg.per_channel, "quantized_operators": operators, "fallback": fallback},
             )
             failures += int8_failures
 
         if cfg.quantization in ("static", "both"):
             static_dir = student_tmp / "int8_static"
             calibration = calibration_sample(prepared.texts("train"), cfg.calibration_texts, CALIBRATION_SEED)
-            quantize_int8_static(
-                fp32_dir, static_dir, calibration, isa, cfg.per_channel, cfg.quantize_embeddings, cfg.calibration_method
+            fallback = quantize_with_fallback(
+                lambda kept: quantize_int8_static(
+                    fp32_dir, static_dir, calibration, isa, cfg.per_channel, cfg.quantize_embeddings,
+                    cfg.calibration_method, kept,
+                ),
+                fp32_dir, prepared.texts("validation"), validation_gate("student ONNX static INT8", *reference),
+                operators, cfg.fallback_rounds, cfg.fallback_nodes_per_round,
             )
             metrics["student_onnx_int8_static"], static_failures = gate_int8(
                 "student_onnx_int8_static", "student ONNX static INT8", static_dir, *reference,
                 details={"precision": "int8 (ONNX Runtime static quantization, QDQ)", "isa": isa,
-                         "per_channel": cfg.per_channel, "quantized_operators": operators,
+                         "per_channel": cfg.per_channel, "quantized_operators": operators, "fallback": fallback,
                          "calibration": {"split": "train", "texts": len(calibration), "method": cfg.calibration_method}},
             )
             failures += static_failures
@@ -179,8 +210,8 @@ def run(params: Params) -> dict[str, Any]:
             raise GateError(
                 "ONNX parity failed over the test split: " + "; ".join(failures) + ". An fp32 mismatch means "
                 "the exported graph computes something else than PyTorch: try another export_onnx.opset, or "
-                "raise export_onnx.max_abs_logit_diff if the difference is float noise. An INT8 shortfall: try "
-                "export_onnx.quantize_embeddings=false, or relax export_onnx.min_int8_label_agreement / "
+                "raise export_onnx.max_abs_logit_diff if the difference is float noise. An INT8 shortfall: raise "
+                "export_onnx.fallback_rounds (more nodes kept in fp32), try export_onnx.quantize_embeddings=false, or relax export_onnx.min_int8_label_agreement / "
                 "max_int8_f1_drop if that loss is acceptable. Nothing was written."
             )
 

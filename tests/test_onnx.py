@@ -31,10 +31,12 @@ from pipeline.onnx_export import (
     logit_parity,
     quantization_operators,
     quantize_int8,
+    quantize_with_fallback,
 )
 from pipeline.prepared import load_split
 from pipeline.quantization import FORMAT, INT8_WEIGHTS_FILE, load_quantized, quantize_model, resolve_engine
 from pipeline.record import ModelRecord
+from scripts.tiny_project import read_tiny_texts
 from stages import export_onnx, quantize
 from tests.helpers import copy_project
 
@@ -309,6 +311,9 @@ def test_static_int8_is_a_gated_member_calibrated_on_training_texts(project, exp
     assert static["max_abs_logit_diff"] == pytest.approx(recomputed["max_abs_logit_diff"], rel=1e-5)
     record = ModelRecord.read(student / "int8_static")
     assert record.member == "student_onnx_int8_static" and record.details["parity"]["reference"] == "ONNX fp32"
+    fallback = record.details["fallback"]  # judged on validation; what stayed fp32 and what each round cost
+    assert fallback["rounds"][-1]["kept_fp32_nodes"] == fallback["kept_fp32_nodes"]
+    assert fallback["rounds"][-1]["size_mb"] == pytest.approx(static["size_mb"], abs=1e-3)
     assert static["test_macro_f1_drop"] == pytest.approx(fp32["test_macro_f1"] - record.test["macro_f1"])
     train = load_split(project.path(project.paths.prepared), "train")
     calibration = record.details["calibration"]
@@ -324,11 +329,11 @@ def test_static_calibration_reads_training_texts_only(project, exported, tmp_pat
         project, tmp_path, ("data", "models"),
         export_onnx={"quantization": "static", "calibration_texts": 8, "calibration_method": "entropy", "export_teacher": False},
     )
-    fed: list[str] = []
+    calls: list[list[str]] = []  # one per quantization (the fallback may quantize again)
     original = onnx_export.TextCalibrationReader.__init__
 
     def spy(self, model_dir, texts, *args, **kwargs):
-        fed.extend(texts)
+        calls.append(list(texts))
         original(self, model_dir, texts, *args, **kwargs)
 
     monkeypatch.setattr(onnx_export.TextCalibrationReader, "__init__", spy)
@@ -336,7 +341,9 @@ def test_static_calibration_reads_training_texts_only(project, exported, tmp_pat
     prepared = params.path(params.paths.prepared)
     train = {row["text"] for row in load_split(prepared, "train")}
     held_out = {row["text"] for split in ("validation", "test") for row in load_split(prepared, split)}
-    assert len(fed) == 8 and set(fed) <= train and not set(fed) & (held_out - train)
+    fed = calls[0]
+    assert len(fed) == 8 and all(call == fed for call in calls)
+    assert set(fed) <= train and not set(fed) & (held_out - train)
     assert "student_onnx_int8" not in metrics and "student_onnx_int8_static" in metrics
     student = params.path(params.paths.onnx_student)
     assert not (student / "int8").exists()
@@ -433,3 +440,43 @@ def test_load_quantized_errors(project, quantized, tmp_path):
     (broken / INT8_WEIGHTS_FILE).write_bytes(b"garbage")
     with pytest.raises(ModelError, match="unreadable"):
         load_quantized(broken)
+
+
+# --------------------------------------------------------------------------- accuracy-aware fallback
+
+
+def test_the_fallback_keeps_a_fragile_layer_in_fp32_and_rescues_the_int8_model(project, tmp_path):
+    """A deliberately fragile model (the trained tiny teacher): one FFN output weight of 1e4 on a neuron
+    that never fires. fp32 never notices (GELU(-100) is 0), but that weight sets the INT8 scale of its
+    whole MatMul and every other weight of the layer rounds to zero."""
+    teacher = project.path(project.paths.teacher)
+    model = load_trained(teacher)
+    layer = encoder_layers(model)[-1]
+    with torch.no_grad():
+        layer.intermediate.dense.bias[0] = -100.0
+        layer.output.dense.weight *= 10  # the FFN, more than the residual, now decides the output
+        layer.output.dense.weight[:, 0] = 1e4
+    save_model(model, load_tokenizer(str(teacher)), tmp_path / "torch")
+    export_fp32(tmp_path / "torch", tmp_path / "fp32", opset=18, max_length=32)
+    texts = read_tiny_texts()  # stand-ins for the validation texts
+    reference = OnnxClassifier.load(tmp_path / "fp32").logits(texts)
+
+    def failures_of(logits):
+        agreement = logit_parity(reference, logits, "single_label")["label_agreement"]
+        return [] if agreement >= 0.95 else [f"label agreement {agreement:.3f}"]
+
+    def quantize(kept):
+        return quantize_int8(tmp_path / "fp32", tmp_path / "int8", "avx2", per_channel=False,
+                             quantize_embeddings=False, nodes_to_exclude=kept)
+
+    operators = quantization_operators(False)
+    plain = quantize_with_fallback(quantize, tmp_path / "fp32", texts, failures_of, operators, rounds=0, nodes_per_round=1)
+    assert plain["kept_fp32_nodes"] == [] and plain["rounds"][0]["validation_failures"], "plain INT8 breaks"
+    rescued = quantize_with_fallback(quantize, tmp_path / "fp32", texts, failures_of, operators, rounds=2, nodes_per_round=1)
+    assert rescued["rounds"][-1]["validation_failures"] == []
+    assert len(rescued["kept_fp32_nodes"]) == len(rescued["rounds"]) - 1 >= 1
+    assert "output/dense/MatMul" in rescued["kept_fp32_nodes"][0], "the fragile MatMul is found first"
+    assert rescued["rounds"][-1]["size_mb"] > rescued["rounds"][0]["size_mb"], "the fp32 node costs size"
+    exported_graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    kept = next(node for node in exported_graph.node if node.name == rescued["kept_fp32_nodes"][0])
+    assert kept.op_type == "MatMul", "the kept node runs in fp32"
