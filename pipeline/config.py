@@ -240,6 +240,14 @@ class ExportOnnxConfig(Section):
     per_channel: bool = True
     # Also quantize the word-embedding Gather (roughly half the weights of a small model).
     quantize_embeddings: bool = True
+    # INT8 scheme: dynamic (activations quantized per call), static (QDQ, calibrated ranges) or both.
+    quantization: Literal["dynamic", "static", "both"] = "dynamic"
+    # Static INT8: at most this many training texts calibrate the activation ranges, with this method.
+    calibration_texts: int = Field(256, ge=1)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # INT8 failing its gates on validation: up to this many rounds, each keeping in fp32 the nodes that add the most error.
+    fallback_rounds: int = Field(2, ge=0)
+    fallback_nodes_per_round: int = Field(2, ge=1)
     # Parity gates (over the whole test split); failing any fails the stage.
     max_abs_logit_diff: float = Field(1e-3, gt=0)
     min_int8_label_agreement: float = Field(0.98, ge=0, le=1)
