@@ -129,6 +129,8 @@ def run(params: Params) -> dict[str, Any]:
     student = student.cpu().eval()
 
     info: dict[str, Any] = {"method": cfg.method, "source": cfg.source}
+    if len(recovery_train) > len(datasets["train"]):
+        info["transfer_texts"] = len(recovery_train) - len(datasets["train"])
     if magnitude:
         magnitude.make_permanent()
         info["sparsity_encoder_linear"] = pruning.sparsity(magnitude.modules)

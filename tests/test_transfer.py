@@ -21,7 +21,14 @@ from pipeline.models import load_trained_with_tokenizer, predict_logits, state_f
 from pipeline.prepared import TRANSFER_FILE, load_prepared
 from pipeline.record import ModelRecord
 from pipeline.training import Collator, encode_splits
-from stages import distill_intermediate, distill_vanilla, prepare_data, student_baseline, teacher_logits
+from stages import (
+    distill_intermediate,
+    distill_vanilla,
+    prepare_data,
+    prune,
+    student_baseline,
+    teacher_logits,
+)
 from tests.helpers import copy_project
 
 NEW_TEXTS = [
@@ -204,3 +211,14 @@ def test_baseline_never_sees_transfer_texts_and_stale_logits_stop_kd(transfer_pr
     prepare_data.STAGE.execute(params)
     with pytest.raises(DataError, match="re-run the teacher_logits stage"):
         distill_vanilla.STAGE.execute(params)
+
+
+@pytest.mark.parametrize("hidden_weight", [1.0, 0.0])  # teacher live (hidden states) / cached logits only
+def test_pruning_recovery_trains_on_the_transfer_texts(transfer_project, tmp_path, hidden_weight):
+    params = copy_project(
+        transfer_project, tmp_path, student={"epochs": 1},
+        prune={"recovery": {**transfer_project.prune.recovery.model_dump(), "epochs": 1, "hidden_weight": hidden_weight}},
+    )
+    distill_intermediate.STAGE.execute(params)
+    prune.STAGE.execute(params)
+    assert ModelRecord.read(params.path(params.paths.pruned)).details["transfer_texts"] == 3
