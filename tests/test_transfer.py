@@ -16,7 +16,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from pipeline import teacher_logits as cache
 from pipeline.config import DistillVanillaConfig, params_from_dict
 from pipeline.distill import KDBatch, build_kd_loss, precompute_teacher_logits
-from pipeline.errors import DataError
+from pipeline.errors import DataError, OutputError
+from pipeline.io import check_output_paths
 from pipeline.models import load_trained_with_tokenizer, predict_logits, state_fingerprint
 from pipeline.prepared import TRANSFER_FILE, load_prepared
 from pipeline.record import ModelRecord
@@ -103,6 +104,9 @@ def test_transfer_max_texts_and_bad_inputs(tiny_params):
     assert prepared.transfer_texts() == NEW_TEXTS[:2]
     assert prepared.manifest["transfer"]["beyond_max_texts_dropped"] == 1
 
+    inside_an_output = tiny_params(transfer={"path": "models/teacher_logits/t.txt"})
+    with pytest.raises(OutputError, match="paths.teacher_logits=models/teacher_logits contains transfer.path"):
+        check_output_paths(inside_an_output)
     with pytest.raises(DataError, match="transfer.path: .* is not a file"):
         prepare_data.STAGE.execute(tiny_params(transfer={"path": "data/missing.txt"}))
     leaks_only = tiny_params().root / "data" / "leaks.txt"
