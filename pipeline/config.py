@@ -39,6 +39,8 @@ class Paths(Section):
     quantized: str = "models/student_int8_torch"
     onnx_student: str = "models/student_onnx"
     onnx_teacher: str = "models/teacher_onnx"
+    # The verified teacher's logits on the train split and the transfer texts (stage teacher_logits).
+    teacher_logits: str = "models/teacher_logits"
     metrics: str = "reports/metrics"
     curves: str = "reports/curves"
     benchmark: str = "reports/benchmark.json"
@@ -123,6 +125,16 @@ class TrainingBudget(Section):
     seed: int = 42
     # Save a resumable Trainer checkpoint every this many optimizer steps (0: only at epoch ends).
     save_steps: int = Field(0, ge=0)
+
+
+class TransferConfig(Section):
+    # Unlabelled in-domain texts the KD students also learn from (teacher soft targets only); null: none.
+    path: str | None = None
+    # auto: .csv -> csv, .jsonl -> jsonl, otherwise phrasebank when every line ends in @<sentiment>,
+    # else one text per line. Labels in the file are ignored.
+    format: Literal["auto", "text", "csv", "jsonl", "phrasebank"] = "auto"
+    text_column: str = "text"  # csv/jsonl: the column with the text
+    max_texts: int | None = Field(None, ge=1)  # keep at most this many (the first, in file order)
 
 
 class TeacherConfig(TrainingBudget):
@@ -308,6 +320,7 @@ class Params(Section):
     paths: Paths = Paths()
     task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()
+    transfer: TransferConfig = TransferConfig()
     teacher: TeacherConfig = TeacherConfig()
     verify_teacher: VerifyTeacherConfig = VerifyTeacherConfig()
     student: StudentConfig = StudentConfig()
