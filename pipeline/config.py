@@ -39,6 +39,8 @@ class Paths(Section):
     quantized: str = "models/student_int8_torch"
     onnx_student: str = "models/student_onnx"
     onnx_teacher: str = "models/teacher_onnx"
+    # The verified teacher's logits on the train split and the transfer texts (stage teacher_logits).
+    teacher_logits: str = "models/teacher_logits"
     metrics: str = "reports/metrics"
     curves: str = "reports/curves"
     benchmark: str = "reports/benchmark.json"
@@ -123,6 +125,16 @@ class TrainingBudget(Section):
     seed: int = 42
     # Save a resumable Trainer checkpoint every this many optimizer steps (0: only at epoch ends).
     save_steps: int = Field(0, ge=0)
+
+
+class TransferConfig(Section):
+    # Unlabelled in-domain texts the KD students also learn from (teacher soft targets only); null: none.
+    path: str | None = None
+    # auto: .csv -> csv, .jsonl -> jsonl, otherwise phrasebank when every line ends in @<sentiment>,
+    # else one text per line. Labels in the file are ignored.
+    format: Literal["auto", "text", "csv", "jsonl", "phrasebank"] = "auto"
+    text_column: str = "text"  # csv/jsonl: the column with the text
+    max_texts: int | None = Field(None, ge=1)  # keep at most this many (the first, in file order)
 
 
 class TeacherConfig(TrainingBudget):
@@ -240,6 +252,14 @@ class ExportOnnxConfig(Section):
     per_channel: bool = True
     # Also quantize the word-embedding Gather (roughly half the weights of a small model).
     quantize_embeddings: bool = True
+    # INT8 scheme: dynamic (activations quantized per call), static (QDQ, calibrated ranges) or both.
+    quantization: Literal["dynamic", "static", "both"] = "dynamic"
+    # Static INT8: at most this many training texts calibrate the activation ranges, with this method.
+    calibration_texts: int = Field(256, ge=1)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # INT8 failing its gates on validation: up to this many rounds, each keeping in fp32 the nodes that add the most error.
+    fallback_rounds: int = Field(2, ge=0)
+    fallback_nodes_per_round: int = Field(2, ge=1)
     # Parity gates (over the whole test split); failing any fails the stage.
     max_abs_logit_diff: float = Field(1e-3, gt=0)
     min_int8_label_agreement: float = Field(0.98, ge=0, le=1)
@@ -278,7 +298,7 @@ class SLAConfig(Section):
 class ReportConfig(Section):
     sla: SLAConfig = SLAConfig()
     register_champion: bool = True
-    registered_model_name: str = "fincompress-sentiment"
+    registered_model_name: str = Field("fincompress-sentiment", min_length=1, pattern=r"\S")
 
 
 class EvaluationConfig(Section):
@@ -288,7 +308,7 @@ class EvaluationConfig(Section):
 
 
 class TrackingConfig(Section):
-    experiment: str = "fincompress"
+    experiment: str = Field("fincompress", min_length=1, pattern=r"\S")
 
 
 class FlowConfig(Section):
@@ -300,6 +320,7 @@ class Params(Section):
     paths: Paths = Paths()
     task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()
+    transfer: TransferConfig = TransferConfig()
     teacher: TeacherConfig = TeacherConfig()
     verify_teacher: VerifyTeacherConfig = VerifyTeacherConfig()
     student: StudentConfig = StudentConfig()

@@ -147,6 +147,7 @@ class KDBatch:
     pos_weight: torch.Tensor | None = None  # multi-label BCE weight of positives
     teacher_logits: torch.Tensor | None = None  # cached or live, in the student's dtype
     teacher: ModelOutput | None = None  # the live teacher's outputs, when internals are needed
+    has_label: torch.Tensor | None = None  # per example: False for a transfer text (no label); None: all labelled
 
 
 class KDTerm(nn.Module):
@@ -190,9 +191,15 @@ class HardLabelLoss(KDTerm):
         self.register_buffer("label_weight", label_weight, persistent=False)
 
     def forward(self, batch: KDBatch) -> torch.Tensor:
+        logits, labels = batch.student.logits, batch.labels
+        if batch.has_label is not None:  # transfer texts have no label: the mean is over labelled rows only
+            labelled = batch.has_label.bool()
+            if not labelled.any():
+                return logits.sum() * 0.0
+            logits, labels = logits[labelled], labels[labelled]
         if self.label_weight is not None:
-            return hard_loss_weighted(batch.student.logits, batch.labels, self.label_weight, batch.pos_weight)
-        return hard_loss(batch.student.logits, batch.labels, self.task_type, batch.pos_weight)
+            return hard_loss_weighted(logits, labels, self.label_weight, batch.pos_weight)
+        return hard_loss(logits, labels, self.task_type, batch.pos_weight)
 
 
 class SoftLabelKL(KDTerm):
@@ -422,6 +429,7 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         cached = inputs.pop("teacher_logits", None)
+        has_label = inputs.pop("has_label", None)
         kd = self.kd
         training = model.training
         wants = {
@@ -433,7 +441,10 @@ class DistillationTrainer(Trainer):
         if not training:
             loss = kd.evaluation_loss(logits, labels, self.pos_weight)
             return (loss, outputs) if return_outputs else loss
-        batch = KDBatch(student=outputs, labels=labels, attention_mask=inputs["attention_mask"], pos_weight=self.pos_weight)
+        batch = KDBatch(
+            student=outputs, labels=labels, attention_mask=inputs["attention_mask"], pos_weight=self.pos_weight,
+            has_label=has_label,
+        )
         if kd.needs_teacher:
             if cached is None or kd.needs_internals:
                 with torch.no_grad():
@@ -487,17 +498,22 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         )
 
 
-@torch.no_grad()
 def precompute_teacher_logits(teacher: PreTrainedModel, dataset, collator, batch_size: int = 128):
-    """The teacher's logits for every example, in dataset order: vanilla KD computes them once, not per epoch."""
+    """The dataset with the teacher's logits of every example as a `teacher_logits` column."""
+    return dataset.add_column("teacher_logits", compute_teacher_logits(teacher, dataset, collator, batch_size).tolist())
+
+
+@torch.no_grad()
+def compute_teacher_logits(teacher: PreTrainedModel, dataset, collator, batch_size: int = 128) -> torch.Tensor:
+    """The teacher's logits (float32) for every example, in dataset order."""
     from torch.utils.data import DataLoader
 
     teacher.eval()
     device = next(teacher.parameters()).device
-    columns = [c for c in dataset.column_names if c != "labels"]
+    columns = [c for c in dataset.column_names if c not in ("labels", "teacher_logits", "has_label")]
     loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=collator)
     chunks = []
     for batch in loader:
         batch = {key: value.to(device) for key, value in batch.items()}
         chunks.append(teacher(**batch).logits.float().cpu())
-    return dataset.add_column("teacher_logits", torch.cat(chunks).tolist())
+    return torch.cat(chunks)

@@ -1,6 +1,6 @@
 """The model family: every member the pipeline builds, where it lives and how it runs.
 
-Each kind of member (PyTorch fp32, PyTorch INT8, ONNX fp32, ONNX INT8) is one small class that knows
+Each kind of member (PyTorch fp32, PyTorch INT8, ONNX fp32, ONNX INT8 dynamic and static) is one small class that knows
 which files are its weights, its format and precision labels, whether it can be registered and served
 as the champion, and how to load itself into a benchmark worker. The benchmark and the champion
 choice ask the member; they never branch on its kind. Adding a backend is one subclass here (it
@@ -48,6 +48,11 @@ class Runnable(ABC):
         """The context timed calls run in."""
         return contextlib.nullcontext()
 
+    def one_thread_copies(self, count: int) -> list[Runnable]:
+        """`count` independent copies of the model on one intra-op thread each, to run side by side
+        (the N-sessions serving layout). Only members whose `parallel_sessions` is true have them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run side-by-side copies")
+
 
 class TorchRunnable(Runnable):
     def __init__(self, model: Any, tokenizer: Any, max_length: int) -> None:
@@ -81,6 +86,7 @@ class OnnxRunnable(Runnable):
     def __init__(self, model_dir: Path, threads: list[int]) -> None:
         from pipeline.onnx import OnnxClassifier
 
+        self.model_dir = model_dir
         self.classifiers = {t: OnnxClassifier.load(model_dir, intra_op_threads=t) for t in threads}
         self.current = self.classifiers[threads[0]]
 
@@ -92,6 +98,10 @@ class OnnxRunnable(Runnable):
 
     def use_threads(self, threads: int) -> None:
         self.current = self.classifiers[threads]
+
+    def one_thread_copies(self, count: int) -> list[Runnable]:
+        # ONNX Runtime releases the GIL while it runs: threads of one process run the copies in parallel.
+        return [OnnxRunnable(self.model_dir, [1]) for _ in range(count)]
 
 
 # --------------------------------------------------------------------------- member kinds
@@ -114,6 +124,7 @@ class Member(ABC):
     precision: ClassVar[str]
     weights_file: ClassVar[str]  # the file that must exist for the member to be there
     servable: ClassVar[bool] = False  # can be registered and served as the champion
+    parallel_sessions: ClassVar[bool] = False  # can run as N one-thread copies side by side (Runnable.one_thread_copies)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -177,6 +188,7 @@ class OnnxMember(Member):
     precision = "fp32"
     weights_file = "model.onnx"
     servable = True
+    parallel_sessions = True
 
     def weight_files(self) -> list[Path]:
         # model.onnx plus its external data file, if the model needed one.
@@ -194,6 +206,13 @@ class OnnxInt8Member(OnnxMember):
     precision = "int8"
 
 
+class OnnxInt8StaticMember(OnnxMember):
+    """ONNX Runtime static INT8 (QDQ, activation ranges calibrated on training texts)."""
+
+    kind = "onnx_int8_static"
+    precision = "int8"
+
+
 def family(params: Params) -> list[Member]:
     """Every family member in pipeline order; the PyTorch fp32 teacher (the reference) comes first."""
     p = params.paths
@@ -208,4 +227,5 @@ def family(params: Params) -> list[Member]:
         TorchInt8Member("student_int8_torch", params.path(p.quantized)),
         OnnxMember("student_onnx_fp32", onnx_student / "fp32"),
         OnnxInt8Member("student_onnx_int8", onnx_student / "int8"),
+        OnnxInt8StaticMember("student_onnx_int8_static", onnx_student / "int8_static"),
     ]

@@ -34,7 +34,7 @@ STAGE_LOCKS = ".cache/locks"
 # files): they must never hold anything else.
 REPLACED_DIRS = (
     "prepared", "teacher", "student_baseline", "student_vanilla", "student_intermediate", "pruned",
-    "quantized", "onnx_student", "onnx_teacher", "checkpoints",
+    "quantized", "onnx_student", "onnx_teacher", "checkpoints", "teacher_logits",
 )
 
 
@@ -45,6 +45,8 @@ def check_output_paths(params: Params) -> None:
     inputs = {"the params file": root / "params.yaml"}
     if params.data.source != "hub":
         inputs["data.path"] = params.path(params.data.path).resolve()
+    if params.transfer.path is not None:
+        inputs["transfer.path"] = params.path(params.transfer.path).resolve()
     for name, path in outputs.items():
         where = f"paths.{name}={getattr(params.paths, name)}"
         if path == root:

@@ -4,7 +4,10 @@ Every family member runs in a worker process of its own (so its peak resident me
 and an ONNX member never imports torch). The parent keeps all workers alive and interleaves them:
 each round visits the members in a fresh random order and asks each for a slice of its timed runs,
 so drift in machine load hits every member alike. Thread counts are set for torch
-(`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count) alike.
+(`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count) alike. Members
+that can run side by side (ONNX) are also timed on all N cores in both serving layouts: one session
+with N intra-op threads, and N one-thread sessions running at once (threads of the worker process:
+ONNX Runtime releases the GIL while it runs).
 
 Worker protocol: one JSON command per line on stdin, one JSON answer per line on stdout; a member
 travels as its kind's registry name (`pipeline.family.MEMBER_KINDS`) and its directory.
@@ -23,8 +26,10 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,13 +120,16 @@ class Runner:
                 i += 1
         return samples
 
-    def throughput(self, threads: int, batch_size: int, batches: int) -> float:
-        """Sentences per second at `batch_size` (inputs tokenized and padded beforehand)."""
-        self.runnable.use_threads(threads)
+    def _batch_feeds(self, batch_size: int, batches: int) -> list[Any]:
         groups = [
             [self.texts[(b * batch_size + j) % len(self.texts)] for j in range(batch_size)] for b in range(batches)
         ]
-        prepared = [self.runnable.feed(group) for group in groups]
+        return [self.runnable.feed(group) for group in groups]
+
+    def throughput(self, threads: int, batch_size: int, batches: int) -> float:
+        """Sentences per second at `batch_size` (inputs tokenized and padded beforehand)."""
+        self.runnable.use_threads(threads)
+        prepared = self._batch_feeds(batch_size, batches)
         with self.runnable.inference():
             self.runnable.run(prepared[0])  # warm-up
             began = time.perf_counter()
@@ -129,6 +137,29 @@ class Runner:
                 self.runnable.run(feed)
             elapsed = time.perf_counter() - began
         return batch_size * batches / elapsed
+
+    def sessions_throughput(self, sessions: int, batch_size: int, batches: int) -> float:
+        """Sentences per second of `sessions` one-thread copies of the model running side by side, each
+        over the same `batches` batches of `batch_size` (tokenized beforehand)."""
+        copies = self.runnable.one_thread_copies(sessions)
+        prepared = self._batch_feeds(batch_size, batches)
+        for copy in copies:
+            copy.run(prepared[0])  # warm-up
+        start = threading.Barrier(sessions + 1)
+
+        def serve(copy: Any) -> None:
+            start.wait()
+            for feed in prepared:
+                copy.run(feed)
+
+        with ThreadPoolExecutor(max_workers=sessions) as pool:
+            done = [pool.submit(serve, copy) for copy in copies]
+            start.wait()
+            began = time.perf_counter()
+            for future in done:
+                future.result()
+            elapsed = time.perf_counter() - began
+        return sessions * batch_size * batches / elapsed
 
 
 def peak_rss_mb() -> float:
@@ -165,6 +196,8 @@ def worker_main() -> None:
                 answer = {"ok": True, "samples": runner.latency(**command)}
             elif op == "throughput":
                 answer = {"ok": True, "per_second": runner.throughput(**command)}
+            elif op == "sessions_throughput":
+                answer = {"ok": True, "per_second": runner.sessions_throughput(**command)}
             elif op == "rss":
                 answer = {"ok": True, "peak_rss_mb": peak_rss_mb()}
             elif op == "quit":
@@ -177,6 +210,18 @@ def worker_main() -> None:
 
 
 # --------------------------------------------------------------------------- the parent side
+
+ONE_SESSION, SESSIONS = "one_session_n_threads", "n_sessions_one_thread"
+
+
+def all_cores_layouts(cores: int, one_session: float, sessions: float) -> dict[str, Any]:
+    """Sentences per second on `cores` cores for both serving layouts, and the faster one."""
+    return {
+        "cores": cores,
+        ONE_SESSION: one_session,
+        SESSIONS: sessions,
+        "best_layout": SESSIONS if sessions > one_session else ONE_SESSION,
+    }
 
 
 @dataclass
@@ -249,7 +294,8 @@ def run_benchmark(
     progress: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Time every member; returns per member its latency percentiles per thread
-    count (model only and end to end), throughput per thread count and peak RSS."""
+    count (model only and end to end), throughput per thread count and peak RSS; members that can run
+    side-by-side sessions also get their all-core throughput in both serving layouts."""
     settings = thread_settings(threads)
     workers: list[Worker] = []
     rng = np.random.default_rng(seed)
@@ -258,11 +304,16 @@ def run_benchmark(
     samples: dict[tuple[str, int, bool], list[float]] = {}
     try:
         # Load every member at once (timing starts only when all are ready).
+        # Members that can run as side-by-side sessions are also timed on every core both ways:
+        # one session with N threads, and N one-thread sessions at once.
+        cores = all_cores()
+        parallel = {member.name for member in members if member.parallel_sessions}
         for member in members:
-            workers.append(Worker.spawn(member, texts, max_length, settings))
+            loaded = settings + [cores] if member.name in parallel and cores not in settings else settings
+            workers.append(Worker.spawn(member, texts, max_length, loaded))
         for worker in workers:
             worker.loaded()
-        tasks = len(workers) * rounds * len(settings) * 2 + len(workers) * len(settings)
+        tasks = len(workers) * rounds * len(settings) * 2 + len(workers) * len(settings) + len(parallel)
         task = progress.add_task("benchmark", total=tasks) if progress else None
         for round_index in range(rounds):
             for index in rng.permutation(len(workers)):
@@ -294,9 +345,20 @@ def run_benchmark(
                 "latency_ms": {str(t): percentiles(samples[(worker.name, t, False)]) for t in settings},
                 "e2e_latency_ms": {str(t): percentiles(samples[(worker.name, t, True)]) for t in settings},
                 "throughput_per_second": {str(t): throughput[(worker.name, t)] for t in settings},
+                # Before the side-by-side copies are loaded: the peak of the member as served alone.
                 "peak_rss_mb": worker.ask(op="rss")["peak_rss_mb"],
                 "imports_torch": worker.imports_torch,
             }
+        batch = {"batch_size": throughput_batch_size, "batches": throughput_batches}
+        for index in rng.permutation(len(workers)):
+            worker = workers[index]
+            if worker.name not in parallel:
+                continue
+            one_session = throughput.get((worker.name, cores)) or worker.ask(op="throughput", threads=cores, **batch)["per_second"]
+            sessions = worker.ask(op="sessions_throughput", sessions=cores, **batch)["per_second"]
+            results[worker.name]["all_cores_throughput"] = all_cores_layouts(cores, one_session, sessions)
+            if progress:
+                progress.update(task, advance=1, description=f"all-core layouts: {worker.name}")
         return results
     finally:
         for worker in workers:

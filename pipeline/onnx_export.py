@@ -1,4 +1,5 @@
-"""ONNX export (optimum) and ONNX Runtime dynamic INT8 quantization, with the parity checks that gate them.
+"""ONNX export (optimum) and ONNX Runtime INT8 quantization (dynamic, and static with calibration), with
+the parity checks that gate them.
 
 This module needs optimum, and through it torch; serving an exported directory needs only
 `pipeline.onnx` (ONNX Runtime and `tokenizers`).
@@ -9,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
 
 from pipeline.errors import ConfigError, ModelError
 from pipeline.io import read_json, write_json
 from pipeline.labels import decide
 from pipeline.onnx import MODEL_FILE, TOKENIZER_FILE, check_onnx_file, onnx_size_mb
 
+log = logging.getLogger(__name__)
 ISAS = ("avx512_vnni", "avx512", "avx2", "arm64")
 # Largest protobuf ONNX can write in one file; bigger models need external data.
 PROTOBUF_LIMIT_BYTES = 2_000_000_000
@@ -126,15 +130,18 @@ def quantization_operators(quantize_embeddings: bool) -> list[str]:
 
 
 def quantize_int8(
-    fp32_dir: Path, out_dir: Path, isa: str, per_channel: bool, quantize_embeddings: bool
+    fp32_dir: Path, out_dir: Path, isa: str, per_channel: bool, quantize_embeddings: bool,
+    nodes_to_exclude: list[str] | None = None,
 ) -> Path:
-    """ONNX Runtime dynamic INT8 of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer)."""
+    """ONNX Runtime dynamic INT8 of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer);
+    `nodes_to_exclude` stay fp32."""
     from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
 
     if isa not in ISAS:
         raise ConfigError(f"export_onnx.isa={isa}: expected one of {ISAS}")
     config = getattr(AutoQuantizationConfig, isa)(
-        is_static=False, per_channel=per_channel, operators_to_quantize=quantization_operators(quantize_embeddings)
+        is_static=False, per_channel=per_channel, operators_to_quantize=quantization_operators(quantize_embeddings),
+        nodes_to_exclude=nodes_to_exclude or [],
     )
     quantizer = ORTQuantizer.from_pretrained(fp32_dir, file_name=MODEL_FILE)
     # Keep the weights outside the protobuf whenever the fp32 model needed to (conservative: always valid).
@@ -144,6 +151,180 @@ def quantize_int8(
     path = out_dir / MODEL_FILE
     check_onnx_file(path)
     return path
+
+
+# --------------------------------------------------------------------------- static INT8
+
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+CALIBRATION_BATCH_SIZE = 16
+
+
+def calibration_sample(train_texts: list[str], cap: int, seed: int) -> list[str]:
+    """At most `cap` training texts, a seeded random sample in their original order. Calibration sees
+    training texts only: validation and test stay unseen by every choice the quantizer makes."""
+    if len(train_texts) <= cap:
+        return list(train_texts)
+    keep = np.sort(np.random.default_rng(seed).choice(len(train_texts), size=cap, replace=False))
+    return [train_texts[i] for i in keep]
+
+
+class TextCalibrationReader(CalibrationDataReader):
+    """Feeds the calibrator batches of texts, tokenized exactly as the served model tokenizes them."""
+
+    def __init__(self, model_dir: Path, texts: list[str], batch_size: int = CALIBRATION_BATCH_SIZE) -> None:
+        from pipeline.onnx import OnnxClassifier
+
+        classifier = OnnxClassifier.load(model_dir, intra_op_threads=1)
+        self.feeds = iter([classifier.feed(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def quantize_int8_static(
+    fp32_dir: Path,
+    out_dir: Path,
+    calibration_texts: list[str],
+    isa: str,
+    per_channel: bool,
+    quantize_embeddings: bool,
+    method: str,
+    nodes_to_exclude: list[str] | None = None,
+) -> Path:
+    """ONNX Runtime static INT8 (QDQ) of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer):
+    activation ranges calibrated on `calibration_texts` with `method`, data types for `isa` as optimum
+    chooses them for dynamic INT8; `nodes_to_exclude` stay fp32."""
+    import shutil
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from optimum.onnxruntime import AutoQuantizationConfig
+
+    if isa not in ISAS:
+        raise ConfigError(f"export_onnx.isa={isa}: expected one of {ISAS}")
+    if method not in CALIBRATION_METHODS:
+        raise ConfigError(f"export_onnx.calibration_method={method}: expected one of {sorted(CALIBRATION_METHODS)}")
+    if not calibration_texts:
+        raise ConfigError("static INT8 needs calibration texts, and the training split is empty; re-run prepare_data")
+    config = getattr(AutoQuantizationConfig, isa)(is_static=True, per_channel=per_channel)
+    external = onnx_size_mb(fp32_dir) * 1e6 >= PROTOBUF_LIMIT_BYTES
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for source in fp32_dir.iterdir():  # config and tokenizer files: the directory serves on its own
+        if source.is_file() and not source.name.startswith(MODEL_FILE) and source.name != "checkpoint_info.json":
+            shutil.copy2(source, out_dir / source.name)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        # ORT's recommended pre-processing: shapes inferred and the graph optimized, so the quantizer
+        # sees the fused graph ORT runs.
+        prepared = Path(scratch) / MODEL_FILE
+        quant_pre_process(str(fp32_dir / MODEL_FILE), str(prepared), auto_merge=True, save_as_external_data=external)
+        with _root_log_level(logging.WARNING):
+            quantize_static(
+                prepared,
+                out_dir / MODEL_FILE,
+                TextCalibrationReader(fp32_dir, calibration_texts),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=quantization_operators(quantize_embeddings),
+                per_channel=per_channel,
+                reduce_range=config.reduce_range,
+                nodes_to_exclude=nodes_to_exclude or [],
+                activation_type=config.activations_dtype,
+                weight_type=config.weights_dtype,
+                use_external_data_format=external,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                extra_options={
+                    "ActivationSymmetric": config.activations_symmetric,
+                    "WeightSymmetric": config.weights_symmetric,
+                    # Weight MatMuls only: quantizing attention's activation-by-activation MatMuls
+                    # costs accuracy for little speed.
+                    "MatMulConstBOnly": True,
+                },
+            )
+    path = out_dir / MODEL_FILE
+    check_onnx_file(path)
+    return path
+
+
+# --------------------------------------------------------------------------- accuracy-aware fallback
+
+DIAGNOSIS_TEXTS = 64  # validation texts the per-node error is measured on
+
+
+def _intermediates(model: Any, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """The values of tensors `names` of `model` (an onnx ModelProto, changed here) for each feed."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    outputs = {output.name for output in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in outputs)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [session.run(names, feed) for feed in feeds]
+
+
+def node_errors(
+    fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], operators: list[str], skip: list[str]
+) -> dict[str, float]:
+    """How much relative error each quantizable node of the fp32 graph adds in the INT8 graph: the
+    relative L2 error of its output minus that of its activation input (what reached it already)."""
+    import onnx
+
+    fp32, int8 = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
+    constants = {tensor.name for tensor in fp32.graph.initializer}
+    weights = {t.name for t in fp32.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    in_int8 = {name for node in int8.graph.node for name in node.output}
+    # The nodes with float weights (MatMul by a weight matrix, the embedding Gather): what INT8 quantizes.
+    nodes = [
+        n for n in fp32.graph.node
+        if n.op_type in operators and n.name not in skip and n.output[0] in in_int8 and weights & set(n.input)
+    ]
+    names = sorted({n.output[0] for n in nodes} | {n.input[0] for n in nodes if n.input[0] in in_int8 and n.input[0] not in constants})
+    if not names:
+        return {}
+    reference, quantized = _intermediates(fp32, names, feeds), _intermediates(int8, names, feeds)
+    error = {}
+    for i, name in enumerate(names):
+        diff = sum(float(np.square(r[i] - q[i]).sum()) for r, q in zip(reference, quantized, strict=True))
+        norm = sum(float(np.square(r[i]).sum()) for r in reference)
+        error[name] = (diff / norm) ** 0.5 if norm else 0.0
+    return {n.name: error[n.output[0]] - error.get(n.input[0], 0.0) for n in nodes}
+
+
+def quantize_with_fallback(
+    quantize: Callable[[list[str]], Path],
+    fp32_dir: Path,
+    validation_texts: list[str],
+    failures_of: Callable[[np.ndarray], list[str]],
+    operators: list[str],
+    rounds: int,
+    nodes_per_round: int,
+) -> dict[str, Any]:
+    """Quantize; while the model fails its gate on validation (`failures_of` its validation logits) and
+    rounds remain, keep the `nodes_per_round` nodes that add the most error in fp32 and quantize again.
+
+    Validation texts only: the test split judges the result. Returns what was kept in fp32 and each
+    round's size and validation failures (the caller's test-split gate still decides)."""
+    from pipeline.onnx import OnnxClassifier
+
+    kept: list[str] = []
+    history: list[dict[str, Any]] = []
+    feeds: list[dict[str, np.ndarray]] | None = None
+    for round_index in range(rounds + 1):
+        path = quantize(kept)
+        failures = failures_of(OnnxClassifier.load(path.parent, intra_op_threads=1).logits(validation_texts))
+        history.append({"kept_fp32_nodes": list(kept), "size_mb": onnx_size_mb(path.parent), "validation_failures": failures})
+        if not failures or round_index == rounds:
+            break
+        if feeds is None:
+            sample = validation_texts[:DIAGNOSIS_TEXTS]
+            classifier = OnnxClassifier.load(fp32_dir, intra_op_threads=1)
+            feeds = [classifier.feed(sample[i : i + CALIBRATION_BATCH_SIZE]) for i in range(0, len(sample), CALIBRATION_BATCH_SIZE)]
+        errors = node_errors(fp32_dir / MODEL_FILE, path, feeds, operators, kept)
+        worst = sorted(errors, key=errors.__getitem__, reverse=True)[:nodes_per_round]
+        if not worst:
+            break
+        log.info("INT8 fails on validation (%s): keeping %s in fp32", "; ".join(failures), ", ".join(worst))
+        kept += worst
+    return {"kept_fp32_nodes": kept, "rounds": history}
 
 
 # --------------------------------------------------------------------------- parity

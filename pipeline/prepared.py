@@ -1,4 +1,5 @@
-"""The prepared splits on disk: `data/prepared/{train,validation,test}.jsonl` and `manifest.json`.
+"""The prepared splits on disk: `data/prepared/{train,validation,test}.jsonl` and `manifest.json`,
+plus `transfer.jsonl` (unlabelled texts, only when `transfer.path` is set).
 
 Every stage after prepare_data reads its data through this module only, so a change to a source
 reader in data.py re-runs prepare_data, and the rest of the family re-runs only when the prepared
@@ -21,6 +22,7 @@ from pipeline.io import read_json, sha256_file, write_json, write_text_atomic
 
 SPLITS = ("train", "validation", "test")
 MANIFEST_FILE = "manifest.json"
+TRANSFER_FILE = "transfer.jsonl"  # unlabelled texts for distillation (text only)
 
 
 # --------------------------------------------------------------------------- writing
@@ -56,6 +58,13 @@ def write_prepared(
     ).hexdigest()
     write_json(out_dir / MANIFEST_FILE, manifest)
     return manifest
+
+
+def write_transfer(out_dir: Path, texts: list[str]) -> str:
+    """Write the transfer texts (one {"text": ...} per line); return the file's sha256."""
+    path = out_dir / TRANSFER_FILE
+    write_text_atomic(path, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts))
+    return sha256_file(path)
 
 
 def _class_counts(rows: list[tuple[str, Any]], names: list[str]) -> dict[str, int]:
@@ -114,6 +123,15 @@ class Prepared:
 
     def texts(self, split: str) -> list[str]:
         return [row["text"] for row in self.rows(split)]
+
+    def transfer_texts(self) -> list[str]:
+        """The unlabelled transfer texts; none when prepare_data ran without `transfer.path`."""
+        if "transfer" not in self.manifest:
+            return []
+        path = self.directory / TRANSFER_FILE
+        if not path.is_file() or sha256_file(path) != self.manifest["transfer"]["sha256"]:
+            raise DataError(f"{path} is missing or differs from {MANIFEST_FILE}; re-run prepare_data")
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
     def labels(self, split: str) -> np.ndarray:
         """Encoded labels: class ids (single-label) or multi-hot rows (multi-label)."""

@@ -8,6 +8,7 @@ import io
 from typing import Any
 
 from pipeline.config import SLAConfig
+from pipeline.latency import ONE_SESSION, SESSIONS
 from pipeline.record import ModelRecord
 
 # Columns of family.json, in table order, with how to pick the best value of each.
@@ -68,6 +69,11 @@ def family_table(benchmark: dict[str, Any], records: dict[str, ModelRecord]) -> 
             "compression_vs_teacher": entries[reference]["size_mb"] / entry["size_mb"],
             "peak_rss_mb": entry["peak_rss_mb"],
         }
+        layouts = entry.get("all_cores_throughput")  # ONNX members: one N-thread session vs N one-thread sessions
+        if layouts:
+            row["throughput_all_cores_one_session"] = layouts[ONE_SESSION]
+            row["throughput_all_cores_sessions"] = layouts[SESSIONS]
+            row["serving_layout"] = layouts["best_layout"]
         rows.append(row)
     return rows
 
@@ -187,8 +193,32 @@ def comparison_markdown(
             + ", ".join(f"{row['name']} {row['latency_ms_p50_all_cores']:.2f}" for row in rows)
             + ".",
             "",
+            *serving_layout_lines(rows, settings, machine["cores"]),
         ]
     )
+
+
+LAYOUT_NAMES = {ONE_SESSION: "one session with {n} threads", SESSIONS: "{n} sessions with 1 thread each"}
+
+
+def serving_layout_lines(rows: list[dict[str, Any]], settings: dict[str, Any], cores: int) -> list[str]:
+    """Which serving layout gives each ONNX member the most sentences per second on all cores."""
+    timed = [row for row in rows if row.get("serving_layout")]
+    if not timed:
+        return []
+    lines = [
+        f"Serving layout on all cores (batch {settings['throughput_batch_size']}, sentences/s; use the faster):",
+        "",
+    ]
+    for row in timed:
+        per_second = {ONE_SESSION: row["throughput_all_cores_one_session"], SESSIONS: row["throughput_all_cores_sessions"]}
+        best = row["serving_layout"]
+        other = SESSIONS if best == ONE_SESSION else ONE_SESSION
+        lines.append(
+            f"- {row['name']}: use {LAYOUT_NAMES[best].format(n=cores)} ({per_second[best]:.0f}/s; "
+            f"{LAYOUT_NAMES[other].format(n=cores)}: {per_second[other]:.0f}/s)."
+        )
+    return [*lines, ""]
 
 
 def comparison_csv(rows: list[dict[str, Any]]) -> str:

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from pipeline import training
+from pipeline import teacher_logits, training
 from pipeline.architectures import architecture_for, ffn_width_key
 from pipeline.config import KDTerms, Params, StudentConfig
-from pipeline.distill import DistillationTrainer, build_kd_loss, precompute_teacher_logits, resolve_layer_map
+from pipeline.distill import DistillationTrainer, build_kd_loss, resolve_layer_map
 from pipeline.errors import ConfigError
 from pipeline.models import (
     load_pretrained_classifier,
@@ -135,13 +135,16 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
     max_length = params.task.max_length
     datasets = training.encode_splits(prepared, tokenizer, max_length)
     collator = training.Collator(tokenizer)
-    if kd.needs_teacher and not kd.needs_internals:
-        datasets["train"] = precompute_teacher_logits(teacher, datasets["train"], collator)
-
+    pos_weight = training.pos_weight(params.task, datasets["train"], names)  # from the labelled texts only
     before = state_fingerprint(teacher)
+    # KD students: the teacher's cached logits, plus the transfer texts (KD only) when there are any.
+    datasets["train"] = teacher_logits.kd_train_dataset(
+        datasets["train"], prepared, tokenizer, max_length, kd, params.path(params.paths.teacher_logits), before,
+    )
+    transfer_rows = len(datasets["train"]) - len(prepared.texts("train"))
     key = training.fingerprint(
         stage, params.section("student"), terms.model_dump() if terms else None, prepared.content_hash,
-        before,
+        before, *([prepared.manifest["transfer"]["sha256"]] if transfer_rows else []),
     )
     scratch, resume = training.checkpoint_dir(params, stage, key)
     trainer = DistillationTrainer(
@@ -154,7 +157,7 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         compute_metrics=training.compute_metrics_fn(task_type, params.task.threshold),
         kd=kd,
         teacher=teacher if kd.needs_teacher else None,
-        pos_weight=training.pos_weight(params.task, datasets["train"], names),
+        pos_weight=pos_weight,
     )
     seconds = training.train(trainer, resume)
     if state_fingerprint(teacher) != before:  # cannot happen unless the freezing is broken
@@ -166,6 +169,7 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         details={
             "student": {**init_info, "num_layers": s_cfg.num_hidden_layers, "hidden_size": s_cfg.hidden_size},
             "kd": {"layer_map": layer_map, "projection": kd.has_projection, **(terms.model_dump() if terms else {})},
+            **({"transfer_texts": transfer_rows} if transfer_rows else {}),
         },
     )
     if record is None:  # not the main process of a distributed run

@@ -35,8 +35,9 @@ from pipeline.record import ModelRecord, evaluate_and_record
 
 log = logging.getLogger(__name__)
 
-# Columns our collator passes through untouched (float targets precomputed from the teacher).
-EXTRA_FLOAT_COLUMNS = ("teacher_logits",)
+# Columns our collator passes through untouched: float targets precomputed from the teacher, and
+# `has_label` (0 for a transfer text, whose label is a placeholder the hard-label term must skip).
+EXTRA_FLOAT_COLUMNS = ("teacher_logits", "has_label")
 
 
 def encode(
@@ -54,6 +55,15 @@ def encode(
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
     return dataset.map(tokenize, batched=True, remove_columns=["text"], desc="tokenizing")
+
+
+def encode_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """Tokenize unlabelled texts (as `encode` does) into a Dataset with input ids and attention mask."""
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    return Dataset.from_dict({"text": list(texts)}).map(tokenize, batched=True, remove_columns=["text"], desc="tokenizing")
 
 
 def encode_splits(

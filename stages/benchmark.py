@@ -12,7 +12,14 @@ from pipeline.config import Params
 from pipeline.errors import ModelError
 from pipeline.family import REFERENCE, Member, family
 from pipeline.io import write_json
-from pipeline.latency import machine_info, quiet_machine, run_benchmark, thread_settings
+from pipeline.latency import (
+    ONE_SESSION,
+    SESSIONS,
+    machine_info,
+    quiet_machine,
+    run_benchmark,
+    thread_settings,
+)
 from pipeline.prepared import load_split
 from pipeline.record import ModelRecord
 from pipeline.stage import Stage
@@ -94,6 +101,10 @@ def run(params: Params) -> dict[str, Any]:
             metrics[f"{entry['name']}.latency_ms_p50_t{t}"] = entry["latency_ms"][t]["p50"]
             metrics[f"{entry['name']}.speedup_t{t}"] = entry["speedup_vs_teacher"][t]
         metrics[f"{entry['name']}.peak_rss_mb"] = entry["peak_rss_mb"]
+        if "all_cores_throughput" in entry:
+            layouts = entry["all_cores_throughput"]
+            for layout in (ONE_SESSION, SESSIONS):
+                metrics[f"{entry['name']}.all_cores_{layout}_per_second"] = layouts[layout]
     return metrics
 
 

@@ -1,5 +1,6 @@
-"""Export the pruned student to ONNX (fp32), quantize it with ONNX Runtime dynamic INT8 for this CPU's
-instruction set, and export the teacher to ONNX fp32. Each output directory is self-contained
+"""Export the pruned student to ONNX (fp32), quantize it with ONNX Runtime INT8 for this CPU's
+instruction set (dynamic, static with calibration on training texts, or both: export_onnx.quantization),
+and export the teacher to ONNX fp32. Each output directory is self-contained
 (model.onnx, config.json, tokenizer, checkpoint_info.json), so it can be served or benchmarked alone.
 
 Parity gates over the whole test split: ONNX fp32 must match PyTorch (logits within tolerance, every
@@ -9,6 +10,7 @@ gate fails the stage and nothing is written."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from pipeline import tracking
 from pipeline.config import Params
 from pipeline.errors import GateError
 from pipeline.io import atomic_dir, read_json, write_json, write_text_atomic
+from pipeline.labels import decide
+from pipeline.metrics import macro_f1
 from pipeline.model_card import write_export_cards
 from pipeline.models import (
     count_parameters,
@@ -28,12 +32,15 @@ from pipeline.models import (
 )
 from pipeline.onnx import OnnxClassifier, onnx_size_mb
 from pipeline.onnx_export import (
+    calibration_sample,
     export_fp32,
     fp32_parity_failures,
     int8_parity_failures,
     logit_parity,
     quantization_operators,
     quantize_int8,
+    quantize_int8_static,
+    quantize_with_fallback,
     resolve_isa,
 )
 from pipeline.prepared import Prepared, load_prepared
@@ -42,6 +49,7 @@ from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 NOT_EXPORTED_FILE = "NOT_EXPORTED.txt"
+CALIBRATION_SEED = 0  # which training texts calibrate static INT8 when there are more than the cap
 
 
 def evaluate_onnx(
@@ -83,8 +91,61 @@ def export_checked(
     return record, logits, onnx_thresholds
 
 
+def gate_int8(
+    member: str, what: str, int8_dir: Path, fp32: ModelRecord, fp32_dir: Path, fp32_logits: dict[str, np.ndarray],
+    fp32_thresholds: np.ndarray, prepared: Prepared, params: Params, details: dict[str, Any],
+) -> tuple[dict[str, Any], list[str]]:
+    """Evaluate and record the INT8 model in `int8_dir`, with its parity against ONNX fp32 on the test
+    split (details.parity); returns its metrics and its gate failures."""
+    cfg = params.export_onnx
+    fp32_mb, int8_mb = onnx_size_mb(fp32_dir), onnx_size_mb(int8_dir)
+    int8, int8_logits, _ = evaluate_onnx(
+        int8_dir, prepared, params, member=member, source=f"{params.paths.onnx_student}/fp32",
+        num_parameters=fp32.num_parameters,
+        details={**details, "size_ratio_to_fp32": int8_mb / fp32_mb, "opset": cfg.opset, "onnxruntime": onnxruntime.__version__},
+    )
+    parity = logit_parity(fp32_logits["test"], int8_logits["test"], params.task.type, fp32_thresholds)
+    parity["test_macro_f1_drop"] = fp32.test["macro_f1"] - int8.test["macro_f1"]
+    int8.details["parity"] = {"reference": "ONNX fp32", "split": "test", **parity}
+    int8.write(int8_dir)
+    failures = int8_parity_failures(
+        what, parity, parity["test_macro_f1_drop"], cfg.min_int8_label_agreement, cfg.max_int8_f1_drop
+    )
+    log.info(
+        "%s: %.2f MB (fp32 %.2f MB), label agreement %.4f, test macro-F1 drop %.4f",
+        what, int8_mb, fp32_mb, parity["label_agreement"], parity["test_macro_f1_drop"],
+    )
+    metrics = {
+        **int8.metrics(),
+        "size_ratio_to_fp32": int8_mb / fp32_mb,
+        "max_abs_logit_diff": parity["max_abs_logit_diff"],
+        "label_agreement": parity["label_agreement"],
+        "test_macro_f1_drop": parity["test_macro_f1_drop"],
+    }
+    return metrics, failures
+
+
+def validation_gate(
+    what: str, fp32: ModelRecord, fp32_dir: Path, fp32_logits: dict[str, np.ndarray], fp32_thresholds: np.ndarray,
+    prepared: Prepared, params: Params,
+) -> Callable[[np.ndarray], list[str]]:
+    """The INT8 gates judged on the validation split: what the accuracy-aware fallback steers by."""
+    cfg, task_type = params.export_onnx, params.task.type
+    labels = prepared.labels("validation")
+
+    def failures(logits: np.ndarray) -> list[str]:
+        parity = logit_parity(fp32_logits["validation"], logits, task_type, fp32_thresholds)
+        drop = fp32.validation["macro_f1"] - macro_f1(labels, decide(logits, task_type, fp32_thresholds))
+        return int8_parity_failures(
+            f"{what} (validation)", parity, drop, cfg.min_int8_label_agreement, cfg.max_int8_f1_drop
+        )
+
+    return failures
+
+
 def run(params: Params) -> dict[str, Any]:
-    """Read paths.pruned and paths.teacher; write paths.onnx_student/{fp32,int8} and paths.onnx_teacher."""
+    """Read paths.pruned and paths.teacher; write paths.onnx_student/{fp32,int8,int8_static} (the INT8
+    directories export_onnx.quantization asks for) and paths.onnx_teacher."""
     cfg, paths = params.export_onnx, params.paths
     prepared = load_prepared(params.path(paths.prepared))
     isa = resolve_isa(cfg.isa)
@@ -93,44 +154,47 @@ def run(params: Params) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     # Both outputs appear together at the end, or neither does.
     with atomic_dir(student_out) as student_tmp, atomic_dir(teacher_out) as teacher_tmp:
-        fp32_dir, int8_dir = student_tmp / "fp32", student_tmp / "int8"
+        fp32_dir = student_tmp / "fp32"
         fp32, fp32_logits, fp32_thresholds = export_checked("student_onnx_fp32", paths.pruned, fp32_dir, prepared, params)
         fp32_parity = fp32.details["parity"]
         failures += fp32_parity_failures("student ONNX fp32", fp32_parity, cfg.max_abs_logit_diff)
-
-        quantize_int8(fp32_dir, int8_dir, isa, cfg.per_channel, cfg.quantize_embeddings)
-        fp32_mb, int8_mb = onnx_size_mb(fp32_dir), onnx_size_mb(int8_dir)
-        int8, int8_logits, _ = evaluate_onnx(
-            int8_dir, prepared, params, member="student_onnx_int8", source=f"{paths.onnx_student}/fp32",
-            num_parameters=fp32.num_parameters,
-            details={
-                "precision": "int8 (ONNX Runtime dynamic quantization)", "isa": isa, "per_channel": cfg.per_channel,
-                "quantized_operators": quantization_operators(cfg.quantize_embeddings),
-                "size_ratio_to_fp32": int8_mb / fp32_mb, "opset": cfg.opset, "onnxruntime": onnxruntime.__version__,
-            },
-        )
-        int8_parity = logit_parity(fp32_logits["test"], int8_logits["test"], params.task.type, fp32_thresholds)
-        int8_parity["test_macro_f1_drop"] = fp32.test["macro_f1"] - int8.test["macro_f1"]
-        int8.details["parity"] = {"reference": "ONNX fp32", "split": "test", **int8_parity}
-        int8.write(int8_dir)
-        failures += int8_parity_failures(
-            "student ONNX INT8", int8_parity, int8_parity["test_macro_f1_drop"],
-            cfg.min_int8_label_agreement, cfg.max_int8_f1_drop,
-        )
-        log.info(
-            "student ONNX: fp32 %.2f MB (max |Δlogit| vs PyTorch %.2e), INT8 %.2f MB for %s "
-            "(label agreement %.4f, test macro-F1 drop %.4f)",
-            fp32_mb, fp32_parity["max_abs_logit_diff"], int8_mb, isa, int8_parity["label_agreement"],
-            int8_parity["test_macro_f1_drop"],
-        )
+        log.info("student ONNX fp32: max |Δlogit| vs PyTorch %.2e", fp32_parity["max_abs_logit_diff"])
         metrics["student_onnx_fp32"] = {**fp32.metrics(), "max_abs_logit_diff": fp32_parity["max_abs_logit_diff"]}
-        metrics["student_onnx_int8"] = {
-            **int8.metrics(),
-            "size_ratio_to_fp32": int8_mb / fp32_mb,
-            "max_abs_logit_diff": int8_parity["max_abs_logit_diff"],
-            "label_agreement": int8_parity["label_agreement"],
-            "test_macro_f1_drop": int8_parity["test_macro_f1_drop"],
-        }
+        reference = (fp32, fp32_dir, fp32_logits, fp32_thresholds, prepared, params)
+        operators = quantization_operators(cfg.quantize_embeddings)
+
+        if cfg.quantization in ("dynamic", "both"):
+            int8_dir = student_tmp / "int8"
+            fallback = quantize_with_fallback(
+                lambda kept: quantize_int8(fp32_dir, int8_dir, isa, cfg.per_channel, cfg.quantize_embeddings, kept),
+                fp32_dir, prepared.texts("validation"), validation_gate("student ONNX INT8", *reference),
+                operators, cfg.fallback_rounds, cfg.fallback_nodes_per_round,
+            )
+            metrics["student_onnx_int8"], int8_failures = gate_int8(
+                "student_onnx_int8", "student ONNX INT8", int8_dir, *reference,
+                details={"precision": "int8 (ONNX Runtime dynamic quantization)", "isa": isa,
+                         "per_channel": cfg.per_channel, "quantized_operators": operators, "fallback": fallback},
+            )
+            failures += int8_failures
+
+        if cfg.quantization in ("static", "both"):
+            static_dir = student_tmp / "int8_static"
+            calibration = calibration_sample(prepared.texts("train"), cfg.calibration_texts, CALIBRATION_SEED)
+            fallback = quantize_with_fallback(
+                lambda kept: quantize_int8_static(
+                    fp32_dir, static_dir, calibration, isa, cfg.per_channel, cfg.quantize_embeddings,
+                    cfg.calibration_method, kept,
+                ),
+                fp32_dir, prepared.texts("validation"), validation_gate("student ONNX static INT8", *reference),
+                operators, cfg.fallback_rounds, cfg.fallback_nodes_per_round,
+            )
+            metrics["student_onnx_int8_static"], static_failures = gate_int8(
+                "student_onnx_int8_static", "student ONNX static INT8", static_dir, *reference,
+                details={"precision": "int8 (ONNX Runtime static quantization, QDQ)", "isa": isa,
+                         "per_channel": cfg.per_channel, "quantized_operators": operators, "fallback": fallback,
+                         "calibration": {"split": "train", "texts": len(calibration), "method": cfg.calibration_method}},
+            )
+            failures += static_failures
 
         if cfg.export_teacher:
             teacher, _, _ = export_checked("teacher_onnx", paths.teacher, teacher_tmp, prepared, params)
@@ -146,8 +210,8 @@ def run(params: Params) -> dict[str, Any]:
             raise GateError(
                 "ONNX parity failed over the test split: " + "; ".join(failures) + ". An fp32 mismatch means "
                 "the exported graph computes something else than PyTorch: try another export_onnx.opset, or "
-                "raise export_onnx.max_abs_logit_diff if the difference is float noise. An INT8 shortfall: try "
-                "export_onnx.quantize_embeddings=false, or relax export_onnx.min_int8_label_agreement / "
+                "raise export_onnx.max_abs_logit_diff if the difference is float noise. An INT8 shortfall: raise "
+                "export_onnx.fallback_rounds (more nodes kept in fp32), try export_onnx.quantize_embeddings=false, or relax export_onnx.min_int8_label_agreement / "
                 "max_int8_f1_drop if that loss is acceptable. Nothing was written."
             )
 
@@ -156,9 +220,11 @@ def run(params: Params) -> dict[str, Any]:
     for artifact_path, directory in (
         ("student_onnx_fp32", student_out / "fp32"),
         ("student_onnx_int8", student_out / "int8"),
+        ("student_onnx_int8_static", student_out / "int8_static"),
         ("teacher_onnx", teacher_out),
     ):
-        tracking.log_artifact(directory / INFO_FILE, artifact_path)
+        if (directory / INFO_FILE).is_file():  # the INT8 directories export_onnx.quantization asked for
+            tracking.log_artifact(directory / INFO_FILE, artifact_path)
     return metrics
 
 

@@ -13,7 +13,7 @@ from pipeline.stage import Stage
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Write data/prepared/{train,validation,test}.jsonl and manifest.json."""
+    """Write data/prepared/{train,validation,test}.jsonl, manifest.json and (with transfer.path) transfer.jsonl."""
     out = params.path(params.paths.prepared)
     with atomic_dir(out) as tmp:
         manifest = prepare(params, tmp)
@@ -26,10 +26,13 @@ def run(params: Params) -> dict[str, Any]:
     }
     for split in SPLITS:
         metrics[f"{split}_rows"] = manifest["splits"][split]["rows"]
+    if "transfer" in manifest:
+        transfer = manifest["transfer"]
+        metrics.update({f"transfer_{key}": transfer[key] for key in ("rows_read", "split_duplicates_dropped", "kept")})
     return metrics
 
 
-STAGE = Stage("prepare_data", run, sections=("data", "task"))
+STAGE = Stage("prepare_data", run, sections=("data", "task", "transfer"))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import pruning, training
+from pipeline import pruning, teacher_logits, training
 from pipeline.config import Params
 from pipeline.distill import DistillationTrainer, build_kd_loss
 from pipeline.errors import ConfigError
@@ -21,6 +21,7 @@ from pipeline.models import (
     load_trained_with_tokenizer,
     logits_fn,
     save_model,
+    state_fingerprint,
     uniform_layer_map,
     weights_size_mb,
 )
@@ -74,6 +75,12 @@ def run(params: Params) -> dict[str, Any]:
         recovery, task.type, label_names=names, key="prune.recovery", layer_map=layer_map,
         hidden_sizes=(student.config.hidden_size, teacher.config.hidden_size),
     )
+    # Importance is measured on the labelled split; the recovery also learns from the transfer texts.
+    recovery_train = teacher_logits.kd_train_dataset(
+        datasets["train"], prepared, tokenizer, max_length, kd, params.path(params.paths.teacher_logits),
+        state_fingerprint(teacher),
+    )
+    pos_weight = training.pos_weight(task, datasets["train"], names)
 
     magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
     removed: dict[int, list[int]] = {}
@@ -104,14 +111,14 @@ def run(params: Params) -> dict[str, Any]:
                 # Magnitude pruning ends at its final sparsity; an earlier "best" epoch would be denser.
                 load_best_model_at_end=structured,
             ),
-            train_dataset=datasets["train"],
+            train_dataset=recovery_train,
             eval_dataset=datasets["validation"],
             data_collator=collator,
             processing_class=tokenizer,
             compute_metrics=training.compute_metrics_fn(task.type, task.threshold),
             kd=kd,
             teacher=teacher,
-            pos_weight=training.pos_weight(task, datasets["train"], names),
+            pos_weight=pos_weight,
             callbacks=[magnitude] if magnitude else None,
         )
         seconds += training.train(trainer, None)  # a pruned architecture is not resumable mid-way
@@ -122,6 +129,8 @@ def run(params: Params) -> dict[str, Any]:
     student = student.cpu().eval()
 
     info: dict[str, Any] = {"method": cfg.method, "source": cfg.source}
+    if len(recovery_train) > len(datasets["train"]):
+        info["transfer_texts"] = len(recovery_train) - len(datasets["train"])
     if magnitude:
         magnitude.make_permanent()
         info["sparsity_encoder_linear"] = pruning.sparsity(magnitude.modules)

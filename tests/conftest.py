@@ -55,9 +55,9 @@ def tiny_params(tmp_path, tiny_bert):
 
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory, tiny_bert):
-    """A tiny project after prepare_data, train_teacher and verify_teacher (shared, read-only)."""
+    """A tiny project after prepare_data, train_teacher, verify_teacher and teacher_logits (shared, read-only)."""
     from pipeline.config import params_from_dict
-    from stages import prepare_data, train_teacher, verify_teacher
+    from stages import prepare_data, teacher_logits, train_teacher, verify_teacher
 
     root = tmp_path_factory.mktemp("project")
     (root / "data").mkdir()
@@ -68,4 +68,5 @@ def trained_project(tmp_path_factory, tiny_bert):
     prepare_data.STAGE.execute(params)
     train_teacher.STAGE.execute(params)
     verify_teacher.STAGE.execute(params)
+    teacher_logits.STAGE.execute(params)
     return params

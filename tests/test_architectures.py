@@ -37,6 +37,7 @@ from stages import (
     prune,
     quantize,
     student_baseline,
+    teacher_logits,
     train_teacher,
     verify_teacher,
 )
@@ -162,7 +163,8 @@ def arch_params(root, checkpoint, **sections):
 
 
 STAGES = [
-    prepare_data, train_teacher, verify_teacher, student_baseline, distill_vanilla, distill_intermediate, prune,
+    prepare_data, train_teacher, verify_teacher, teacher_logits, student_baseline, distill_vanilla,
+    distill_intermediate, prune,
     quantize, export_onnx,
 ]
 

@@ -14,6 +14,7 @@ from pipeline.config import params_from_dict
 from pipeline.family import (
     MEMBER_KINDS,
     OnnxInt8Member,
+    OnnxInt8StaticMember,
     OnnxMember,
     TorchInt8Member,
     TorchMember,
@@ -22,7 +23,7 @@ from pipeline.family import (
 from pipeline.latency import percentiles, thread_settings
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
 from pipeline.onnx import OnnxClassifier
-from pipeline.onnx_export import export_fp32, quantize_int8
+from pipeline.onnx_export import export_fp32, quantize_int8, quantize_int8_static
 from pipeline.quantization import load_quantized, quantize_model, resolve_engine, save_quantized
 from stages import benchmark
 
@@ -76,12 +77,16 @@ def test_the_family_labels_and_the_worker_registry(tmp_path):
     assert labels["student_int8_torch"] == ("torch", "int8", False)
     assert labels["student_onnx_fp32"] == ("onnx", "fp32", True)
     assert labels["student_onnx_int8"] == ("onnx", "int8", True)
-    assert [m.name for m in members if m.servable] == ["teacher_onnx", "student_onnx_fp32", "student_onnx_int8"]
+    assert labels["student_onnx_int8_static"] == ("onnx", "int8", True)
+    assert [m.name for m in members if m.servable] == [
+        "teacher_onnx", "student_onnx_fp32", "student_onnx_int8", "student_onnx_int8_static"
+    ]
 
 
 @pytest.fixture(scope="module")
 def member_dirs(tiny_bert, tmp_path_factory):
-    """The tiny BERT with a random 3-class head as each member kind: torch fp32, torch INT8, ONNX fp32/INT8."""
+    """The tiny BERT with a random 3-class head as each member kind: torch fp32, torch INT8, ONNX fp32,
+    ONNX dynamic and static INT8."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -96,7 +101,22 @@ def member_dirs(tiny_bert, tmp_path_factory):
     tokenizer.save_pretrained(root / "int8")
     export_fp32(root / "torch", root / "onnx_fp32", opset=17, max_length=MAX_LENGTH)
     quantize_int8(root / "onnx_fp32", root / "onnx_int8", "avx2", per_channel=False, quantize_embeddings=False)
+    quantize_int8_static(
+        root / "onnx_fp32", root / "onnx_int8_static", TEXTS * 4, "avx2", per_channel=True, quantize_embeddings=True,
+        method="minmax",
+    )
     return root
+
+
+def test_one_thread_copies_run_side_by_side_and_give_the_same_logits(member_dirs):
+    runnable = OnnxInt8StaticMember.load_runnable(member_dirs / "onnx_int8_static", MAX_LENGTH, threads=[1])
+    copies = runnable.one_thread_copies(2)
+    assert len(copies) == 2 and copies[0].current.session is not copies[1].current.session
+    feed = runnable.feed(TEXTS)
+    for copy in copies:
+        np.testing.assert_array_equal(copy.run(feed), runnable.run(feed))
+    with pytest.raises(NotImplementedError):
+        TorchMember.load_runnable(member_dirs / "torch", MAX_LENGTH, [1]).one_thread_copies(2)
 
 
 def feed_logits(member_kind, model_dir) -> np.ndarray:
@@ -114,9 +134,13 @@ def test_each_benchmark_feed_gives_the_models_own_logits(member_dirs):
     # SDPA in the benchmark, eager attention in predict_logits: equal up to float rounding.
     np.testing.assert_allclose(feed_logits(TorchMember, member_dirs / "torch"), torch_fp32, atol=1e-5)
     np.testing.assert_allclose(feed_logits(TorchInt8Member, member_dirs / "int8"), torch_int8, atol=1e-5)
-    for kind, directory in ((OnnxMember, "onnx_fp32"), (OnnxInt8Member, "onnx_int8")):
+    onnx_kinds = ((OnnxMember, "onnx_fp32"), (OnnxInt8Member, "onnx_int8"), (OnnxInt8StaticMember, "onnx_int8_static"))
+    for kind, directory in onnx_kinds:
         expected = OnnxClassifier.load(member_dirs / directory).logits(TEXTS)
         np.testing.assert_allclose(feed_logits(kind, member_dirs / directory), expected, atol=1e-6)
+    assert OnnxInt8StaticMember("s", member_dirs / "onnx_int8_static").size_mb() < OnnxMember(
+        "f", member_dirs / "onnx_fp32"
+    ).size_mb()
     assert not np.allclose(torch_int8, torch_fp32, atol=1e-6), "the INT8 member is really quantized"
 
 
@@ -176,3 +200,10 @@ def test_benchmark_on_the_tiny_family(trained_project, tmp_path):
     assert members["student_int8_torch"]["size_mb"] < members["student_pruned"]["size_mb"]
     assert members["teacher_onnx"]["imports_torch"] is False and members["teacher"]["imports_torch"] is True
     assert members["teacher_onnx"]["servable"] and not members["student_int8_torch"]["servable"]
+    # All cores, both serving layouts, for the ONNX member only (torch members cannot run side by side).
+    layouts = members["teacher_onnx"]["all_cores_throughput"]
+    assert layouts["cores"] == result["machine"]["cores"]
+    assert layouts["one_session_n_threads"] > 0 and layouts["n_sessions_one_thread"] > 0
+    faster = max(("one_session_n_threads", "n_sessions_one_thread"), key=layouts.get)
+    assert layouts["best_layout"] == faster
+    assert not any("all_cores_throughput" in members[name] for name in ("teacher", "student_pruned", "student_int8_torch"))

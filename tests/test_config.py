@@ -40,6 +40,8 @@ def write(tmp_path, tree):
         ({"prune": {"ffn_ratio": -0.1}}, "prune.ffn_ratio", "greater than or equal to 0"),
         ({"benchmark": {"threads": [0]}}, "benchmark.threads", "must include 1"),
         ({"colour": {}}, "colour", "unknown key"),
+        ({"tracking": {"experiment": ""}}, "tracking.experiment", "at least 1 character"),
+        ({"report": {"registered_model_name": "  "}}, "report.registered_model_name", "should match pattern"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, tree, key, hint):

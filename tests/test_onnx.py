@@ -16,12 +16,14 @@ from onnx import TensorProto, helper
 from safetensors import safe_open
 from transformers.pytorch_utils import prune_linear_layer
 
+from pipeline import onnx_export
 from pipeline.architectures import encoder_layers
 from pipeline.errors import ConfigError, GateError, ModelError
 from pipeline.io import OUTPUT_MARKER
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
 from pipeline.onnx import OnnxClassifier, check_onnx_file, create_session
 from pipeline.onnx_export import (
+    calibration_sample,
     detect_isa,
     export_fp32,
     fp32_parity_failures,
@@ -29,10 +31,12 @@ from pipeline.onnx_export import (
     logit_parity,
     quantization_operators,
     quantize_int8,
+    quantize_with_fallback,
 )
 from pipeline.prepared import load_split
 from pipeline.quantization import FORMAT, INT8_WEIGHTS_FILE, load_quantized, quantize_model, resolve_engine
 from pipeline.record import ModelRecord
+from scripts.tiny_project import read_tiny_texts
 from stages import export_onnx, quantize
 from tests.helpers import copy_project
 
@@ -53,8 +57,13 @@ def make_pruned_student(teacher_dir, out_dir) -> None:
 
 @pytest.fixture(scope="module")
 def project(trained_project, tmp_path_factory):
-    """The trained tiny project with a pruned student at paths.pruned (shared, read-only)."""
-    params = copy_project(trained_project, tmp_path_factory.mktemp("onnx_project"), ("data", "models"))
+    """The trained tiny project with a pruned student at paths.pruned (shared, read-only); it exports
+    both INT8 members, dynamic and static. The tiny model's logits sit close to ties, so one flipped label
+    of its 15 test texts (agreement 0.933) must not fail the INT8 gates here."""
+    params = copy_project(
+        trained_project, tmp_path_factory.mktemp("onnx_project"), ("data", "models"),
+        export_onnx={"quantization": "both", "min_int8_label_agreement": 0.9, "max_int8_f1_drop": 0.2},
+    )
     make_pruned_student(params.path(params.paths.teacher), params.path(params.paths.pruned))
     return params
 
@@ -188,7 +197,7 @@ def test_gates_name_the_numbers():
 def test_export_writes_self_contained_directories(project, exported):
     student = project.path(project.paths.onnx_student)
     teacher = project.path(project.paths.onnx_teacher)
-    for directory in (student / "fp32", student / "int8", teacher):
+    for directory in (student / "fp32", student / "int8", student / "int8_static", teacher):
         for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "checkpoint_info.json"):
             assert (directory / name).is_file(), f"{directory}/{name}"
         check_onnx_file(directory / "model.onnx")
@@ -261,13 +270,84 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(project, exported, tmp
 
 
 def test_export_without_the_teacher_still_writes_its_directory(project, exported, tmp_path):
-    params = copy_project(project, tmp_path, ("data", "models"), export_onnx={"export_teacher": False})
+    params = copy_project(
+        project, tmp_path, ("data", "models"), export_onnx={"export_teacher": False, "quantization": "dynamic"}
+    )
     metrics = export_onnx.STAGE.execute(params)
     teacher = params.path(params.paths.onnx_teacher)
     names = sorted(path.name for path in teacher.iterdir())
     assert names == sorted([export_onnx.NOT_EXPORTED_FILE, OUTPUT_MARKER])  # DVC needs the out
     assert "teacher_onnx" not in metrics
-    assert (params.path(params.paths.onnx_student) / "int8" / "model.onnx").is_file()
+    # quantization=dynamic: the dynamic INT8 member only, with the very figures of the run that made both.
+    student = params.path(params.paths.onnx_student)
+    assert (student / "int8" / "model.onnx").is_file() and not (student / "int8_static").exists()
+    assert "student_onnx_int8_static" not in metrics
+    assert metrics["student_onnx_int8"] == exported["student_onnx_int8"]
+
+
+# --------------------------------------------------------------------------- static INT8
+
+
+def test_calibration_sample_is_capped_seeded_and_ordered():
+    texts = [f"text {i}" for i in range(100)]
+    sample = calibration_sample(texts, 10, seed=0)
+    assert len(sample) == 10 and set(sample) <= set(texts)
+    assert sample == sorted(sample, key=texts.index) and sample == calibration_sample(texts, 10, seed=0)
+    assert calibration_sample(texts, 500, seed=0) == texts
+
+
+def test_static_int8_is_a_gated_member_calibrated_on_training_texts(project, exported):
+    student = project.path(project.paths.onnx_student)
+    static, fp32 = exported["student_onnx_int8_static"], exported["student_onnx_fp32"]
+    graph = onnx.load(str(student / "int8_static" / "model.onnx")).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}, "QDQ format"
+    assert static["size_mb"] < fp32["size_mb"]
+    texts = [row["text"] for row in load_split(project.path(project.paths.prepared), "test")]
+    fp32_logits = OnnxClassifier.load(student / "fp32").logits(texts)
+    static_logits = OnnxClassifier.load(student / "int8_static").logits(texts)
+    assert not np.array_equal(fp32_logits, static_logits), "the static INT8 model is really quantized"
+    recomputed = logit_parity(fp32_logits, static_logits, project.task.type)
+    assert static["label_agreement"] == pytest.approx(recomputed["label_agreement"])
+    assert static["max_abs_logit_diff"] == pytest.approx(recomputed["max_abs_logit_diff"], rel=1e-5)
+    record = ModelRecord.read(student / "int8_static")
+    assert record.member == "student_onnx_int8_static" and record.details["parity"]["reference"] == "ONNX fp32"
+    fallback = record.details["fallback"]  # judged on validation; what stayed fp32 and what each round cost
+    assert fallback["rounds"][-1]["kept_fp32_nodes"] == fallback["kept_fp32_nodes"]
+    assert fallback["rounds"][-1]["size_mb"] == pytest.approx(static["size_mb"], abs=1e-3)
+    assert static["test_macro_f1_drop"] == pytest.approx(fp32["test_macro_f1"] - record.test["macro_f1"])
+    train = load_split(project.path(project.paths.prepared), "train")
+    calibration = record.details["calibration"]
+    assert calibration == {"split": "train", "method": "minmax",
+                           "texts": min(len(train), project.export_onnx.calibration_texts)}
+    assert "quantized for" in (student / "int8_static" / "README.md").read_text()
+    run = runs_of(project, "export_onnx").iloc[-1]  # the oldest: the `exported` fixture's run
+    assert run["metrics.student_onnx_int8_static.label_agreement"] == pytest.approx(static["label_agreement"])
+
+
+def test_static_calibration_reads_training_texts_only(project, exported, tmp_path, monkeypatch):
+    params = copy_project(
+        project, tmp_path, ("data", "models"),
+        export_onnx={"quantization": "static", "calibration_texts": 8, "calibration_method": "entropy", "export_teacher": False},
+    )
+    calls: list[list[str]] = []  # one per quantization (the fallback may quantize again)
+    original = onnx_export.TextCalibrationReader.__init__
+
+    def spy(self, model_dir, texts, *args, **kwargs):
+        calls.append(list(texts))
+        original(self, model_dir, texts, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export.TextCalibrationReader, "__init__", spy)
+    metrics = export_onnx.STAGE.execute(params)
+    prepared = params.path(params.paths.prepared)
+    train = {row["text"] for row in load_split(prepared, "train")}
+    held_out = {row["text"] for split in ("validation", "test") for row in load_split(prepared, split)}
+    fed = calls[0]
+    assert len(fed) == 8 and all(call == fed for call in calls)
+    assert set(fed) <= train and not set(fed) & (held_out - train)
+    assert "student_onnx_int8" not in metrics and "student_onnx_int8_static" in metrics
+    student = params.path(params.paths.onnx_student)
+    assert not (student / "int8").exists()
+    assert ModelRecord.read(student / "int8_static").details["calibration"]["method"] == "entropy"
 
 
 def test_every_exported_directory_has_its_model_card(project, exported):
@@ -360,3 +440,43 @@ def test_load_quantized_errors(project, quantized, tmp_path):
     (broken / INT8_WEIGHTS_FILE).write_bytes(b"garbage")
     with pytest.raises(ModelError, match="unreadable"):
         load_quantized(broken)
+
+
+# --------------------------------------------------------------------------- accuracy-aware fallback
+
+
+def test_the_fallback_keeps_a_fragile_layer_in_fp32_and_rescues_the_int8_model(project, tmp_path):
+    """A deliberately fragile model (the trained tiny teacher): one FFN output weight of 1e4 on a neuron
+    that never fires. fp32 never notices (GELU(-100) is 0), but that weight sets the INT8 scale of its
+    whole MatMul and every other weight of the layer rounds to zero."""
+    teacher = project.path(project.paths.teacher)
+    model = load_trained(teacher)
+    layer = encoder_layers(model)[-1]
+    with torch.no_grad():
+        layer.intermediate.dense.bias[0] = -100.0
+        layer.output.dense.weight *= 10  # the FFN, more than the residual, now decides the output
+        layer.output.dense.weight[:, 0] = 1e4
+    save_model(model, load_tokenizer(str(teacher)), tmp_path / "torch")
+    export_fp32(tmp_path / "torch", tmp_path / "fp32", opset=18, max_length=32)
+    texts = read_tiny_texts()  # stand-ins for the validation texts
+    reference = OnnxClassifier.load(tmp_path / "fp32").logits(texts)
+
+    def failures_of(logits):
+        agreement = logit_parity(reference, logits, "single_label")["label_agreement"]
+        return [] if agreement >= 0.95 else [f"label agreement {agreement:.3f}"]
+
+    def quantize(kept):
+        return quantize_int8(tmp_path / "fp32", tmp_path / "int8", "avx2", per_channel=False,
+                             quantize_embeddings=False, nodes_to_exclude=kept)
+
+    operators = quantization_operators(False)
+    plain = quantize_with_fallback(quantize, tmp_path / "fp32", texts, failures_of, operators, rounds=0, nodes_per_round=1)
+    assert plain["kept_fp32_nodes"] == [] and plain["rounds"][0]["validation_failures"], "plain INT8 breaks"
+    rescued = quantize_with_fallback(quantize, tmp_path / "fp32", texts, failures_of, operators, rounds=2, nodes_per_round=1)
+    assert rescued["rounds"][-1]["validation_failures"] == []
+    assert len(rescued["kept_fp32_nodes"]) == len(rescued["rounds"]) - 1 >= 1
+    assert "output/dense/MatMul" in rescued["kept_fp32_nodes"][0], "the fragile MatMul is found first"
+    assert rescued["rounds"][-1]["size_mb"] > rescued["rounds"][0]["size_mb"], "the fp32 node costs size"
+    exported_graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
+    kept = next(node for node in exported_graph.node if node.name == rescued["kept_fp32_nodes"][0])
+    assert kept.op_type == "MatMul", "the kept node runs in fp32"

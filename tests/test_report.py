@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.config import SLAConfig, params_from_dict
 from pipeline.family import family
+from pipeline.latency import all_cores_layouts
 from pipeline.metrics import bootstrap_ci
 from pipeline.plots import label_members, loss_columns, read_curve
 from pipeline.record import ModelRecord
@@ -117,6 +118,7 @@ def hand_made_family(tmp_path, onnx_dir):
         "student_vanilla": (0.90, 9.1, 69.0), "student_intermediate": (0.92, 9.2, 69.0),
         "student_pruned": (0.92, 5.0, 25.0), "student_int8_torch": (0.91, 4.0, 12.0),
         "student_onnx_fp32": (0.92, 2.0, 25.0), "student_onnx_int8": (0.915, 0.9, 6.5),
+        "student_onnx_int8_static": (0.915, 1.1, 6.6),
     }
     entries = []
     for member in family(params):
@@ -138,6 +140,9 @@ def hand_made_family(tmp_path, onnx_dir):
                         "size_mb": size, "num_parameters": record.num_parameters, "latency_ms": timing,
                         "e2e_latency_ms": timing, "throughput_per_second": {"1": 1000 / latency, "2": 1800 / latency},
                         "peak_rss_mb": 100 + size, "speedup_vs_teacher": {"1": 60 / latency, "2": 60 / latency}})
+        if member.parallel_sessions:  # ONNX: the static INT8 member serves best as 2 one-thread sessions
+            sessions = 2100 / latency if member.name == "student_onnx_int8_static" else 1500 / latency
+            entries[-1]["all_cores_throughput"] = all_cores_layouts(2, 1800 / latency, sessions)
     benchmark = {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1"},
                  "settings": {"thread_counts": ["1", "2"], "test_sentences": 10, "max_length": 32, "min_runs": 5,
                               "min_seconds": 0, "rounds": 1, "throughput_batch_size": 4},
@@ -162,7 +167,7 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     metrics = report.STAGE.execute(params)
     reports = params.path(params.paths.reports)
     rows = json.loads((reports / "family.json").read_text())
-    assert [r["name"] for r in rows][0] == "teacher" and len(rows) == 9
+    assert [r["name"] for r in rows][0] == "teacher" and len(rows) == 10
     required = {"name", "format", "precision", "num_parameters", "size_mb", "test_macro_f1", "test_macro_f1_ci95",
                 "test_accuracy", "f1_retention", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
                 "e2e_latency_ms_p50", "throughput_b32", "speedup_vs_teacher", "compression_vs_teacher", "peak_rss_mb"}
@@ -173,6 +178,10 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     assert int8["compression_vs_teacher"] == pytest.approx(90 / 6.5)
     markdown = (reports / "comparison.md").read_text()
     assert "Test CPU" in markdown and "**0.900**" in markdown and "student_onnx_int8" in markdown
+    assert "- student_onnx_int8: use one session with 2 threads (2000/s; 2 sessions with 1 thread each: 1667/s)." in markdown
+    assert "- student_onnx_int8_static: use 2 sessions with 1 thread each (1909/s; one session with 2 threads: 1636/s)" in markdown
+    assert "- student_pruned:" not in markdown, "torch members have no side-by-side sessions"
+    assert int8["serving_layout"] == "one_session_n_threads" and int8["throughput_all_cores_sessions"] == pytest.approx(1500 / 0.9)
     for name in ("pareto.png", "loss_curves.png"):
         assert (reports / name).stat().st_size > 10_000
     assert metrics["student_onnx_int8"]["latency_ms_p50"] == 0.9
