@@ -12,6 +12,12 @@ per-label sigmoids (multi-label, where `label_alpha` may replace alpha label by 
 and no other term only the hard-label term is left: plain fine-tuning, which is how the teacher and
 the no-KD baseline are trained, by the same code. `build_kd_loss` turns a params section into the
 enabled terms; a new term is one `KDTerm` subclass plus one line there.
+
+A student with its own tokenizer (`shared_tokenizer=False`) cannot read the teacher's token ids, so
+every teacher signal comes from the `teacher_logits` cache, looked up by text: the logits, and for the
+hidden term the teacher's mean-pooled hidden states of the mapped layers (`PooledHiddenMSE`, matching
+sentence representations instead of token positions). The attention term compares maps token by
+token: it is skipped, with the reason in `KDLoss.skipped`.
 """
 
 from __future__ import annotations
@@ -99,6 +105,13 @@ def hidden_mse(
     return squared.sum() / (weights.sum() * student.shape[-1]).clamp_min(1)
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The attention-mask-weighted mean over the sequence: [batch, seq, hidden] -> [batch, hidden]
+    (padding excluded, special tokens included, as sentence-transformers pools)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
 def attention_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """MSE of attention maps [batch, heads, seq, seq] over (query, key) pairs that are both real tokens.
 
@@ -146,6 +159,7 @@ class KDBatch:
     attention_mask: torch.Tensor
     pos_weight: torch.Tensor | None = None  # multi-label BCE weight of positives
     teacher_logits: torch.Tensor | None = None  # cached or live, in the student's dtype
+    teacher_pooled: torch.Tensor | None = None  # cached pooled hidden states [batch, layers, teacher hidden]
     teacher: ModelOutput | None = None  # the live teacher's outputs, when internals are needed
     has_label: torch.Tensor | None = None  # per example: False for a transfer text (no label); None: all labelled
 
@@ -156,13 +170,15 @@ class KDTerm(nn.Module):
     A subclass sets `name` (the curve column is `loss_<name>`) and says what it reads: the teacher
     (its logits, or its internals when it also needs hidden states or attentions) and the models'
     hidden states or attention maps. `forward` returns the unweighted value; the trainer multiplies
-    it by `weight`, sums the terms and logs each value by name.
+    it by `weight`, sums the terms and logs each value by name. `needs_teacher_internals`: the
+    teacher must run live on the student's tokens (its hidden states or attention maps are read).
     """
 
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
     needs_attentions: ClassVar[bool] = False
+    needs_teacher_internals: ClassVar[bool] = False
 
     def __init__(self, weight: float) -> None:
         super().__init__()
@@ -250,6 +266,7 @@ class HiddenStateMSE(KDTerm):
 
     name = "hidden"
     needs_hidden_states = True
+    needs_teacher_internals = True
 
     def __init__(self, weight: float, layer_map: list[int], projection: nn.Module | None = None) -> None:
         super().__init__(weight)
@@ -268,6 +285,7 @@ class AttentionMSE(KDTerm):
 
     name = "attention"
     needs_attentions = True
+    needs_teacher_internals = True
 
     def __init__(self, weight: float, layer_map: list[int]) -> None:
         super().__init__(weight)
@@ -280,16 +298,57 @@ class AttentionMSE(KDTerm):
         ) / len(self.layer_map)
 
 
-class KDLoss(nn.Module):
-    """The enabled terms of one stage: what they need from the models, and their weighted sum."""
+class PooledHiddenMSE(KDTerm):
+    """Hidden-state KD across tokenizers: the MSE between the student's mean-pooled hidden states
+    (embedding output and mapped layers), mapped into the teacher's space by a learned linear
+    projection, and the teacher's mean-pooled states of the same text on its own tokenization,
+    averaged over the pairs; logged as `hidden`.
 
-    def __init__(self, terms: list[KDTerm], task_type: str) -> None:
+    Token positions do not correspond across tokenizers, sentences do: pooling gives one vector per
+    text on both sides. MSE, as the token-level term, so hidden_weight means the same kind of thing.
+    The projection is always learned (a pretrained student's space is not the teacher's, even at
+    equal width) and is not part of the saved student. The targets (`KDBatch.teacher_pooled`,
+    [batch, pairs, teacher hidden] in the order of `teacher_layers`) come from the teacher_logits cache.
+    """
+
+    name = "hidden"
+    needs_hidden_states = True
+
+    def __init__(self, weight: float, layer_map: list[int], projection: nn.Module) -> None:
+        super().__init__(weight)
+        self.student_layers = list(range(len(layer_map) + 1))  # 0: the embedding output
+        self.teacher_layers = [0] + list(layer_map)
+        self.projection = projection
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        if batch.teacher_pooled is None:
+            raise ValueError("the pooled hidden-state term needs the teacher's cached pooled states (teacher_pooled)")
+        hidden, mask = batch.student.hidden_states, batch.attention_mask
+        targets = batch.teacher_pooled.to(hidden[0].dtype)
+        return sum(
+            F.mse_loss(self.projection(mean_pool(hidden[s], mask)), targets[:, i])
+            for i, s in enumerate(self.student_layers)
+        ) / len(self.student_layers)
+
+
+# Why a term is left out when the student's tokenizer differs from the teacher's.
+NEEDS_SHARED_TOKENIZER = (
+    "attention maps are compared token by token, and the student's tokenizer differs from the teacher's"
+)
+
+
+class KDLoss(nn.Module):
+    """The enabled terms of one stage: what they need from the models, and their weighted sum.
+    `skipped`: the terms the params enable but that cannot apply here, with the reason."""
+
+    def __init__(self, terms: list[KDTerm], task_type: str, skipped: dict[str, str] | None = None) -> None:
         super().__init__()
         names = [term.name for term in terms]
         if len(set(names)) != len(names):
             raise ValueError(f"two KD terms log under the same name: {names}")
         self.terms = nn.ModuleList(terms)
         self.task_type = task_type
+        self.skipped = dict(skipped or {})
 
     @property
     def needs_teacher(self) -> bool:
@@ -306,7 +365,12 @@ class KDLoss(nn.Module):
     @property
     def needs_internals(self) -> bool:
         """The teacher must run live (its cached logits are not enough)."""
-        return self.needs_hidden_states or self.needs_attentions
+        return any(term.needs_teacher_internals for term in self.terms)
+
+    @property
+    def pooled_teacher_layers(self) -> list[int]:
+        """The teacher layers (0: embedding output) whose cached pooled states a term reads, in its order."""
+        return next((list(term.teacher_layers) for term in self.terms if isinstance(term, PooledHiddenMSE)), [])
 
     @property
     def has_projection(self) -> bool:
@@ -336,12 +400,15 @@ def build_kd_loss(
     key: str = "",
     layer_map: Sequence[int] = (),
     hidden_sizes: tuple[int, int] | None = None,
+    shared_tokenizer: bool = True,
 ) -> KDLoss:
     """The terms a params section enables; None (the teacher, the baseline) is hard labels only.
 
     `key` names the section in error messages, `layer_map` pairs student and teacher layers for the
     hidden and attention terms, `hidden_sizes` (student, teacher) decide whether the hidden term
-    needs a projection. A new term is one `KDTerm` subclass and one line here (in `extra`).
+    needs a projection. Without a shared tokenizer the hidden term matches pooled sentence states
+    and the attention term is skipped (logged, and listed in `KDLoss.skipped`). A new term is one
+    `KDTerm` subclass and one line here (in `extra`).
     """
     if section is None:
         return KDLoss([HardLabelLoss(1.0, task_type)], task_type)
@@ -356,19 +423,27 @@ def build_kd_loss(
     if (hidden_weight > 0 or attention_weight > 0) and not layer_map:
         raise ValueError("the hidden-state and attention terms need a layer_map")
     extra: list[KDTerm] = []
+    skipped: dict[str, str] = {}
     if section.relation_weight > 0:
         extra.append(RelationLoss(section.relation_weight))
-    if hidden_weight > 0:
+    if hidden_weight > 0 and not shared_tokenizer:
+        if hidden_sizes is None:
+            raise ValueError("the pooled hidden-state term needs hidden_sizes for its projection")
+        extra.append(PooledHiddenMSE(hidden_weight, list(layer_map), nn.Linear(*hidden_sizes)))
+    elif hidden_weight > 0:
         projection = None
         if hidden_sizes is not None and hidden_sizes[0] != hidden_sizes[1]:
             # TinyBERT: a learned map from the student's hidden space into the teacher's.
             projection = nn.Linear(*hidden_sizes)
         extra.append(HiddenStateMSE(hidden_weight, list(layer_map), projection))
-    if attention_weight > 0:
+    if attention_weight > 0 and not shared_tokenizer:
+        skipped["attention"] = NEEDS_SHARED_TOKENIZER
+        log.warning("%s.attention_weight=%s: the attention term is skipped: %s", key or "kd", attention_weight, NEEDS_SHARED_TOKENIZER)
+    elif attention_weight > 0:
         extra.append(AttentionMSE(attention_weight, list(layer_map)))
 
     if section.alpha == 0 and not any(term.needs_teacher for term in extra):
-        return KDLoss([HardLabelLoss(1.0, task_type), *extra], task_type)  # no teacher: the baseline
+        return KDLoss([HardLabelLoss(1.0, task_type), *extra], task_type, skipped)  # no teacher: the baseline
     # With the teacher, the hard and soft pair is always computed and logged, even at alpha 0 or 1.
     temperature = section.temperature
     if multi_label and section.label_alpha is not None:
@@ -381,7 +456,7 @@ def build_kd_loss(
     else:
         soft = SigmoidSoftLoss if multi_label else SoftLabelKL
         pair = [HardLabelLoss(1 - section.alpha, task_type), soft(section.alpha, temperature)]
-    return KDLoss(pair + extra, task_type)
+    return KDLoss(pair + extra, task_type, skipped)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -392,8 +467,10 @@ class DistillationTrainer(Trainer):
 
     It asks the student and the teacher for exactly what the terms need. The teacher is frozen (eval
     mode, no gradients) and only loaded when a term reads it; when only its logits are needed they
-    come from the precomputed `teacher_logits` column, else it runs live. The terms' parameters (the
-    hidden-state projection) train with the student in the same optimizer but are saved apart from it.
+    come from the precomputed `teacher_logits` column, else it runs live. Pooled hidden-state targets
+    (a student with its own tokenizer) come from the `teacher_pooled` column: such a student never
+    runs the teacher (pass teacher=None). The terms' parameters (the hidden-state projection) train
+    with the student in the same optimizer but are saved apart from it.
     """
 
     def __init__(
@@ -405,8 +482,8 @@ class DistillationTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if kd.needs_teacher and teacher is None:
-            raise ValueError("these KD terms read the teacher: pass teacher=")
+        if kd.needs_internals and teacher is None:
+            raise ValueError("these KD terms read the teacher's hidden states or attentions: pass teacher=")
         self.kd = kd.to(self.args.device)
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean already
         self.teacher = teacher
@@ -429,6 +506,7 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         cached = inputs.pop("teacher_logits", None)
+        pooled = inputs.pop("teacher_pooled", None)
         has_label = inputs.pop("has_label", None)
         kd = self.kd
         training = model.training
@@ -443,10 +521,12 @@ class DistillationTrainer(Trainer):
             return (loss, outputs) if return_outputs else loss
         batch = KDBatch(
             student=outputs, labels=labels, attention_mask=inputs["attention_mask"], pos_weight=self.pos_weight,
-            has_label=has_label,
+            has_label=has_label, teacher_pooled=pooled,
         )
         if kd.needs_teacher:
             if cached is None or kd.needs_internals:
+                if self.teacher is None:
+                    raise ValueError("the batch has no teacher_logits column and no teacher was given to compute them")
                 with torch.no_grad():
                     batch.teacher = self.teacher(**inputs, **wants)
             teacher_logits = cached if cached is not None else batch.teacher.logits
@@ -503,17 +583,34 @@ def precompute_teacher_logits(teacher: PreTrainedModel, dataset, collator, batch
     return dataset.add_column("teacher_logits", compute_teacher_logits(teacher, dataset, collator, batch_size).tolist())
 
 
-@torch.no_grad()
 def compute_teacher_logits(teacher: PreTrainedModel, dataset, collator, batch_size: int = 128) -> torch.Tensor:
     """The teacher's logits (float32) for every example, in dataset order."""
+    return compute_teacher_outputs(teacher, dataset, collator, batch_size)[0]
+
+
+@torch.no_grad()
+def compute_teacher_outputs(
+    teacher: PreTrainedModel, dataset, collator, batch_size: int = 128, pooled_layers: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits (float32) for every example, in dataset order, and, when `pooled_layers`
+    are given (0: the embedding output), its mean-pooled hidden states of those layers
+    [examples, layers, hidden] (float32), from the same forward pass."""
     from torch.utils.data import DataLoader
 
     teacher.eval()
     device = next(teacher.parameters()).device
-    columns = [c for c in dataset.column_names if c not in ("labels", "teacher_logits", "has_label")]
+    columns = [c for c in dataset.column_names if c not in ("labels", "teacher_logits", "teacher_pooled", "has_label")]
     loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, collate_fn=collator)
-    chunks = []
+    chunks, pooled_chunks = [], []
     for batch in loader:
         batch = {key: value.to(device) for key, value in batch.items()}
-        chunks.append(teacher(**batch).logits.float().cpu())
-    return torch.cat(chunks)
+        if not pooled_layers:
+            chunks.append(teacher(**batch).logits.float().cpu())
+            continue
+        outputs = teacher(**batch, output_hidden_states=True)
+        chunks.append(outputs.logits.float().cpu())
+        mask = batch["attention_mask"]
+        pooled_chunks.append(
+            torch.stack([mean_pool(outputs.hidden_states[layer].float(), mask) for layer in pooled_layers], dim=1).cpu()
+        )
+    return torch.cat(chunks), (torch.cat(pooled_chunks) if pooled_layers else None)

@@ -133,6 +133,25 @@ def load_trained_with_tokenizer(
     return model, tokenizer
 
 
+# How many training texts `same_tokenizer` encodes with both tokenizers (enough to catch another
+# casing, normalisation or splitting rule; cheap for any tokenizer).
+TOKENIZER_SAMPLE = 256
+
+
+def same_tokenizer(
+    first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> bool:
+    """True when the two tokenizers have the same vocabulary (token -> id) and give the very same ids
+    for a sample of `texts` (the first TOKENIZER_SAMPLE, and the probe sentences): a student with
+    such a tokenizer can read the teacher's token ids. Another casing or normalisation with the same
+    vocabulary counts as different."""
+    if first.get_vocab() != second.get_vocab():
+        return False
+    sample = list(texts[:TOKENIZER_SAMPLE]) + RELOAD_PROBE
+    encode = {"truncation": True, "max_length": max_length}
+    return first(sample, **encode)["input_ids"] == second(sample, **encode)["input_ids"]
+
+
 def check_model_dir(
     model_dir: Path,
     weights_file: str = WEIGHTS_FILE,

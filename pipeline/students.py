@@ -3,7 +3,13 @@ with the distillation Trainer (KD terms from the stage's params, none for the ba
 save. The stages differ only in the KD terms they pass.
 
 Building a student (`build_student`) lives here too: layer selection goes through the teacher's
-architecture adapter (pipeline/architectures.py)."""
+architecture adapter (pipeline/architectures.py).
+
+A pretrained `student.init` whose tokenizer differs from the teacher's (`student_tokenizer`) keeps
+its own tokenizer, and every member made from it (pruned, quantized, ONNX, served) uses it too. Its
+KD then works on texts: the teacher's logits, and for the hidden-state term its mean-pooled hidden
+states, come from the teacher_logits cache (`pooled_layers_to_cache` says which layers), looked up
+by text; the attention term is skipped and recorded (pipeline/distill.py)."""
 
 from __future__ import annotations
 
@@ -13,17 +19,20 @@ import math
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import teacher_logits, training
 from pipeline.architectures import architecture_for, ffn_width_key
 from pipeline.config import KDTerms, Params, StudentConfig
 from pipeline.distill import DistillationTrainer, build_kd_loss, resolve_layer_map
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.models import (
+    check_max_length,
     load_pretrained_classifier,
+    load_tokenizer,
     load_trained_with_tokenizer,
     resolve_model_source,
+    same_tokenizer,
     state_fingerprint,
     uniform_layer_map,
 )
@@ -44,7 +53,7 @@ def build_student(
     """Construct the student from params; return it and a description for checkpoint_info.json."""
     t_cfg = teacher.config
     t_layers, t_hidden = t_cfg.num_hidden_layers, t_cfg.hidden_size
-    layers = cfg.num_layers or math.ceil(t_layers / 2)
+    layers = student_layer_count(cfg, t_layers)
     torch.manual_seed(cfg.seed)
     if cfg.init == "teacher":
         differs = {
@@ -94,11 +103,6 @@ def build_student(
         source, label_names, teacher.config.problem_type or "single_label_classification", trust_remote_code
     )
     s_cfg = student.config
-    if s_cfg.vocab_size != t_cfg.vocab_size:
-        raise ConfigError(
-            f"student.init={cfg.init!r} has a vocabulary of {s_cfg.vocab_size} tokens but the teacher's has "
-            f"{t_cfg.vocab_size}; students share the teacher's tokenizer, so pick a model with the same one"
-        )
     if cfg.hidden_size is not None and cfg.hidden_size != s_cfg.hidden_size:
         raise ConfigError(
             f"student.hidden_size={cfg.hidden_size} differs from {cfg.init!r}'s {s_cfg.hidden_size}; "
@@ -115,24 +119,95 @@ def build_student(
     return student.train(), {"init": cfg.init, "init_layers": chosen}
 
 
+PRETRAINED_INIT_EXCLUDED = ("teacher", "random")
+
+
+def student_layer_count(cfg: StudentConfig, teacher_layers: int) -> int:
+    """The depth `build_student` gives the student."""
+    return cfg.num_layers or math.ceil(teacher_layers / 2)
+
+
+def init_tokenizer(cfg: StudentConfig) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of a pretrained `student.init` (None for `teacher` and `random`, which use the
+    teacher's); a clear error naming the param when the init model has none that loads."""
+    if cfg.init in PRETRAINED_INIT_EXCLUDED:
+        return None
+    try:
+        return load_tokenizer(resolve_model_source(cfg.init))
+    except ModelError as error:
+        raise ConfigError(
+            f"student.init={cfg.init!r}: its tokenizer could not be loaded ({error}). A pretrained student "
+            "reads text through its own tokenizer when it differs from the teacher's, so the init model "
+            "must come with its tokenizer files (tokenizer.json or a vocabulary), or use student.init=teacher"
+        ) from None
+
+
+def student_tokenizer(
+    cfg: StudentConfig,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student: PreTrainedModel,
+    texts: list[str],
+    max_length: int,
+) -> tuple[PreTrainedTokenizerBase, bool]:
+    """The tokenizer the student reads text with, and whether it is the teacher's.
+
+    A pretrained init with the same tokenizer (same vocabulary, same ids on a sample of `texts`) uses
+    the teacher's, exactly as before; another tokenizer is kept, after checking it can encode the
+    task for this student (a pad token, ids inside its embeddings, not only unknown tokens)."""
+    own = init_tokenizer(cfg)
+    if own is None or same_tokenizer(teacher_tokenizer, own, texts, max_length):
+        return teacher_tokenizer, True
+    key = f"student.init={cfg.init!r}"
+    if own.pad_token is None:
+        raise ConfigError(f"{key}: its tokenizer has no padding token, so texts cannot be batched; pick a model whose tokenizer has one")
+    sample = own(list(texts[:256]), truncation=True, max_length=max_length)["input_ids"]
+    ids = [i for row in sample for i in row]
+    if max(ids, default=0) >= student.config.vocab_size:
+        raise ConfigError(
+            f"{key}: its tokenizer gives token id {max(ids)} but the model's embeddings have only "
+            f"{student.config.vocab_size} rows: the tokenizer and the weights come from different models"
+        )
+    special = set(own.all_special_ids) - {own.unk_token_id}
+    words = [i for i in ids if i not in special]
+    if not words or all(i == own.unk_token_id for i in words):
+        raise ConfigError(f"{key}: its tokenizer cannot encode the task's texts (every token is unknown); pick a model for this language")
+    check_max_length(student, max_length, "task.max_length")
+    log.info("%s has its own tokenizer (it differs from the teacher's): KD reads the teacher's cached outputs by text", key)
+    return own, False
+
+
+def pooled_layers_to_cache(params: Params, teacher_layers: int) -> list[int]:
+    """The teacher layers (0: embedding output) whose pooled hidden states a student with its own
+    tokenizer reads: those the intermediate student's and the pruning recovery's hidden terms map to."""
+    student_layers = student_layer_count(params.student, teacher_layers)
+    layers: set[int] = set()
+    if params.distill_intermediate.hidden_weight > 0:
+        layers |= {0, *resolve_layer_map(params.distill_intermediate.layer_map, student_layers, teacher_layers)}
+    if params.prune.recovery.hidden_weight > 0:
+        layers |= {0, *uniform_layer_map(student_layers, teacher_layers)}
+    return sorted(layers)
+
+
 def train_student(params: Params, stage: str, member: str, out_path: str, terms: KDTerms | None) -> dict[str, Any]:
     """Train one student; `terms` None means hard labels only (the no-KD baseline)."""
     prepared = load_prepared(params.path(params.paths.prepared))
     names, task_type = prepared.label_names, params.task.type
     teacher_dir = params.path(params.paths.teacher)
-    teacher, tokenizer = load_trained_with_tokenizer(teacher_dir, names)
+    teacher, teacher_tokenizer = load_trained_with_tokenizer(teacher_dir, names)
     student, init_info = build_student(teacher, params.student, names)
     t_cfg, s_cfg = teacher.config, student.config
+    max_length = params.task.max_length
+    tokenizer, shared = student_tokenizer(params.student, teacher_tokenizer, student, prepared.texts("train"), max_length)
+    init_info["tokenizer"] = "teacher" if shared else "own"
 
     layer_map: list[int] = []
     if terms is not None and getattr(terms, "layer_map", None) is not None:
         layer_map = resolve_layer_map(terms.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
     kd = build_kd_loss(
         terms, task_type, label_names=names, key=stage, layer_map=layer_map,
-        hidden_sizes=(s_cfg.hidden_size, t_cfg.hidden_size),
+        hidden_sizes=(s_cfg.hidden_size, t_cfg.hidden_size), shared_tokenizer=shared,
     )
 
-    max_length = params.task.max_length
     datasets = training.encode_splits(prepared, tokenizer, max_length)
     collator = training.Collator(tokenizer)
     pos_weight = training.pos_weight(params.task, datasets["train"], names)  # from the labelled texts only
@@ -156,7 +231,8 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         processing_class=tokenizer,
         compute_metrics=training.compute_metrics_fn(task_type, params.task.threshold),
         kd=kd,
-        teacher=teacher if kd.needs_teacher else None,
+        # A student with its own tokenizer reads only the cache: the teacher never sees its token ids.
+        teacher=teacher if kd.needs_teacher and shared else None,
         pos_weight=pos_weight,
     )
     seconds = training.train(trainer, resume)
@@ -168,7 +244,11 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         params={"student": params.section("student"), stage: terms.model_dump() if terms else {}},
         details={
             "student": {**init_info, "num_layers": s_cfg.num_hidden_layers, "hidden_size": s_cfg.hidden_size},
-            "kd": {"layer_map": layer_map, "projection": kd.has_projection, **(terms.model_dump() if terms else {})},
+            "kd": {
+                "layer_map": layer_map, "projection": kd.has_projection, **(terms.model_dump() if terms else {}),
+                **({"hidden_targets": "pooled"} if kd.pooled_teacher_layers else {}),
+                **({"skipped": kd.skipped} if kd.skipped else {}),
+            },
             **({"transfer_texts": transfer_rows} if transfer_rows else {}),
         },
     )
@@ -176,4 +256,11 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         return {}
     training.record_curve(training.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{stage}.csv")
     training.finish(trainer, scratch)
-    return record.metrics()
+    return {**record.metrics(), **tokenizer_flags(shared, kd.skipped)}
+
+
+def tokenizer_flags(shared: bool, skipped: dict[str, str]) -> dict[str, int]:
+    """Stage metrics of a student with its own tokenizer (none for a shared one: its metrics stay as they were)."""
+    if shared:
+        return {}
+    return {"shared_tokenizer": 0, **{f"{name}_kd_skipped": 1 for name in skipped}}

@@ -2,16 +2,25 @@
 tokenization for the train split and the transfer texts, and reused by the KD students and the
 pruning recovery.
 
+When a student has its own tokenizer (a pretrained `student.init` whose tokenizer differs from the
+teacher's), the same forward pass also keeps the teacher's mean-pooled hidden states of the layers
+that student's hidden-state terms map to (`pooled_layers`, 0 being the embedding output): the
+targets of `PooledHiddenMSE`, so the teacher never runs per training step.
+
 On disk (`paths.teacher_logits`): `<split>.npy` (float32 [texts, labels], plain numpy format, read
-without pickle) and `index.json`, which records per split the number of texts and a hash of the
-texts in order, the token length and the teacher's weights fingerprint, so a reader refuses logits
-that belong to other texts or another teacher instead of silently training on them.
+without pickle), optionally `<split>.pooled.npy` (float16 [texts, pooled layers, teacher hidden]:
+half the size, and far finer than an MSE target needs) and `index.json`, which records per split the
+number of texts and a hash of the texts in order, the token length, the pooled layers and the
+teacher's weights fingerprint, so a reader refuses values that belong to other texts, other layers
+or another teacher instead of silently training on them. Rows follow the order of the texts: a
+student's row i (prepared order) gets the teacher's values for the same text i.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +29,16 @@ from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import training
-from pipeline.distill import KDLoss, compute_teacher_logits
+from pipeline.distill import KDLoss, compute_teacher_outputs
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json
 from pipeline.prepared import Prepared
 
 CACHED_SPLITS = ("train", "transfer")
 INDEX_FILE = "index.json"
+POOLED_SUFFIX = ".pooled.npy"
+POOLED_DTYPE = np.float16
+RERUN = "re-run the teacher_logits stage (dvc repro teacher_logits, or python -m stages.teacher_logits)"
 
 
 def texts_sha256(texts: list[str]) -> str:
@@ -34,17 +46,39 @@ def texts_sha256(texts: list[str]) -> str:
     return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
 
 
-def compute(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> np.ndarray:
-    """The teacher's logits for `texts`, tokenized and batched exactly as the students' training split."""
+def compute(
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    max_length: int,
+    pooled_layers: Sequence[int] = (),
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The teacher's logits for `texts`, tokenized and batched exactly as the students' training split,
+    and its mean-pooled hidden states of `pooled_layers` (None when no layer is asked for)."""
     dataset = training.encode_texts(texts, tokenizer, max_length)
-    return compute_teacher_logits(teacher, dataset, training.Collator(tokenizer)).numpy()
+    logits, pooled = compute_teacher_outputs(teacher, dataset, training.Collator(tokenizer), pooled_layers=pooled_layers)
+    return logits.numpy(), (None if pooled is None else pooled.numpy())
 
 
-def save(out_dir: Path, texts: dict[str, list[str]], logits: dict[str, np.ndarray], max_length: int, teacher_fingerprint: str) -> None:
-    """Write `<split>.npy` per split and the index describing what they were computed on."""
-    index: dict[str, Any] = {"max_length": max_length, "teacher_fingerprint": teacher_fingerprint, "splits": {}}
+def save(
+    out_dir: Path,
+    texts: dict[str, list[str]],
+    logits: dict[str, np.ndarray],
+    max_length: int,
+    teacher_fingerprint: str,
+    pooled: dict[str, np.ndarray] | None = None,
+    pooled_layers: Sequence[int] = (),
+) -> None:
+    """Write `<split>.npy` (and `<split>.pooled.npy`) per split and the index describing what they
+    were computed on."""
+    index: dict[str, Any] = {
+        "max_length": max_length, "teacher_fingerprint": teacher_fingerprint, "splits": {},
+        "pooled_layers": list(pooled_layers) if pooled else [],
+    }
     for split, values in logits.items():
         np.save(out_dir / f"{split}.npy", values.astype(np.float32), allow_pickle=False)
+        if pooled:
+            np.save(out_dir / f"{split}{POOLED_SUFFIX}", pooled[split].astype(POOLED_DTYPE), allow_pickle=False)
         index["splits"][split] = {"rows": len(texts[split]), "texts_sha256": texts_sha256(texts[split])}
     write_json(out_dir / INDEX_FILE, index)
 
@@ -52,7 +86,42 @@ def save(out_dir: Path, texts: dict[str, list[str]], logits: dict[str, np.ndarra
 def load(directory: Path, split: str, texts: list[str], max_length: int, teacher_fingerprint: str) -> np.ndarray:
     """The cached logits of `split`, after checking they were computed on these texts, in this order,
     at this token length, by this teacher."""
-    rerun = "re-run the teacher_logits stage (dvc repro teacher_logits, or python -m stages.teacher_logits)"
+    check_index(directory, split, texts, max_length, teacher_fingerprint)
+    return _rows(directory / f"{split}.npy", texts)
+
+
+def load_pooled(
+    directory: Path, split: str, texts: list[str], max_length: int, teacher_fingerprint: str, layers: Sequence[int]
+) -> np.ndarray:
+    """The teacher's cached mean-pooled hidden states of `layers` (in that order) for `split`
+    (float32 [texts, layers, hidden]), checked as `load` checks the logits."""
+    index = check_index(directory, split, texts, max_length, teacher_fingerprint)
+    cached = index.get("pooled_layers", [])
+    missing = [layer for layer in layers if layer not in cached]
+    if missing:
+        raise DataError(
+            f"{directory} has no pooled hidden states of teacher layers {missing} (cached: {cached}); a student "
+            "with its own tokenizer reads them for its hidden-state term. They are computed for the layers that "
+            "student.init, student.num_layers, distill_intermediate.layer_map/hidden_weight and "
+            f"prune.recovery.hidden_weight ask for: {RERUN}"
+        )
+    values = _rows(directory / f"{split}{POOLED_SUFFIX}", texts)
+    return values[:, [cached.index(layer) for layer in layers]].astype(np.float32)
+
+
+def _rows(path: Path, texts: list[str]) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path} not found; {RERUN}")
+    values = np.load(path, allow_pickle=False)
+    if values.shape[0] != len(texts):
+        raise DataError(f"{path} has {values.shape[0]} rows for {len(texts)} texts; {RERUN}")
+    return values
+
+
+def check_index(directory: Path, split: str, texts: list[str], max_length: int, teacher_fingerprint: str) -> dict[str, Any]:
+    """The cache's index, after checking `split` was computed on these texts, in this order, at this
+    token length, by this teacher; a stale cache is an error."""
+    rerun = RERUN
     index_path = directory / INDEX_FILE
     if not index_path.is_file():
         raise DataError(f"{index_path} not found: the teacher's logits are not computed yet; {rerun}")
@@ -69,10 +138,7 @@ def load(directory: Path, split: str, texts: list[str], max_length: int, teacher
         stale.append("by a teacher with other weights")
     if stale:
         raise DataError(f"the cached teacher logits in {directory} are stale: " + "; ".join(stale) + f". {rerun}")
-    values = np.load(directory / f"{split}.npy", allow_pickle=False)
-    if values.shape[0] != len(texts):
-        raise DataError(f"{directory / f'{split}.npy'} has {values.shape[0]} rows for {len(texts)} texts; {rerun}")
-    return values
+    return index
 
 
 def kd_train_dataset(
@@ -87,14 +153,25 @@ def kd_train_dataset(
     """What a KD stage trains on: the labelled train split (encoded, in prepared order) and, when the
     prepared data has transfer texts, those texts with `has_label` 0 (KD terms only). When the terms
     read only the teacher's logits they come from the cache; terms that read the teacher's internals
-    run it live on the same tokens. A section without a teacher term (the baseline) gets `train` as is.
+    run it live on the same tokens. The pooled hidden-state term (a student with its own tokenizer)
+    gets its targets from the cache too, as a `teacher_pooled` column. A section without a teacher
+    term (the baseline) gets `train` as is.
     """
     if not kd.needs_teacher:
         return train
     cached = not kd.needs_internals
+    layers = kd.pooled_teacher_layers
+
+    def add_cached(dataset: Dataset, split: str, texts: list[str]) -> Dataset:
+        logits = load(cache_dir, split, texts, max_length, teacher_fingerprint)
+        dataset = dataset.add_column("teacher_logits", logits.tolist())
+        if layers:
+            pooled = load_pooled(cache_dir, split, texts, max_length, teacher_fingerprint, layers)
+            dataset = dataset.add_column("teacher_pooled", pooled.tolist())
+        return dataset
+
     if cached:
-        logits = load(cache_dir, "train", prepared.texts("train"), max_length, teacher_fingerprint)
-        train = train.add_column("teacher_logits", logits.tolist())
+        train = add_cached(train, "train", prepared.texts("train"))
     transfer = prepared.transfer_texts()
     if not transfer:  # no has_label column: the loss is computed exactly as without a transfer set
         return train
@@ -103,8 +180,7 @@ def kd_train_dataset(
     placeholder = 0 if isinstance(first, int) else [0] * len(first)
     extra = extra.add_column("labels", [placeholder] * len(extra))
     if cached:
-        logits = load(cache_dir, "transfer", transfer, max_length, teacher_fingerprint)
-        extra = extra.add_column("teacher_logits", logits.tolist())
+        extra = add_cached(extra, "transfer", transfer)
     train = train.add_column("has_label", [1] * len(train))
     extra = extra.add_column("has_label", [0] * len(extra))
     return concatenate_datasets([train, extra.select_columns(train.column_names).cast(train.features)])

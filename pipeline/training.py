@@ -35,9 +35,10 @@ from pipeline.record import ModelRecord, evaluate_and_record
 
 log = logging.getLogger(__name__)
 
-# Columns our collator passes through untouched: float targets precomputed from the teacher, and
-# `has_label` (0 for a transfer text, whose label is a placeholder the hard-label term must skip).
-EXTRA_FLOAT_COLUMNS = ("teacher_logits", "has_label")
+# Columns our collator passes through untouched: float targets precomputed from the teacher (logits;
+# pooled hidden states for a student with its own tokenizer), and `has_label` (0 for a transfer text,
+# whose label is a placeholder the hard-label term must skip).
+EXTRA_FLOAT_COLUMNS = ("teacher_logits", "teacher_pooled", "has_label")
 
 
 def encode(

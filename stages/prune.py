@@ -1,6 +1,10 @@
 """Make the distilled student smaller in ways a CPU notices: remove the least important attention
 heads and FFN neurons (optionally over several steps), recover by distillation against the
-teacher after each step, then trim the vocabulary to what the data uses."""
+teacher after each step, then trim the vocabulary to what the data uses.
+
+A student with its own tokenizer (another than the teacher's) is pruned and trimmed on its own
+tokenizer; its recovery reads the teacher's cached logits and pooled hidden states by text, as its
+distillation did (pipeline/students.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ from pipeline.errors import ConfigError
 from pipeline.io import atomic_dir
 from pipeline.models import (
     count_parameters,
-    load_trained,
     load_trained_with_tokenizer,
     logits_fn,
+    same_tokenizer,
     save_model,
     state_fingerprint,
     uniform_layer_map,
@@ -38,8 +42,9 @@ def run(params: Params) -> dict[str, Any]:
     prepared = load_prepared(params.path(params.paths.prepared))
     names = prepared.label_names
     source_dir = params.path(cfg.source)
-    teacher = load_trained(params.path(params.paths.teacher), names)
+    teacher, teacher_tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), names)
     student, tokenizer = load_trained_with_tokenizer(source_dir, names)
+    shared = same_tokenizer(teacher_tokenizer, tokenizer, prepared.texts("train"), params.task.max_length)
     student.train()
     params_before = count_parameters(student)
     heads_before = pruning.heads_per_layer(student)
@@ -73,7 +78,7 @@ def run(params: Params) -> dict[str, Any]:
     layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     kd = build_kd_loss(
         recovery, task.type, label_names=names, key="prune.recovery", layer_map=layer_map,
-        hidden_sizes=(student.config.hidden_size, teacher.config.hidden_size),
+        hidden_sizes=(student.config.hidden_size, teacher.config.hidden_size), shared_tokenizer=shared,
     )
     # Importance is measured on the labelled split; the recovery also learns from the transfer texts.
     recovery_train = teacher_logits.kd_train_dataset(
@@ -117,7 +122,7 @@ def run(params: Params) -> dict[str, Any]:
             processing_class=tokenizer,
             compute_metrics=training.compute_metrics_fn(task.type, task.threshold),
             kd=kd,
-            teacher=teacher,
+            teacher=teacher if shared else None,  # another tokenizer: only the teacher's cached outputs
             pos_weight=pos_weight,
             callbacks=[magnitude] if magnitude else None,
         )
@@ -128,7 +133,11 @@ def run(params: Params) -> dict[str, Any]:
         training.finish(trainer, scratch)
     student = student.cpu().eval()
 
-    info: dict[str, Any] = {"method": cfg.method, "source": cfg.source}
+    info: dict[str, Any] = {"method": cfg.method, "source": cfg.source, "tokenizer": "teacher" if shared else "own"}
+    if kd.pooled_teacher_layers:
+        info["recovery_hidden_targets"] = "pooled"
+    if kd.skipped:
+        info["recovery_kd_skipped"] = kd.skipped
     if len(recovery_train) > len(datasets["train"]):
         info["transfer_texts"] = len(recovery_train) - len(datasets["train"])
     if magnitude:
@@ -195,6 +204,8 @@ def run(params: Params) -> dict[str, Any]:
     for key in ("sparsity_encoder_linear", "gzip_size_mb"):
         if key in info:
             metrics[key] = info[key]
+    if not shared:
+        metrics["shared_tokenizer"] = 0
     training.record_curve(curve, params.path(params.paths.curves) / f"{STAGE.name}.csv")
     return metrics
 

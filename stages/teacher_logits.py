@@ -1,16 +1,22 @@
 """The verified teacher's logits on the train split and the transfer texts, computed once on its own
-tokenization; every KD student and the pruning recovery read them instead of recomputing them."""
+tokenization; every KD student and the pruning recovery read them instead of recomputing them. When
+`student.init` is a pretrained model with another tokenizer, the same pass also keeps the teacher's
+mean-pooled hidden states of the layers that student's hidden-state terms map to."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pipeline import teacher_logits
 from pipeline.config import Params
 from pipeline.io import atomic_dir
-from pipeline.models import load_trained_with_tokenizer, state_fingerprint
+from pipeline.models import load_trained_with_tokenizer, same_tokenizer, state_fingerprint
 from pipeline.prepared import load_prepared
 from pipeline.stage import Stage
+from pipeline.students import init_tokenizer, pooled_layers_to_cache
+
+log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -20,10 +26,21 @@ def run(params: Params) -> dict[str, Any]:
     max_length = params.task.max_length
     texts = {"train": prepared.texts("train"), "transfer": prepared.transfer_texts()}
     texts = {split: values for split, values in texts.items() if values}
-    logits = {split: teacher_logits.compute(teacher, tokenizer, values, max_length) for split, values in texts.items()}
+    own = init_tokenizer(params.student)  # None unless student.init is a pretrained model
+    layers: list[int] = []
+    if own is not None and not same_tokenizer(tokenizer, own, texts["train"], max_length):
+        layers = pooled_layers_to_cache(params, teacher.config.num_hidden_layers)
+        log.info("student.init=%r has its own tokenizer: caching the teacher's pooled hidden states of layers %s",
+                 params.student.init, layers)
+    outputs = {split: teacher_logits.compute(teacher, tokenizer, values, max_length, layers) for split, values in texts.items()}
+    logits = {split: values[0] for split, values in outputs.items()}
+    pooled = {split: values[1] for split, values in outputs.items()} if layers else None
     with atomic_dir(params.path(params.paths.teacher_logits)) as tmp:
-        teacher_logits.save(tmp, texts, logits, max_length, state_fingerprint(teacher))
-    return {"train_rows": len(texts["train"]), "transfer_rows": len(texts.get("transfer", []))}
+        teacher_logits.save(tmp, texts, logits, max_length, state_fingerprint(teacher), pooled, layers)
+    metrics = {"train_rows": len(texts["train"]), "transfer_rows": len(texts.get("transfer", []))}
+    if layers:
+        metrics["pooled_layers"] = len(layers)
+    return metrics
 
 
 STAGE = Stage("teacher_logits", run)
