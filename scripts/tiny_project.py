@@ -28,8 +28,9 @@ def tiny_vocabulary(texts: list[str]) -> list[str]:
     ]
 
 
-def make_tiny_bert(directory: Path, texts: list[str], seed: int = 0) -> Path:
-    """A random 2-layer BERT (hidden 32, 2 heads) with a WordPiece vocabulary written for `texts`."""
+def make_tiny_bert(directory: Path, texts: list[str], seed: int = 0, hidden_size: int = 32) -> Path:
+    """A random 2-layer BERT (hidden 32, 2 heads, FFN twice as wide) with a WordPiece vocabulary
+    written for `texts` (other texts give another vocabulary: a student init with its own tokenizer)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -38,10 +39,10 @@ def make_tiny_bert(directory: Path, texts: list[str], seed: int = 0) -> Path:
     tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=128,
     )
     torch.manual_seed(seed)
