@@ -44,13 +44,20 @@ PHRASEBANK ?= $(abspath $(CURDIR)/../shared/data/financial_phrasebank/Sentences_
 # TEACHER: another teacher.model (e.g. TEACHER=mpnet-base after `make mpnet`), the experiment named after
 # it; TEACHER_LR: its teacher.learning_rate (params.yaml's 2e-4 suits MiniLM; BERT-base-sized models
 # usually want 2e-5..5e-5).
+# STUDENT_INIT: student.init, e.g. minilm-l6 (a pretrained student; with a tokenizer other than the
+# teacher's it keeps its own, see the README), a directory (made absolute) or a Hub id; TRANSFER:
+# transfer.path, a file of unlabelled in-domain texts (made absolute), e.g. Sentences_50Agree.txt.
 TEACHER ?=
 TEACHER_LR ?=
+STUDENT_INIT ?=
+TRANSFER ?=
+STUDENT_INIT_ARG = $(if $(wildcard $(STUDENT_INIT)),$(abspath $(STUDENT_INIT)),$(STUDENT_INIT))
 run-phrasebank: setup
 	FINCOMPRESS_PIPELINE_RUN=phrasebank-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/dvc exp run --temp \
-	  --name phrasebank-allagree$(if $(TEACHER),-$(subst /,-,$(TEACHER))) \
+	  --name phrasebank-allagree$(if $(TEACHER),-$(subst /,-,$(TEACHER)))$(if $(STUDENT_INIT),-student-$(notdir $(patsubst %/,%,$(STUDENT_INIT))))$(if $(TRANSFER),-transfer) \
 	  -S data.source=phrasebank -S data.path=$(PHRASEBANK) -S verify_teacher.min_macro_f1=0.85 \
-	  $(if $(TEACHER),-S teacher.model=$(TEACHER)) $(if $(TEACHER_LR),-S teacher.learning_rate=$(TEACHER_LR))
+	  $(if $(TEACHER),-S teacher.model=$(TEACHER)) $(if $(TEACHER_LR),-S teacher.learning_rate=$(TEACHER_LR)) \
+	  $(if $(STUDENT_INIT),-S student.init=$(STUDENT_INIT_ARG)) $(if $(TRANSFER),-S transfer.path=$(abspath $(TRANSFER)))
 
 # The family on the bundled multi-label demo set (six news topics), as a DVC experiment.
 run-multilabel: setup

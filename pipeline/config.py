@@ -51,8 +51,9 @@ class Paths(Section):
 
 class TaskConfig(Section):
     type: Literal["single_label", "multi_label"] = "single_label"
-    # Tokens per text, for the teacher and every member after it (students share its tokenizer):
-    # training, evaluation, export, benchmark and serving all cut texts at this length.
+    # Tokens per text, for the teacher and every member after it (each with its tokenizer: the
+    # teacher's, or a pretrained student's own): training, evaluation, export, benchmark and serving
+    # all cut texts at this length.
     max_length: int = Field(128, ge=8, le=8192)
     # multi_label only: a label is predicted when its probability is at least this.
     threshold: float = Field(0.5, gt=0, lt=1)
@@ -157,7 +158,9 @@ class StudentConfig(TrainingBudget):
     num_heads: int | None = Field(None, ge=1, le=128)
     intermediate_size: int | None = Field(None, ge=8, le=65536)
     # `teacher`: copy the embeddings and uniformly spaced layers of the fine-tuned teacher (DistilBERT);
-    # `random`: fresh weights; anything else: a pretrained model id or directory to start from.
+    # `random`: fresh weights; anything else: a pretrained model (`minilm-l6`, an id or a directory)
+    # whose uniformly spaced layers start the student, at its own width. When its tokenizer differs
+    # from the teacher's it keeps it, and KD reads the teacher's cached outputs by text (README).
     init: str = "teacher"
     # Students train for longer than the teacher does.
     epochs: float = Field(6, gt=0, le=1000)
