@@ -71,10 +71,9 @@ def save(
 ) -> None:
     """Write `<split>.npy` (and `<split>.pooled.npy`) per split and the index describing what they
     were computed on."""
-    index: dict[str, Any] = {
-        "max_length": max_length, "teacher_fingerprint": teacher_fingerprint, "splits": {},
-        "pooled_layers": list(pooled_layers) if pooled else [],
-    }
+    index: dict[str, Any] = {"max_length": max_length, "teacher_fingerprint": teacher_fingerprint, "splits": {}}
+    if pooled:  # without them the cache is byte for byte what it was before pooled states existed
+        index["pooled_layers"] = list(pooled_layers)
     for split, values in logits.items():
         np.save(out_dir / f"{split}.npy", values.astype(np.float32), allow_pickle=False)
         if pooled:
