@@ -159,7 +159,7 @@ class KDBatch:
     attention_mask: torch.Tensor
     pos_weight: torch.Tensor | None = None  # multi-label BCE weight of positives
     teacher_logits: torch.Tensor | None = None  # cached or live, in the student's dtype
-    teacher_pooled: torch.Tensor | None = None  # cached pooled hidden states [batch, layers, teacher hidden]
+    teacher_pooled: torch.Tensor | None = None  # cached pooled hidden states [batch, layers (x) teacher hidden]
     teacher: ModelOutput | None = None  # the live teacher's outputs, when internals are needed
     has_label: torch.Tensor | None = None  # per example: False for a transfer text (no label); None: all labelled
 
@@ -308,7 +308,8 @@ class PooledHiddenMSE(KDTerm):
     text on both sides. MSE, as the token-level term, so hidden_weight means the same kind of thing.
     The projection is always learned (a pretrained student's space is not the teacher's, even at
     equal width) and is not part of the saved student. The targets (`KDBatch.teacher_pooled`,
-    [batch, pairs, teacher hidden] in the order of `teacher_layers`) come from the teacher_logits cache.
+    [batch, pairs, teacher hidden] in the order of `teacher_layers`, or those rows flattened, as the
+    dataset column holds them) come from the teacher_logits cache.
     """
 
     name = "hidden"
@@ -325,6 +326,7 @@ class PooledHiddenMSE(KDTerm):
             raise ValueError("the pooled hidden-state term needs the teacher's cached pooled states (teacher_pooled)")
         hidden, mask = batch.student.hidden_states, batch.attention_mask
         targets = batch.teacher_pooled.to(hidden[0].dtype)
+        targets = targets.reshape(len(targets), len(self.teacher_layers), -1)
         return sum(
             F.mse_loss(self.projection(mean_pool(hidden[s], mask)), targets[:, i])
             for i, s in enumerate(self.student_layers)

@@ -166,7 +166,8 @@ def kd_train_dataset(
         dataset = dataset.add_column("teacher_logits", logits.tolist())
         if layers:
             pooled = load_pooled(cache_dir, split, texts, max_length, teacher_fingerprint, layers)
-            dataset = dataset.add_column("teacher_pooled", pooled.tolist())
+            # One flat float32 row per text (Arrow takes 1-D arrays fast; nested lists took seconds).
+            dataset = dataset.add_column("teacher_pooled", list(pooled.reshape(len(pooled), -1)))
         return dataset
 
     if cached:

@@ -171,7 +171,7 @@ def test_a_student_batch_gets_the_teachers_values_for_its_own_texts(cross_projec
     pooled = {split: cache.load_pooled(directory, split, t, 32, fingerprint, [0, 2])
               for split, t in (("train", prepared.texts("train")), ("transfer", prepared.transfer_texts()))}
     expected = np.concatenate([pooled["train"], pooled["transfer"]])[rows]
-    assert torch.equal(batch["teacher_pooled"], torch.from_numpy(expected))
+    assert torch.equal(batch["teacher_pooled"].reshape(4, 2, 32), torch.from_numpy(expected))
 
 
 def test_pooled_term_trains_its_projection_and_skips_attention(trained_project, student_init):
@@ -198,6 +198,9 @@ def test_pooled_term_trains_its_projection_and_skips_attention(trained_project, 
     by_hand = sum(torch.nn.functional.mse_loss(projection(mean_pool(outputs.hidden_states[s], inputs["attention_mask"])),
                                                targets[:, i]) for i, s in enumerate((0, 1))) / 2
     assert value.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    flat = KDBatch(student=outputs, labels=torch.zeros(6, dtype=torch.long), attention_mask=inputs["attention_mask"],
+                   teacher_pooled=targets.reshape(6, -1))  # rows as the dataset column holds them
+    assert kd.terms[2](flat).item() == value.item()
     value.backward()
     assert projection.weight.grad.abs().sum() > 0
     assert student.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
