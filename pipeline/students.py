@@ -27,6 +27,7 @@ from pipeline.config import KDTerms, Params, StudentConfig
 from pipeline.distill import DistillationTrainer, build_kd_loss, resolve_layer_map
 from pipeline.errors import ConfigError, ModelError
 from pipeline.models import (
+    TOKENIZER_SAMPLE,
     check_max_length,
     load_pretrained_classifier,
     load_tokenizer,
@@ -119,7 +120,8 @@ def build_student(
     return student.train(), {"init": cfg.init, "init_layers": chosen}
 
 
-PRETRAINED_INIT_EXCLUDED = ("teacher", "random")
+# The student.init values that are not a pretrained model (they read text with the teacher's tokenizer).
+BUILT_FROM_TEACHER = ("teacher", "random")
 
 
 def student_layer_count(cfg: StudentConfig, teacher_layers: int) -> int:
@@ -130,7 +132,7 @@ def student_layer_count(cfg: StudentConfig, teacher_layers: int) -> int:
 def init_tokenizer(cfg: StudentConfig) -> PreTrainedTokenizerBase | None:
     """The tokenizer of a pretrained `student.init` (None for `teacher` and `random`, which use the
     teacher's); a clear error naming the param when the init model has none that loads."""
-    if cfg.init in PRETRAINED_INIT_EXCLUDED:
+    if cfg.init in BUILT_FROM_TEACHER:
         return None
     try:
         return load_tokenizer(resolve_model_source(cfg.init))
@@ -160,7 +162,7 @@ def student_tokenizer(
     key = f"student.init={cfg.init!r}"
     if own.pad_token is None:
         raise ConfigError(f"{key}: its tokenizer has no padding token, so texts cannot be batched; pick a model whose tokenizer has one")
-    sample = own(list(texts[:256]), truncation=True, max_length=max_length)["input_ids"]
+    sample = own(list(texts[:TOKENIZER_SAMPLE]), truncation=True, max_length=max_length)["input_ids"]
     ids = [i for row in sample for i in row]
     if max(ids, default=0) >= student.config.vocab_size:
         raise ConfigError(

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from pipeline import teacher_logits as cache
 from pipeline.config import DistillIntermediateConfig, StudentConfig, params_from_dict
@@ -123,6 +124,17 @@ def test_a_student_init_without_a_usable_tokenizer_is_a_clear_error(trained_proj
     cfg = StudentConfig(num_layers=1, init=str(small))
     student, _ = build_student(teacher, cfg, prepared.label_names)
     with pytest.raises(ConfigError, match=r"student.init=.*embeddings have only 20 rows"):
+        student_tokenizer(cfg, tokenizer, student, prepared.texts("train"), 32)
+    # A vocabulary for another script: every word of the task is unknown.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "\u0436", "\u0437"]) + "\n")
+    BertTokenizerFast(vocab_file=str(foreign / "vocab.txt")).save_pretrained(foreign)
+    config = BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(foreign, safe_serialization=True)
+    cfg = StudentConfig(num_layers=1, init=str(foreign))
+    student, _ = build_student(teacher, cfg, prepared.label_names)
+    with pytest.raises(ConfigError, match=r"student.init=.*foreign': its tokenizer cannot encode the task's texts"):
         student_tokenizer(cfg, tokenizer, student, prepared.texts("train"), 32)
 
 
