@@ -15,7 +15,7 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from pipeline import teacher_logits as cache
 from pipeline.config import DistillIntermediateConfig, StudentConfig, params_from_dict
-from pipeline.distill import NEEDS_SHARED_TOKENIZER, KDBatch, build_kd_loss, mean_pool
+from pipeline.distill import NEEDS_SHARED_TOKENIZER, KDBatch, build_kd_loss, mean_pool, relative_mse
 from pipeline.errors import ConfigError, DataError
 from pipeline.models import (
     load_pretrained_classifier,
@@ -208,7 +208,7 @@ def test_pooled_term_trains_its_projection_and_skips_attention(trained_project, 
 
     outputs, value = pooled_loss()
     by_hand = sum(torch.nn.functional.mse_loss(projection(mean_pool(outputs.hidden_states[s], inputs["attention_mask"])),
-                                               targets[:, i]) for i, s in enumerate((0, 1))) / 2
+                                               targets[:, i]) / targets[:, i].pow(2).mean() for i, s in enumerate((0, 1))) / 2
     assert value.item() == pytest.approx(by_hand.item(), rel=1e-6)
     flat = KDBatch(student=outputs, labels=torch.zeros(6, dtype=torch.long), attention_mask=inputs["attention_mask"],
                    teacher_pooled=targets.reshape(6, -1))  # rows as the dataset column holds them
@@ -225,6 +225,8 @@ def test_pooled_term_trains_its_projection_and_skips_attention(trained_project, 
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0]
+    # Relative: predicting zeros scores 1 at any scale of the targets.
+    assert relative_mse(torch.zeros(4, 3), 0.01 * torch.randn(4, 3)).item() == pytest.approx(1.0)
     # Padding does not move the pooled vectors: a padded copy of a text pools like the text alone.
     hidden = torch.randn(1, 5, 4)
     assert torch.allclose(mean_pool(hidden, torch.tensor([[1, 1, 1, 0, 0]])), hidden[:, :3].mean(dim=1))
