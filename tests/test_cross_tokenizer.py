@@ -68,6 +68,8 @@ def cross_project(trained_project, student_init, tmp_path_factory):
     tree["transfer"]["path"] = "data/transfer.txt"
     tree["student"].update(init=str(student_init), epochs=1)
     tree["export_onnx"].update(export_teacher=False)
+    # Runs of its own: test_onnx reads the oldest export_onnx run of the shared experiment as its own.
+    tree["tracking"]["experiment"] = "fincompress-cross-tokenizer"
     params = params_from_dict(tree, root=root)
     prepare_data.STAGE.execute(params)
     metrics = teacher_logits.STAGE.execute(params)
