@@ -63,6 +63,9 @@ def project(trained_project, tmp_path_factory):
     params = copy_project(
         trained_project, tmp_path_factory.mktemp("onnx_project"), ("data", "models"),
         export_onnx={"quantization": "both", "min_int8_label_agreement": 0.9, "max_int8_f1_drop": 0.2},
+        # Its own MLflow experiment: a test below reads back the `exported` fixture's run, which other
+        # modules' export_onnx runs in the shared tracking database must not shadow.
+        tracking={"experiment": "test_onnx"},
     )
     make_pruned_student(params.path(params.paths.teacher), params.path(params.paths.pruned))
     return params
