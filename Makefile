@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup mpnet run run-phrasebank run-multilabel test lint deps clean mlflow-ui serve
+.PHONY: setup mpnet run run-phrasebank run-multilabel search test lint deps clean mlflow-ui serve
 
 setup: $(STAMP)
 
@@ -66,6 +66,13 @@ run-multilabel: setup
 	  -S data.source=csv -S data.path=data/demo_multilabel/financial_news_topics.csv -S data.label_column=topics \
 	  -S 'data.label_names=[earnings,guidance,mergers_acquisitions,legal,layoffs,dividends]' \
 	  -S verify_teacher.min_macro_f1=0.5 -S report.registered_model_name=fincompress-topics
+
+# Compress to a goal: an Optuna search for the fastest ONNX INT8 model meeting params.yaml's search.goals
+# (validation retention, p50, size) within search.budget, then the winner rebuilt as a DVC experiment
+# (its test figures read once). Resumable: run it again. SEARCH_ARGS: e.g. --jobs 2 search.budget.trials=12
+SEARCH_ARGS ?=
+search: setup
+	FINCOMPRESS_PIPELINE_RUN=search-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/python -m scripts.search --build-winner $(SEARCH_ARGS)
 
 # Tests run on two workers (pytest-xdist); one file stays on one worker since files share fixtures.
 TEST_WORKERS ?= 2

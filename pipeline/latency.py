@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +279,53 @@ class Worker:
                 self.process.kill()
 
 
+def interleaved_latency(
+    workers: list[Worker], texts: int, settings: list[int], modes: tuple[bool, ...], rounds: int, runs_per_round: int,
+    seconds_per_round: float, warmup_runs: int, rng: np.random.Generator, advance: Callable[[str], None] | None = None,
+) -> dict[tuple[str, int, bool], list[float]]:
+    """Batch-1 latency samples per (member, threads, end_to_end) of loaded workers: in each round every
+    member in a new random order, so a slow spell of the machine hits all of them alike."""
+    samples: dict[tuple[str, int, bool], list[float]] = {}
+    for round_index in range(rounds):
+        for index in rng.permutation(len(workers)):
+            worker = workers[index]
+            for threads in settings:
+                for end_to_end in modes:
+                    start = int(rng.integers(0, texts))
+                    answer = worker.ask(
+                        op="latency", threads=threads, runs=runs_per_round, seconds=seconds_per_round,
+                        warmup=warmup_runs if round_index == 0 else 2, end_to_end=end_to_end, start=start,
+                    )
+                    samples.setdefault((worker.name, threads, end_to_end), []).extend(answer["samples"])
+                    if advance:
+                        advance(f"round {round_index + 1}/{rounds}: {worker.name}")
+        # A line per round too: a progress bar does not show in a log file or under DVC.
+        log.info("benchmark round %d/%d done", round_index + 1, rounds)
+    return samples
+
+
+def one_thread_latency(
+    members: list[Member], texts: list[str], max_length: int, min_runs: int, min_seconds: float,
+    warmup_runs: int, rounds: int, seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Model-only batch-1 latency percentiles (ms) at 1 thread of each member, interleaved in one run:
+    the short measurement of a search (no throughput, no end-to-end timing)."""
+    workers: list[Worker] = []
+    try:
+        for member in members:
+            workers.append(Worker.spawn(member, texts, max_length, [1]))
+        for worker in workers:
+            worker.loaded()
+        samples = interleaved_latency(
+            workers, len(texts), [1], (False,), rounds, math.ceil(min_runs / rounds), min_seconds / rounds,
+            warmup_runs, np.random.default_rng(seed),
+        )
+        return {worker.name: percentiles(samples[(worker.name, 1, False)]) for worker in workers}
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
 def run_benchmark(
     members: list[Member],
     texts: list[str],
@@ -301,7 +348,6 @@ def run_benchmark(
     rng = np.random.default_rng(seed)
     runs_per_round = math.ceil(min_runs / rounds)
     seconds_per_round = min_seconds / rounds
-    samples: dict[tuple[str, int, bool], list[float]] = {}
     try:
         # Load every member at once (timing starts only when all are ready).
         # Members that can run as side-by-side sessions are also timed on every core both ways:
@@ -315,21 +361,10 @@ def run_benchmark(
             worker.loaded()
         tasks = len(workers) * rounds * len(settings) * 2 + len(workers) * len(settings) + len(parallel)
         task = progress.add_task("benchmark", total=tasks) if progress else None
-        for round_index in range(rounds):
-            for index in rng.permutation(len(workers)):
-                worker = workers[index]
-                for threads in settings:
-                    for end_to_end in (False, True):
-                        start = int(rng.integers(0, len(texts)))
-                        answer = worker.ask(
-                            op="latency", threads=threads, runs=runs_per_round, seconds=seconds_per_round,
-                            warmup=warmup_runs if round_index == 0 else 2, end_to_end=end_to_end, start=start,
-                        )
-                        samples.setdefault((worker.name, threads, end_to_end), []).extend(answer["samples"])
-                        if progress:
-                            progress.update(task, advance=1, description=f"round {round_index + 1}/{rounds}: {worker.name}")
-            # A line per round too: a progress bar does not show in a log file or under DVC.
-            log.info("benchmark round %d/%d done", round_index + 1, rounds)
+        samples = interleaved_latency(
+            workers, len(texts), settings, (False, True), rounds, runs_per_round, seconds_per_round, warmup_runs, rng,
+            (lambda text: progress.update(task, advance=1, description=text)) if progress else None,
+        )
         throughput: dict[tuple[str, int], float] = {}
         for index in rng.permutation(len(workers)):
             worker = workers[index]

@@ -344,7 +344,7 @@ def logit_parity(
     }
 
 
-def fp32_parity_failures(what: str, parity: dict[str, float], max_abs_logit_diff: float) -> list[str]:
+def fp32_parity_failures(what: str, parity: dict[str, float], max_abs_logit_diff: float, split: str = "test") -> list[str]:
     """The fp32 gate: logits within tolerance of PyTorch's, and every predicted label identical."""
     failures = []
     if parity["max_abs_logit_diff"] > max_abs_logit_diff:
@@ -354,13 +354,14 @@ def fp32_parity_failures(what: str, parity: dict[str, float], max_abs_logit_diff
         )
     if parity["label_mismatches"]:
         failures.append(
-            f"{what}: {parity['label_mismatches']} of {parity['examples']} test predictions differ from PyTorch's"
+            f"{what}: {parity['label_mismatches']} of {parity['examples']} {split} predictions differ from PyTorch's"
         )
     return failures
 
 
 def int8_parity_failures(
-    what: str, parity: dict[str, float], f1_drop: float, min_label_agreement: float, max_f1_drop: float
+    what: str, parity: dict[str, float], f1_drop: float, min_label_agreement: float, max_f1_drop: float,
+    split: str = "test",
 ) -> list[str]:
     """The INT8 gate: labels agree with the fp32 ONNX model often enough and macro-F1 barely drops."""
     failures = []
@@ -372,7 +373,7 @@ def int8_parity_failures(
         )
     if f1_drop > max_f1_drop:
         failures.append(
-            f"{what}: test macro-F1 drops {f1_drop:.4f} from ONNX fp32, more than "
+            f"{what}: {split} macro-F1 drops {f1_drop:.4f} from ONNX fp32, more than "
             f"export_onnx.max_int8_f1_drop={max_f1_drop:g}"
         )
     return failures

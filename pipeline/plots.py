@@ -129,3 +129,58 @@ def label_members(ax: plt.Axes, rows: list[dict[str, Any]], front: list[str]) ->
             label = ax.annotate(xytext=(8, offset), arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6},
                                 **style)
         placed.append(label.get_window_extent(renderer))
+
+
+def search_plot(
+    trials: list[Any], front: list[int], goals: Any, teacher_f1: float, path: Path, winner: int | None = None
+) -> None:
+    """A search's complete trials: validation macro-F1 against p50 latency (log scale), marker area
+    proportional to size; the Pareto front (F1, latency, size) highlighted, the goal box shaded (the
+    size goal, when set, marks the trials over it with a cross)."""
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    if trials:
+        largest = max(t.size_mb for t in trials)
+        for t in trials:
+            on_front = t.number in front
+            ax.scatter(t.latency_ms, t.validation_macro_f1, s=30 + 600 * t.size_mb / largest,
+                       color="tab:green" if on_front else "tab:blue", alpha=0.5, edgecolors="black",
+                       linewidths=1.4 if on_front else 0.6, zorder=3)
+            if goals.max_size_mb is not None and t.size_mb > goals.max_size_mb:
+                ax.scatter(t.latency_ms, t.validation_macro_f1, marker="x", s=60, color="tab:red", zorder=4)
+            ax.annotate(f"{t.number}", (t.latency_ms, t.validation_macro_f1), xytext=(6, 4),
+                        textcoords="offset points", fontsize=8, fontweight="bold" if on_front else "normal")
+            if t.number == winner:
+                ax.scatter(t.latency_ms, t.validation_macro_f1, marker="*", s=300, color="gold",
+                           edgecolors="black", zorder=5)
+        points = sorted((t for t in trials if t.number in front), key=lambda t: t.latency_ms)
+        ax.step([t.latency_ms for t in points], [t.validation_macro_f1 for t in points], where="post",
+                color="tab:green", linewidth=1.5, zorder=2)
+        ax.set_xscale("log")
+    left, right = ax.get_xlim()
+    bottom, top = ax.get_ylim()
+    x_goal = goals.max_latency_ms if goals.max_latency_ms is not None else right
+    y_goal = goals.min_retention * teacher_f1 if goals.min_retention is not None else bottom
+    ax.set_xlim(min(left, x_goal / 1.5), max(right, x_goal * 1.5))
+    ax.set_ylim(min(bottom, y_goal - 0.02), max(top, y_goal + 0.02))
+    left, right = ax.get_xlim()
+    bottom, top = ax.get_ylim()
+    ax.fill_between([left, x_goal], y_goal, top, color="tab:purple", alpha=0.08, zorder=0)
+    ax.plot([left, x_goal, x_goal], [y_goal, y_goal, top], color="tab:purple", linestyle=":", zorder=1)
+    ax.axhline(teacher_f1, color="tab:red", linewidth=0.8, alpha=0.6)
+    ax.set_xlabel("p50 latency, batch 1, 1 thread (ms, log scale)")
+    ax.set_ylabel("validation macro-F1")
+    size = f", size <= {goals.max_size_mb:g} MB (x: over)" if goals.max_size_mb is not None else ""
+    ax.set_title(f"Search trials (marker area ~ size); goal box shaded{size}", fontsize=10)
+    handles = [
+        plt.Line2D([], [], color="tab:green", linewidth=1.5, marker="o", label="Pareto front (F1, p50, size)"),
+        plt.Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, label="other trials"),
+        plt.Line2D([], [], color="tab:purple", linestyle=":", label="goals"),
+        plt.Line2D([], [], color="tab:red", linewidth=0.8, label="teacher (validation)"),
+        plt.Line2D([], [], marker="*", linestyle="", color="gold", markeredgecolor="black", markersize=12,
+                   label="winner"),
+    ]
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -22,6 +22,8 @@ from pipeline.io import read_json, sha256_file, write_json, write_text_atomic
 
 SPLITS = ("train", "validation", "test")
 MANIFEST_FILE = "manifest.json"
+# A manifest key listing splits a view of the data withholds (a search's view withholds "test").
+WITHHELD_KEY = "withheld_splits"
 TRANSFER_FILE = "transfer.jsonl"  # unlabelled texts for distillation (text only)
 
 
@@ -116,7 +118,28 @@ class Prepared:
     def content_hash(self) -> str:
         return self.manifest["content_hash"]
 
+    @property
+    def withheld(self) -> tuple[str, ...]:
+        """Splits this view of the data must never read (none for the prepared data itself)."""
+        return tuple(self.manifest.get(WITHHELD_KEY, ()))
+
+    @property
+    def evaluated_splits(self) -> tuple[str, ...]:
+        """The splits every model is evaluated on: validation and test, or validation alone in a view
+        that withholds test (a search)."""
+        return tuple(split for split in ("validation", "test") if split not in self.withheld)
+
+    @property
+    def judged_split(self) -> str:
+        """The split the export parity gates are judged on: test, or validation when test is withheld."""
+        return self.evaluated_splits[-1]
+
     def rows(self, split: str) -> list[dict[str, Any]]:
+        if split in self.withheld:
+            raise DataError(
+                f"the {split} split is withheld from {self.directory} (a search view: model choices must "
+                f"never see it); read it only from the prepared data itself, after the search"
+            )
         if split not in self._rows:
             self._rows[split] = load_split(self.directory, split)
         return self._rows[split]
@@ -141,3 +164,20 @@ class Prepared:
 def load_prepared(prepared_dir: Path) -> Prepared:
     """The manifest now; each split when it is first asked for."""
     return Prepared(prepared_dir, load_manifest(prepared_dir))
+
+
+def write_view(prepared_dir: Path, out_dir: Path, withheld: tuple[str, ...] = ("test",)) -> Prepared:
+    """A copy of the prepared data in `out_dir` without the `withheld` splits: their files are absent and
+    reading them through `Prepared` is an error. Train, validation and transfer texts are copied as is,
+    so their hashes (and the teacher logits cached for them) still match."""
+    import shutil
+
+    source = load_prepared(prepared_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for name in [f"{split}.jsonl" for split in SPLITS if split not in withheld] + [TRANSFER_FILE]:
+        if (prepared_dir / name).is_file():
+            shutil.copyfile(prepared_dir / name, out_dir / name)
+    write_json(out_dir / MANIFEST_FILE, {**source.manifest, WITHHELD_KEY: list(withheld)})
+    return load_prepared(out_dir)

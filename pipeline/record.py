@@ -23,7 +23,6 @@ from pipeline.metrics import evaluate_logits, summary
 from pipeline.prepared import Prepared
 
 INFO_FILE = "checkpoint_info.json"
-EVALUATED_SPLITS = ("validation", "test")
 
 LogitsFn = Callable[[list[str]], np.ndarray]
 
@@ -43,21 +42,21 @@ class ModelRecord(BaseModel):
     size_mb: float  # the weight files on disk
     data_hash: str
     validation: dict[str, Any]
-    test: dict[str, Any]
+    test: dict[str, Any] | None = None  # None only in a search's view of the data, which withholds test
     params: dict[str, Any] = {}  # the params sections that shaped it
     training_seconds: float | None = None
     details: dict[str, Any] = {}  # what only this kind of member has (KD terms, pruning plan, parity, ...)
 
     def metrics(self) -> dict[str, Any]:
         """The flat numbers for DVC and MLflow: validation_*, test_*, the CI bounds, size, parameters."""
-        flat: dict[str, Any] = {
-            **summary(self.validation, "validation"),
-            **summary(self.test, "test"),
-            "test_macro_f1_ci95_low": self.test["macro_f1_ci95"][0],
-            "test_macro_f1_ci95_high": self.test["macro_f1_ci95"][1],
-            "num_parameters": self.num_parameters,
-            "size_mb": self.size_mb,
-        }
+        flat: dict[str, Any] = {**summary(self.validation, "validation")}
+        if self.test is not None:
+            flat.update({
+                **summary(self.test, "test"),
+                "test_macro_f1_ci95_low": self.test["macro_f1_ci95"][0],
+                "test_macro_f1_ci95_high": self.test["macro_f1_ci95"][1],
+            })
+        flat.update({"num_parameters": self.num_parameters, "size_mb": self.size_mb})
         if self.training_seconds is not None:
             flat["training_seconds"] = self.training_seconds
         return flat
@@ -87,9 +86,10 @@ def evaluate_splits(
     evaluation: EvaluationConfig,
     thresholds: float | Sequence[float] = 0.5,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
-    """Metrics and logits of a model on validation and test; `logits_fn` maps texts to logits."""
+    """Metrics and logits of a model on validation and test (validation only when `prepared` withholds
+    test); `logits_fn` maps texts to logits."""
     results, logits = {}, {}
-    for split in EVALUATED_SPLITS:
+    for split in prepared.evaluated_splits:
         logits[split] = np.asarray(logits_fn(prepared.texts(split)), dtype=np.float32)
         results[split] = evaluate_logits(
             logits[split], prepared.labels(split), prepared.label_names, prepared.task_type, evaluation, thresholds
@@ -114,7 +114,7 @@ def evaluate_and_record(
     training_seconds: float | None = None,
     details: dict[str, Any] | None = None,
 ) -> tuple[ModelRecord, dict[str, np.ndarray]]:
-    """Evaluate a model on validation and test and write its record into `out_dir` (the model's
+    """Evaluate a model on validation and test (see evaluate_splits) and write its record into `out_dir` (the model's
     directory, normally the temporary one a stage fills before renaming it into place).
 
     Returns the record and the logits per split (for the parity checks of the stages that need them).
@@ -131,7 +131,7 @@ def evaluate_and_record(
         size_mb=round(size_mb, 3),
         data_hash=prepared.content_hash,
         validation=results["validation"],
-        test=results["test"],
+        test=results.get("test"),
         params=params or {},
         training_seconds=None if training_seconds is None else round(training_seconds, 1),
         details=details or {},

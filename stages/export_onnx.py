@@ -5,7 +5,8 @@ and export the teacher to ONNX fp32. Each output directory is self-contained
 
 Parity gates over the whole test split: ONNX fp32 must match PyTorch (logits within tolerance, every
 label identical); ONNX INT8 must agree with ONNX fp32 on labels and lose little macro-F1. A failed
-gate fails the stage and nothing is written."""
+gate fails the stage and nothing is written. In a search's view of the data, which withholds the test
+split, the gates are judged on validation instead (Prepared.judged_split)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def export_checked(
     member: str, source: str, out_dir: Path, prepared: Prepared, params: Params
 ) -> tuple[ModelRecord, dict[str, np.ndarray], np.ndarray]:
     """Export the PyTorch model at `source` to ONNX fp32 in `out_dir`, evaluate it, and record its
-    parity with PyTorch on the test split (details.parity)."""
+    parity with PyTorch on the judged split, normally test (details.parity)."""
     task, max_length = params.task, params.task.max_length
     model, tokenizer = load_trained_with_tokenizer(params.path(source), prepared.label_names)  # safetensors only
     export_fp32(params.path(source), out_dir, params.export_onnx.opset, max_length)
@@ -79,14 +80,15 @@ def export_checked(
         config = read_json(out_dir / "config.json")
         config["label_thresholds"] = np.broadcast_to(thresholds, len(prepared.label_names)).tolist()
         write_json(out_dir / "config.json", config)
-    reference = predict_logits(model, tokenizer, prepared.texts("test"), max_length).numpy()
+    split = prepared.judged_split
+    reference = predict_logits(model, tokenizer, prepared.texts(split), max_length).numpy()
     details = {"precision": "fp32", "opset": params.export_onnx.opset, "onnxruntime": onnxruntime.__version__}
     record, logits, onnx_thresholds = evaluate_onnx(
         out_dir, prepared, params, member=member, source=source, num_parameters=count_parameters(model),
         details=details,
     )
-    parity = logit_parity(reference, logits["test"], task.type, thresholds)
-    record.details["parity"] = {"reference": "PyTorch fp32", "split": "test", **parity}
+    parity = logit_parity(reference, logits[split], task.type, thresholds)
+    record.details["parity"] = {"reference": "PyTorch fp32", "split": split, **parity}
     record.write(out_dir)
     return record, logits, onnx_thresholds
 
@@ -95,32 +97,33 @@ def gate_int8(
     member: str, what: str, int8_dir: Path, fp32: ModelRecord, fp32_dir: Path, fp32_logits: dict[str, np.ndarray],
     fp32_thresholds: np.ndarray, prepared: Prepared, params: Params, details: dict[str, Any],
 ) -> tuple[dict[str, Any], list[str]]:
-    """Evaluate and record the INT8 model in `int8_dir`, with its parity against ONNX fp32 on the test
-    split (details.parity); returns its metrics and its gate failures."""
-    cfg = params.export_onnx
+    """Evaluate and record the INT8 model in `int8_dir`, with its parity against ONNX fp32 on the judged
+    split, normally test (details.parity); returns its metrics and its gate failures."""
+    cfg, split = params.export_onnx, prepared.judged_split
     fp32_mb, int8_mb = onnx_size_mb(fp32_dir), onnx_size_mb(int8_dir)
     int8, int8_logits, _ = evaluate_onnx(
         int8_dir, prepared, params, member=member, source=f"{params.paths.onnx_student}/fp32",
         num_parameters=fp32.num_parameters,
         details={**details, "size_ratio_to_fp32": int8_mb / fp32_mb, "opset": cfg.opset, "onnxruntime": onnxruntime.__version__},
     )
-    parity = logit_parity(fp32_logits["test"], int8_logits["test"], params.task.type, fp32_thresholds)
-    parity["test_macro_f1_drop"] = fp32.test["macro_f1"] - int8.test["macro_f1"]
-    int8.details["parity"] = {"reference": "ONNX fp32", "split": "test", **parity}
+    drop_key = f"{split}_macro_f1_drop"
+    parity = logit_parity(fp32_logits[split], int8_logits[split], params.task.type, fp32_thresholds)
+    parity[drop_key] = getattr(fp32, split)["macro_f1"] - getattr(int8, split)["macro_f1"]
+    int8.details["parity"] = {"reference": "ONNX fp32", "split": split, **parity}
     int8.write(int8_dir)
     failures = int8_parity_failures(
-        what, parity, parity["test_macro_f1_drop"], cfg.min_int8_label_agreement, cfg.max_int8_f1_drop
+        what, parity, parity[drop_key], cfg.min_int8_label_agreement, cfg.max_int8_f1_drop, split
     )
     log.info(
-        "%s: %.2f MB (fp32 %.2f MB), label agreement %.4f, test macro-F1 drop %.4f",
-        what, int8_mb, fp32_mb, parity["label_agreement"], parity["test_macro_f1_drop"],
+        "%s: %.2f MB (fp32 %.2f MB), label agreement %.4f, %s macro-F1 drop %.4f",
+        what, int8_mb, fp32_mb, parity["label_agreement"], split, parity[drop_key],
     )
     metrics = {
         **int8.metrics(),
         "size_ratio_to_fp32": int8_mb / fp32_mb,
         "max_abs_logit_diff": parity["max_abs_logit_diff"],
         "label_agreement": parity["label_agreement"],
-        "test_macro_f1_drop": parity["test_macro_f1_drop"],
+        drop_key: parity[drop_key],
     }
     return metrics, failures
 
@@ -137,7 +140,7 @@ def validation_gate(
         parity = logit_parity(fp32_logits["validation"], logits, task_type, fp32_thresholds)
         drop = fp32.validation["macro_f1"] - macro_f1(labels, decide(logits, task_type, fp32_thresholds))
         return int8_parity_failures(
-            f"{what} (validation)", parity, drop, cfg.min_int8_label_agreement, cfg.max_int8_f1_drop
+            f"{what} (validation)", parity, drop, cfg.min_int8_label_agreement, cfg.max_int8_f1_drop, "validation"
         )
 
     return failures
@@ -157,7 +160,7 @@ def run(params: Params) -> dict[str, Any]:
         fp32_dir = student_tmp / "fp32"
         fp32, fp32_logits, fp32_thresholds = export_checked("student_onnx_fp32", paths.pruned, fp32_dir, prepared, params)
         fp32_parity = fp32.details["parity"]
-        failures += fp32_parity_failures("student ONNX fp32", fp32_parity, cfg.max_abs_logit_diff)
+        failures += fp32_parity_failures("student ONNX fp32", fp32_parity, cfg.max_abs_logit_diff, prepared.judged_split)
         log.info("student ONNX fp32: max |Δlogit| vs PyTorch %.2e", fp32_parity["max_abs_logit_diff"])
         metrics["student_onnx_fp32"] = {**fp32.metrics(), "max_abs_logit_diff": fp32_parity["max_abs_logit_diff"]}
         reference = (fp32, fp32_dir, fp32_logits, fp32_thresholds, prepared, params)
@@ -199,7 +202,7 @@ def run(params: Params) -> dict[str, Any]:
         if cfg.export_teacher:
             teacher, _, _ = export_checked("teacher_onnx", paths.teacher, teacher_tmp, prepared, params)
             teacher_parity = teacher.details["parity"]
-            failures += fp32_parity_failures("teacher ONNX fp32", teacher_parity, cfg.max_abs_logit_diff)
+            failures += fp32_parity_failures("teacher ONNX fp32", teacher_parity, cfg.max_abs_logit_diff, prepared.judged_split)
             metrics["teacher_onnx"] = {**teacher.metrics(), "max_abs_logit_diff": teacher_parity["max_abs_logit_diff"]}
         else:
             # DVC expects the output directory: it holds only this note (no model.onnx, no record).
@@ -208,14 +211,15 @@ def run(params: Params) -> dict[str, Any]:
         if failures:
             tracking.log_metrics(metrics)  # the figures stay inspectable in the FAILED run
             raise GateError(
-                "ONNX parity failed over the test split: " + "; ".join(failures) + ". An fp32 mismatch means "
+                f"ONNX parity failed over the {prepared.judged_split} split: " + "; ".join(failures) + ". An fp32 mismatch means "
                 "the exported graph computes something else than PyTorch: try another export_onnx.opset, or "
                 "raise export_onnx.max_abs_logit_diff if the difference is float noise. An INT8 shortfall: raise "
                 "export_onnx.fallback_rounds (more nodes kept in fp32), try export_onnx.quantize_embeddings=false, or relax export_onnx.min_int8_label_agreement / "
                 "max_int8_f1_drop if that loss is acceptable. Nothing was written."
             )
 
-    write_export_cards(params)  # README.md model cards, from the checkpoint_info.json just written
+    if "test" in prepared.evaluated_splits:  # the cards quote test figures: none in a search's view
+        write_export_cards(params)  # README.md model cards, from the checkpoint_info.json just written
 
     for artifact_path, directory in (
         ("student_onnx_fp32", student_out / "fp32"),

@@ -148,7 +148,7 @@ def run(params: Params) -> dict[str, Any]:
             "are no faster and the safetensors file is no smaller; only compressed size shrinks."
         )
 
-    texts = {split: prepared.texts(split) for split in ("validation", "test")}
+    texts = {split: prepared.texts(split) for split in prepared.evaluated_splits}
     unk_before = {split: pruning.unk_share(tokenizer, texts[split]) for split in texts}
     info["vocab_trimmed"] = trim_vocab
     info["heads_pruned"] = bool(removed)
@@ -198,8 +198,7 @@ def run(params: Params) -> dict[str, Any]:
         "heads_pruned": int(bool(removed)),
         "ffn_width": info["ffn_width"],
         "heads_per_layer": info["heads_per_layer"][0],
-        "validation_unk_share_after": unk_after["validation"],
-        "test_unk_share_after": unk_after["test"],
+        **{f"{split}_unk_share_after": unk_after[split] for split in texts},
     }
     for key in ("sparsity_encoder_linear", "gzip_size_mb"):
         if key in info:

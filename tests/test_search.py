@@ -1,0 +1,256 @@
+"""Compress to a goal (pipeline/search.py, scripts/search.py): the space and its mapping onto params, the
+goal and stopping logic, the Pareto front and the closest-goal answer, and a tiny real search (Optuna,
+the compression stages, the latency harness) that never reads the test split and resumes from its
+storage."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import optuna
+import pytest
+import yaml
+
+from pipeline import prepared as prepared_module
+from pipeline.config import ConfigError, Params, SearchConfig, SearchGoals, load_params, params_from_dict
+from pipeline.search import (
+    Outcome,
+    check_space,
+    closest,
+    exp_command,
+    meets_goals,
+    overrides_for,
+    pareto_front,
+    stop_reason,
+    suggest,
+    trials_without_improvement,
+    with_overrides,
+)
+from tests.helpers import copy_project
+
+
+def outcome(number, retention=0.99, latency=1.0, size=5.0, f1=None, state="COMPLETE"):
+    return Outcome(number, state, retention, latency, size, f1 if f1 is not None or retention is None else retention * 0.8)
+
+
+GOALS = SearchGoals(min_retention=0.98, max_latency_ms=2.0, max_size_mb=None)
+
+
+# --------------------------------------------------------------------------- the space
+
+
+def test_space_values_map_onto_existing_params_keys():
+    params = Params()
+    values = {"num_layers": 2, "init": "teacher", "heads_ratio": 0.25, "ffn_ratio": 0.5, "vocab_keep_top": 500,
+              "quantization": "static", "kd_method": "intermediate", "alpha": 0.6, "temperature": 2.0,
+              "hidden_weight": 0.5, "attention_weight": 5.0}
+    overrides = overrides_for(values, params)
+    assert overrides == {
+        "student.num_layers": 2, "student.init": "teacher", "prune.heads_ratio": 0.25, "prune.ffn_ratio": 0.5,
+        "prune.vocab_keep_top": 500, "export_onnx.quantization": "static",
+        "prune.source": "models/student_intermediate", "distill_intermediate.alpha": 0.6,
+        "distill_intermediate.temperature": 2.0, "distill_intermediate.hidden_weight": 0.5,
+        "distill_intermediate.attention_weight": 5.0,
+    }
+    built = with_overrides(params, overrides)  # every key exists and every value validates
+    assert built.distill_intermediate.alpha == 0.6 and built.prune.source == "models/student_intermediate"
+    baseline = overrides_for({**values, "kd_method": "baseline"}, params)
+    assert baseline["prune.source"] == "models/student_baseline"
+    assert not any(key.startswith("distill_") for key in baseline)  # the baseline reads no KD weight
+    command = exp_command("s-winner", {"student.num_layers": 2, "export_onnx.quantization": "static"}, ["data.source=csv"])
+    assert command == ["dvc", "exp", "run", "--name", "s-winner", "-S", "student.num_layers=2",
+                       "-S", "export_onnx.quantization=static", "-S", "data.source=csv"]
+
+
+def test_suggest_fixed_values_and_kd_weights_only_where_read():
+    space = SearchConfig().space  # the shipped space
+    vanilla = suggest(optuna.trial.FixedTrial(
+        {"num_layers": 2, "heads_ratio": 0.25, "ffn_ratio": 0.625, "quantization": "dynamic",
+         "kd_method": "vanilla", "alpha": 0.5, "temperature": 4.0}), space)
+    assert vanilla["init"] == "teacher" and vanilla["vocab_keep_top"] == 2000  # fixed: as given
+    assert vanilla["alpha"] == 0.5 and "hidden_weight" not in vanilla
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        values = suggest(study.ask(), space)
+        assert values["num_layers"] in (2, 3) and isinstance(values["num_layers"], int)
+        assert values["heads_ratio"] in (0.0, 0.25, 0.5) and 0.5 <= values["ffn_ratio"] <= 0.75
+        assert values["kd_method"] in ("vanilla", "intermediate")
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"heads_ratio": {"low": 0.5, "high": 0.25}}, "low < high"),
+        ({"num_layers": {"low": 1, "high": 3, "step": 0.5}}, "integer dimension"),
+        ({"kd_method": {"choices": ["vanilla", "tinybert"]}}, "choose from"),
+        ({"quantization": "both"}, "choose from"),
+        ({"alpha": {"choices": []}}, "at least 1 item"),
+        ({"depth": 3}, "unknown key"),
+    ],
+)
+def test_bad_space_is_a_clear_error(tmp_path, space, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"search": {"space": space}}))
+    with pytest.raises(ConfigError) as error:
+        load_params(path)
+    assert "search.space" in str(error.value) and message in str(error.value)
+
+
+def test_space_values_outside_the_params_ranges_fail_before_any_trial():
+    params = params_from_dict({"search": {"space": {"heads_ratio": {"low": 0.5, "high": 1.0}}}})
+    with pytest.raises(ConfigError, match=r"search.space.heads_ratio: the value 1.0 is not valid for prune.heads_ratio"):
+        check_space(params)
+    params = params_from_dict({"search": {"space": {"kd_method": "vanilla", "alpha": {"choices": [0.5, 1.5]}}}})
+    with pytest.raises(ConfigError, match="distill_vanilla.alpha"):
+        check_space(params)
+    check_space(Params())  # the shipped space is valid
+
+
+# --------------------------------------------------------------------------- goals and stopping
+
+
+def test_goals_and_patience():
+    assert meets_goals(outcome(0, 0.99, 1.5), GOALS)
+    assert not meets_goals(outcome(0, 0.97, 1.5), GOALS) and not meets_goals(outcome(0, 0.99, 2.5), GOALS)
+    assert not meets_goals(outcome(0, state="FAIL", latency=None), GOALS)
+    cfg = SearchConfig(goals=GOALS, patience=2, budget={"trials": 10, "minutes": 60})
+    history = [outcome(0, 0.90, 1.0), outcome(1, 0.99, 1.5)]  # trial 1 is the first to meet the goals
+    assert trials_without_improvement(history[:1], GOALS) is None  # patience counts only after a success
+    assert trials_without_improvement(history, GOALS) == 0
+    history.append(outcome(2, 0.99, 1.5, size=4.0))  # as fast and smaller: an improvement
+    history.append(outcome(3, 0.995, 1.6))  # better F1 but slower: not an improvement
+    assert trials_without_improvement(history, GOALS) == 1
+    assert stop_reason(history, 4, cfg, 600, 60) is None
+    history.append(outcome(4, state="FAIL", retention=None, latency=None))
+    assert "patience" in stop_reason(history, 5, cfg, 600, 60)
+    history.append(outcome(5, 0.99, 1.2))  # strictly faster resets it
+    assert trials_without_improvement(history, GOALS) == 0
+    assert "trial budget" in stop_reason([], 10, cfg, 600, None)
+    assert "time budget used" in stop_reason([], 0, cfg, 0, None)
+    assert "a trial takes about" in stop_reason([], 1, cfg, 100, 300)
+
+
+def test_pareto_front_and_closest_goal():
+    trials = [
+        outcome(0, retention=0.95, latency=1.0, size=5.0, f1=0.80),
+        outcome(1, retention=0.982, latency=3.0, size=9.0, f1=0.83),
+        outcome(2, retention=0.94, latency=1.2, size=6.0, f1=0.79),  # dominated by trial 0
+        outcome(3, retention=0.97, latency=2.2, size=4.0, f1=0.82),
+        outcome(4, state="FAIL", retention=None, latency=None, size=None),
+    ]
+    trials[2] = Outcome(2, "COMPLETE", 0.94, 1.2, 6.0, 0.79)
+    assert pareto_front(trials) == [0, 1, 3]
+    goals = SearchGoals(min_retention=0.99, max_latency_ms=2.0, max_size_mb=None)
+    near = closest(trials, goals)
+    assert near["per_goal"]["min_retention"]["trial"] == 1
+    assert near["per_goal"]["min_retention"]["text"] == "retention 0.982, 0.008 short of 0.99"
+    assert near["per_goal"]["max_latency_ms"]["text"] == "p50 1.000 ms, meets 2 ms"
+    # Trial 3: 0.02/0.99 + 0.2/2.0 = 0.120; trial 0: 0.04/0.99 = 0.040; trial 1: 0.008/0.99 + 0.5 = 0.508.
+    assert near["overall"]["trial"] == 0
+    assert closest([trials[4]], goals) == {}
+
+
+# --------------------------------------------------------------------------- a tiny real search
+
+
+TINY_SPACE = {
+    "num_layers": 1, "init": "teacher", "heads_ratio": {"choices": [0.0, 0.5]}, "ffn_ratio": 0.5,
+    "vocab_keep_top": 5, "quantization": {"choices": ["dynamic", "static"]},
+    "kd_method": {"choices": ["baseline", "vanilla"]}, "alpha": 0.7, "temperature": 2.0,
+}
+TINY_SEARCH = {
+    "goals": {"min_retention": 0.01, "max_latency_ms": 1000.0, "max_size_mb": None},
+    "budget": {"trials": 1, "minutes": 10}, "patience": 5, "seed": 0,
+    "latency": {"min_runs": 5, "min_seconds": 0.0, "warmup_runs": 1, "rounds": 1},
+    "space": TINY_SPACE,
+}
+
+
+@pytest.fixture
+def search_project(trained_project, tmp_path):
+    """A copy of the trained tiny project whose prepared test split is GONE: a search that touched it
+    anywhere would fail."""
+    params = copy_project(trained_project, tmp_path, search=TINY_SEARCH)
+    (tmp_path / "data" / "prepared" / "test.jsonl").unlink()
+    return params
+
+
+def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_project, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline.search import open_study, run_search, study_name
+    from scripts.search import compress
+
+    read_splits = []
+    real_load_split = prepared_module.load_split
+    monkeypatch.setattr(prepared_module, "load_split",
+                        lambda directory, split: read_splits.append(split) or real_load_split(directory, split))
+    storage = tmp_path / "search.db"
+
+    first = run_search(search_project, compress, storage=storage)
+    assert first["used"]["trials"] == 1 and first["used"]["complete"] == 1, first
+    assert first["winner"]["trial"] == 0
+
+    # A search killed mid-trial leaves a RUNNING trial; the resumed one fails it and goes on to 3 in all.
+    name = study_name(search_project)
+    open_study(search_project, storage, name).ask()
+    resumed_params = with_overrides(search_project, {"search.budget.trials": 3})
+    assert study_name(resumed_params) == name  # the budget is not part of the study's identity
+    summary = run_search(resumed_params, compress, storage=storage)
+    states = [t.state.name for t in open_study(search_project, storage, name).trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert summary["used"] == {**summary["used"], "trials": 3, "complete": 2, "failed": 1}
+
+    assert "test" not in read_splits and "validation" in read_splits and "train" in read_splits
+
+    out = tmp_path / "reports" / "search"
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [row["state"] for row in rows] == states
+    assert all(float(row["validation_macro_f1"]) > 0 and float(row["latency_ms_p50"]) > 0
+               for row in rows if row["state"] == "COMPLETE")
+    assert (out / "pareto.png").stat().st_size > 10_000
+    winner = summary["winner"]
+    assert winner is not None and yaml.safe_load((out / "winner.yaml").read_text()) == winner["overrides"]
+    assert winner["overrides"]["student.num_layers"] == 1 and winner["dvc_exp_run"].startswith("dvc exp run --name")
+    assert winner["retention"] == pytest.approx(winner["validation_macro_f1"] / summary["teacher_validation_macro_f1"])
+    assert str(winner["trial"]) in summary["remeasured_p50_ms"]  # the candidates were re-timed side by side
+    assert json.loads((out / "summary.json").read_text())["winner"]["trial"] == winner["trial"]
+    assert "Winner: trial" in (out / "summary.md").read_text()
+
+    # MLflow: one run per search invocation, each trial a nested child run with its state.
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(search_project.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.search_study = '{name}'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2 and len(children) == 2
+    assert {r.data.tags["state"] for r in children} == {"COMPLETE"}
+    assert all(r.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents} for r in children)
+    assert all("validation_macro_f1" in r.data.metrics and "latency_ms_p50" in r.data.metrics for r in children)
+
+
+def test_failing_trials_are_recorded_and_the_closest_goal_reported(search_project, tmp_path):
+    from pipeline.search import open_study, run_search, study_name
+    from scripts.search import compress
+
+    # An impossible retention goal; the first trial cannot be built (a 9-layer student of the 2-layer
+    # tiny teacher is a ConfigError in the student stage), the second completes but misses the goal.
+    params = with_overrides(search_project, {
+        "search.goals.min_retention": 1.5, "search.budget.trials": 2,
+        "search.space.num_layers": {"choices": [1, 9]},
+    })
+    storage = tmp_path / "search.db"
+    study = open_study(params, storage, study_name(params))
+    study.enqueue_trial({"num_layers": 9})
+    study.enqueue_trial({"num_layers": 1})
+    summary = run_search(params, compress, storage=storage)
+    out = tmp_path / "reports" / "search"
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [row["state"] for row in rows] == ["FAIL", "COMPLETE"]
+    assert "num_layers=9 is deeper" in rows[0]["error"]
+    assert summary["winner"] is None and not (out / "winner.yaml").exists()
+    assert summary["closest"]["overall"]["trial"] == 1
+    assert "short of 1.5" in summary["closest"]["per_goal"]["min_retention"]["text"]
+    assert "No trial meets every goal" in (out / "summary.md").read_text()
