@@ -242,14 +242,6 @@ def improves(candidate: Outcome, best: Outcome | None) -> bool:
     return candidate.size_mb < best.size_mb
 
 
-def best_feasible(outcomes: list[Outcome], goals: SearchGoals) -> Outcome | None:
-    best = None
-    for outcome in sorted(outcomes, key=lambda o: o.number):
-        if meets_goals(outcome, goals) and improves(outcome, best):
-            best = outcome
-    return best
-
-
 def trials_without_improvement(outcomes: list[Outcome], goals: SearchGoals) -> int | None:
     """Finished trials since the last improvement among those meeting the goals; None until one meets them."""
     best, since = None, None
@@ -510,15 +502,14 @@ def child_run(context: SearchContext, number: int, values: dict[str, Any]) -> It
         yield run
 
 
-def run_one_trial(study: Any, context: SearchContext, compress: Compress) -> Outcome:
-    """Ask Optuna for a configuration, build and measure it, tell Optuna; a failing trial (a gate, bad
-    params for this teacher, a crash) is recorded as FAIL and the search goes on."""
+def run_one_trial(study: Any, trial: Any, context: SearchContext, compress: Compress) -> Outcome:
+    """Build and measure the configuration of a started (asked) trial, and tell Optuna; a failing trial
+    (a gate, bad params for this teacher, a crash) is recorded as FAIL and the search goes on."""
     import mlflow
     from optuna.trial import TrialState
 
     params = context.params()
     cfg = params.search
-    trial = study.ask()
     values = suggest(trial, cfg.space)
     trial.set_user_attr("values", values)  # fixed dimensions too (trial.params has the sampled ones)
     directory = trial_dir(params, context.study, trial.number)
@@ -594,20 +585,26 @@ def search_worker(context: SearchContext, compress: Compress, torch_threads: int
         import torch
 
         torch.set_num_threads(torch_threads)
+    from pipeline.io import exclusive_lock
+
     params = context.params()
     study = open_study(params, Path(context.storage), context.study)
     ran = 0
     while True:
-        trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]  # enqueued: not started
-        finished = [outcome_of(t) for t in trials if t.state != TrialState.RUNNING]
-        durations = sorted(t.user_attrs["seconds"] for t in trials
-                           if t.state == TrialState.COMPLETE and "seconds" in t.user_attrs)
-        typical = durations[len(durations) // 2] if durations else None
-        reason = stop_reason(finished, len(trials), params.search, context.deadline - time.time(), typical)
-        if reason:
+        # Deciding to start a trial and starting it is one step for all workers, so N workers never
+        # overrun the trial budget (a shared filesystem on a Dask cluster, as for the project itself).
+        with exclusive_lock(Path(context.prepared_view).parent / "start.lock", "starting a trial", wait=True):
+            trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]  # enqueued: not started
+            finished = [outcome_of(t) for t in trials if t.state != TrialState.RUNNING]
+            durations = sorted(t.user_attrs["seconds"] for t in trials
+                               if t.state == TrialState.COMPLETE and "seconds" in t.user_attrs)
+            typical = durations[len(durations) // 2] if durations else None
+            reason = stop_reason(finished, len(trials), params.search, context.deadline - time.time(), typical)
+            trial = None if reason else study.ask()
+        if trial is None:
             log.info("search worker stops: %s", reason)
             return ran
-        run_one_trial(study, context, compress)
+        run_one_trial(study, trial, context, compress)
         ran += 1
 
 

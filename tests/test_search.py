@@ -193,12 +193,14 @@ def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_proje
     assert first["used"]["trials"] == 1 and first["used"]["complete"] == 1, first
     assert first["winner"]["trial"] == 0
 
-    # A search killed mid-trial leaves a RUNNING trial; the resumed one fails it and goes on to 3 in all.
+    # A search killed mid-trial leaves a RUNNING trial; the resumed one fails it and goes on to 3 in all,
+    # here with two worker processes sharing the study: one runs the last trial, the other finds the
+    # budget used (starting a trial is one locked step), so there is no fourth.
     name = study_name(search_project)
     open_study(search_project, storage, name).ask()
     resumed_params = with_overrides(search_project, {"search.budget.trials": 3})
     assert study_name(resumed_params) == name  # the budget is not part of the study's identity
-    summary = run_search(resumed_params, compress, storage=storage)
+    summary = run_search(resumed_params, compress, storage=storage, jobs=2)
     states = [t.state.name for t in open_study(search_project, storage, name).trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"]
     assert summary["used"] == {**summary["used"], "trials": 3, "complete": 2, "failed": 1}
@@ -232,11 +234,14 @@ def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_proje
 
 
 def test_failing_trials_are_recorded_and_the_closest_goal_reported(search_project, tmp_path):
+    from dask.distributed import LocalCluster
+
     from pipeline.search import open_study, run_search, study_name
     from scripts.search import compress
 
     # An impossible retention goal; the first trial cannot be built (a 9-layer student of the 2-layer
     # tiny teacher is a ConfigError in the student stage), the second completes but misses the goal.
+    # The worker runs on a (local) Dask cluster, as --dask-address does.
     params = with_overrides(search_project, {
         "search.goals.min_retention": 1.5, "search.budget.trials": 2,
         "search.space.num_layers": {"choices": [1, 9]},
@@ -245,7 +250,8 @@ def test_failing_trials_are_recorded_and_the_closest_goal_reported(search_projec
     study = open_study(params, storage, study_name(params))
     study.enqueue_trial({"num_layers": 9})
     study.enqueue_trial({"num_layers": 1})
-    summary = run_search(params, compress, storage=storage)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        summary = run_search(params, compress, storage=storage, dask_address=cluster.scheduler_address)
     out = tmp_path / "reports" / "search"
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [row["state"] for row in rows] == ["FAIL", "COMPLETE"]
