@@ -219,13 +219,13 @@ def shortfalls(outcome: Outcome, goals: SearchGoals) -> dict[str, float]:
     return gaps
 
 
-def constraints(outcome: Outcome, goals: SearchGoals) -> list[float]:
+def constraints(outcome: Outcome, goals: SearchGoals) -> dict[str, float]:
     """Optuna's constraint values (feasible when every one is <= 0), one per goal set."""
-    values = []
+    values = {}
     for goal, attribute, sign in GOAL_AXES:
         target = getattr(goals, goal)
         if target is not None:
-            values.append(sign * (target - getattr(outcome, attribute)))
+            values[goal] = sign * (target - getattr(outcome, attribute))
     return values
 
 
@@ -382,26 +382,17 @@ def keep_only_int8(directory: Path, values: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the study
 
 DIRECTIONS = ("maximize", "minimize", "minimize")  # validation macro-F1, p50 ms, size MB
-CONSTRAINTS_ATTR = "constraints"
-
-
-def _constraints_from_attrs(trial: Any) -> list[float]:
-    return list(trial.user_attrs.get(CONSTRAINTS_ATTR, []))
 
 
 def make_sampler(cfg: SearchConfig) -> Any:
+    """TPE or NSGA-II. Both read the goals as the constraints each trial sets (Trial.set_constraint,
+    Optuna >= 5): infeasible trials rank after feasible ones, by how far they miss."""
     import optuna
 
-    has_goals = any(getattr(cfg.goals, goal) is not None for goal, _, _ in GOAL_AXES)
-    constraints_func = _constraints_from_attrs if has_goals else None
     if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(
-            population_size=min(50, max(2, cfg.budget.trials // 2)), seed=cfg.seed, constraints_func=constraints_func
-        )
+        return optuna.samplers.NSGAIISampler(population_size=min(50, max(2, cfg.budget.trials // 2)), seed=cfg.seed)
     # TPE's default of 10 random start-up trials is most of a small budget.
-    return optuna.samplers.TPESampler(
-        n_startup_trials=min(10, max(2, cfg.budget.trials // 3)), seed=cfg.seed, constraints_func=constraints_func
-    )
+    return optuna.samplers.TPESampler(n_startup_trials=min(10, max(2, cfg.budget.trials // 3)), seed=cfg.seed)
 
 
 def open_study(params: Params, storage: Path, name: str) -> Any:
@@ -546,7 +537,8 @@ def run_one_trial(study: Any, trial: Any, context: SearchContext, compress: Comp
                 trial.set_user_attr(key, value)
             outcome = Outcome(trial.number, "COMPLETE", measured["retention"], measured["latency_ms_p50"],
                               measured["size_mb"], measured["validation_macro_f1"], values)
-            trial.set_user_attr(CONSTRAINTS_ATTR, constraints(outcome, cfg.goals))
+            for goal, value in constraints(outcome, cfg.goals).items():
+                trial.set_constraint(goal, value)
             study.tell(trial, [measured["validation_macro_f1"], measured["latency_ms_p50"], measured["size_mb"]])
             log.info("trial %d: validation macro-F1 %.4f (retention %.3f), p50 %.3f ms, %.2f MB, %.0f s%s",
                      trial.number, measured["validation_macro_f1"], measured["retention"],

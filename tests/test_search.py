@@ -201,8 +201,12 @@ def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_proje
     resumed_params = with_overrides(search_project, {"search.budget.trials": 3})
     assert study_name(resumed_params) == name  # the budget is not part of the study's identity
     summary = run_search(resumed_params, compress, storage=storage, jobs=2)
-    states = [t.state.name for t in open_study(search_project, storage, name).trials]
+    trials = open_study(search_project, storage, name).trials
+    states = [t.state.name for t in trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"]
+    # The goals are the trials' Optuna constraints (the samplers steer by them): met, so <= 0.
+    assert all(set(t.constraints) == {"min_retention", "max_latency_ms"} and max(t.constraints.values()) <= 0
+               for t in trials if t.state.name == "COMPLETE")
     assert summary["used"] == {**summary["used"], "trials": 3, "complete": 2, "failed": 1}
 
     assert "test" not in read_splits and "validation" in read_splits and "train" in read_splits
@@ -260,3 +264,29 @@ def test_failing_trials_are_recorded_and_the_closest_goal_reported(search_projec
     assert summary["closest"]["overall"]["trial"] == 1
     assert "short of 1.5" in summary["closest"]["per_goal"]["min_retention"]["text"]
     assert "No trial meets every goal" in (out / "summary.md").read_text()
+
+
+def test_winner_test_metrics_are_read_from_the_experiment(tmp_path):
+    """--build-winner reads the test figures from the DVC experiment's commit (refs/exps/..../<name>)."""
+    import subprocess
+
+    from pipeline.errors import FinCompressError
+    from pipeline.search import read_exp_test_metrics
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                       env={**__import__("os").environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"})
+
+    metrics = tmp_path / "reports" / "metrics"
+    metrics.mkdir(parents=True)
+    (metrics / "export_onnx.json").write_text(json.dumps({"student_onnx_int8_static": {"test_macro_f1": 0.8}}))
+    (metrics / "train_teacher.json").write_text(json.dumps({"test_macro_f1": 0.9}))
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "experiment")
+    git("update-ref", "refs/exps/ab/cdef0123/search-x-winner", "HEAD")  # where `dvc exp run --name` keeps it
+    found = read_exp_test_metrics(tmp_path, "search-x-winner", "student_onnx_int8_static")
+    assert found == {"macro_f1": 0.8, "teacher_macro_f1": 0.9, "retention": pytest.approx(0.8 / 0.9)}
+    with pytest.raises(FinCompressError, match="no DVC experiment named other"):
+        read_exp_test_metrics(tmp_path, "other", "student_onnx_int8")
