@@ -555,7 +555,8 @@ def run_one_trial(study: Any, trial: Any, context: SearchContext, compress: Comp
             mlflow.log_metrics({**numbers, "seconds": seconds, "meets_goals": float(meets_goals(outcome, cfg.goals))})
             if error:
                 mlflow.set_tag("error", error[:5000])
-                mlflow.end_run(status="FAILED")
+    if run is not None and error:  # after the run's context closed it FINISHED (ending it inside would end the parent too)
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
     return outcome
 
 
@@ -741,7 +742,7 @@ def summarize(
         write_text_atomic(out / "winner.yaml", yaml.safe_dump(overrides, sort_keys=False))
     else:
         (out / "winner.yaml").unlink(missing_ok=True)
-        summary["closest"] = closest(outcomes, goals)
+        summary["closest"] = closest([final(o) for o in outcomes], goals)
     write_summary(summary, out)
     return summary
 

@@ -290,3 +290,27 @@ def test_winner_test_metrics_are_read_from_the_experiment(tmp_path):
     assert found == {"macro_f1": 0.8, "teacher_macro_f1": 0.9, "retention": pytest.approx(0.8 / 0.9)}
     with pytest.raises(FinCompressError, match="no DVC experiment named other"):
         read_exp_test_metrics(tmp_path, "other", "student_onnx_int8")
+
+
+def test_a_trial_that_raises_is_recorded_as_failed_and_the_search_goes_on(search_project, tmp_path):
+    """Any error inside a trial (here the stages raise a failed gate) fails that trial only: Optuna FAIL,
+    its MLflow child run FAILED with the message, the search's run FINISHED, and an answer written."""
+    import mlflow
+
+    from pipeline.errors import GateError
+    from pipeline.search import run_search, study_name
+
+    def gate_fails(params, kd_method):
+        raise GateError("ONNX parity failed over the validation split: student ONNX INT8 (validation): ...")
+
+    params = with_overrides(search_project, {"search.budget.trials": 2})
+    summary = run_search(params, gate_fails, storage=tmp_path / "search.db")
+    assert summary["used"]["failed"] == 2 and summary["winner"] is None and summary["closest"] == {}
+    assert "no trial completed" in (tmp_path / "reports" / "search" / "summary.md").read_text()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.search_study = '{study_name(params)}'")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in children] == ["FAILED", "FAILED"] and parent.info.status == "FINISHED"
+    assert all(r.data.tags["state"] == "FAIL" and "ONNX parity failed" in r.data.tags["error"] for r in children)
