@@ -161,10 +161,13 @@ def check_space(params: Params) -> None:
 
 
 def study_name(params: Params) -> str:
-    """search.study, or a name derived from everything that shapes a trial's result."""
+    """search.study, or a name derived from everything that shapes a trial's result (the prepared data's
+    content hash included)."""
+    from pipeline.stage import data_hash
+
     if params.search.study:
         return params.search.study
-    shaping = {name: params.section(name) for name in SHAPING_SECTIONS}
+    shaping = {name: params.section(name) for name in SHAPING_SECTIONS} | {"data_hash": data_hash(params)}
     search = params.search.model_dump(mode="json", include={"goals", "space", "seed", "sampler", "latency"})
     digest = hashlib.sha256(json.dumps([shaping, search], sort_keys=True).encode()).hexdigest()[:10]
     return f"search-{digest}"
@@ -814,7 +817,7 @@ def write_summary(summary: dict[str, Any], out: Path) -> None:
     write_text_atomic(out / "summary.md", "\n".join(lines))
 
 
-def read_exp_test_metrics(root: Path, name: str, member: str) -> dict[str, float]:
+def read_exp_test_metrics(root: Path, name: str, member: str, metrics_dir: str = "reports/metrics") -> dict[str, float]:
     """The winner's test figures, from the metrics files of the DVC experiment `name` (git refs under
     refs/exps): the member's and the teacher's test macro-F1."""
     import subprocess
@@ -826,7 +829,7 @@ def read_exp_test_metrics(root: Path, name: str, member: str) -> dict[str, float
         raise FinCompressError(f"no DVC experiment named {name} in {root}; did `dvc exp run` succeed?")
 
     def metrics(stage: str) -> dict[str, Any]:
-        shown = subprocess.run(["git", "show", f"{matching[-1]}:reports/metrics/{stage}.json"], cwd=root,
+        shown = subprocess.run(["git", "show", f"{matching[-1]}:{metrics_dir}/{stage}.json"], cwd=root,
                                capture_output=True, text=True, check=True).stdout
         return json.loads(shown)
 

@@ -56,7 +56,7 @@ def ensure_upstream(root: Path, overrides: list[str]) -> None:
                                "prepared data, the verified teacher and its logits")
 
 
-def build_winner(root: Path, summary: dict, out: Path, extra: list[str]) -> None:
+def build_winner(root: Path, summary: dict, out: Path, extra: list[str], metrics_dir: str) -> None:
     """Rebuild the winner as the family's compressed member (a temporary DVC experiment) and add its test
     figures to the summary: the only time the search's answer meets the test split."""
     winner = summary["winner"]
@@ -65,7 +65,7 @@ def build_winner(root: Path, summary: dict, out: Path, extra: list[str]) -> None
     done = subprocess.run([sys.executable, "-m", *command], cwd=root)
     if done.returncode != 0:
         raise FinCompressError(f"`{' '.join(command)}` failed (its output is above)")
-    record_test_metrics(out, summary, read_exp_test_metrics(root, winner["dvc_exp_name"], winner["member"]))
+    record_test_metrics(out, summary, read_exp_test_metrics(root, winner["dvc_exp_name"], winner["member"], metrics_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         out = params.path(params.paths.reports) / "search"
         print((out / "summary.md").read_text(encoding="utf-8"))
         if summary["winner"] and args.build_winner:
-            build_winner(root, summary, out, extra)
+            build_winner(root, summary, out, extra, params.paths.metrics)
             print((out / "summary.md").read_text(encoding="utf-8"))
     except FinCompressError as error:
         print(f"error: search: {error}", file=sys.stderr)

@@ -291,6 +291,24 @@ def test_winner_test_metrics_are_read_from_the_experiment(tmp_path):
     with pytest.raises(FinCompressError, match="no DVC experiment named other"):
         read_exp_test_metrics(tmp_path, "other", "student_onnx_int8")
 
+    from pipeline.search import record_test_metrics
+
+    summary = {
+        "study": "search-x", "goals": {"min_retention": 0.98, "max_latency_ms": 2.0, "max_size_mb": None},
+        "budget": {"trials": 6, "minutes": 15}, "used": {"trials": 3, "complete": 3, "failed": 0, "minutes_this_run": 9.5},
+        "stopped_because": "patience: 3 trials without a faster model meeting the goals",
+        "teacher_validation_macro_f1": 0.8, "winner": {
+            "trial": 2, "member": "student_onnx_int8_static", "validation_macro_f1": 0.79, "retention": 0.9875,
+            "latency_ms_p50": 0.61, "size_mb": 4.2, "overrides": {"student.num_layers": 2},
+            "dvc_exp_name": "search-x-winner", "dvc_exp_run": "dvc exp run --name search-x-winner -S student.num_layers=2",
+        },
+    }
+    record_test_metrics(tmp_path, summary, found)
+    text = (tmp_path / "summary.md").read_text()
+    assert "Winner: trial 2 (student_onnx_int8_static)" in text and "`student.num_layers=2`" in text
+    assert "Test split, read once after the search (experiment search-x-winner): macro-F1 0.8000" in text
+    assert json.loads((tmp_path / "summary.json").read_text())["winner"]["test"]["macro_f1"] == 0.8
+
 
 def test_a_trial_that_raises_is_recorded_as_failed_and_the_search_goes_on(search_project, tmp_path):
     """Any error inside a trial (here the stages raise a failed gate) fails that trial only: Optuna FAIL,
