@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from pipeline.config import SLAConfig  # noqa: E402
 
@@ -156,6 +157,8 @@ def search_plot(
         ax.step([t.latency_ms for t in points], [t.validation_macro_f1 for t in points], where="post",
                 color="tab:green", linewidth=1.5, zorder=2)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.5, 1, 2 rather than 10^0
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     left, right = ax.get_xlim()
     bottom, top = ax.get_ylim()
     x_goal = goals.max_latency_ms if goals.max_latency_ms is not None else right
