@@ -391,6 +391,24 @@ class SearchSpace(Section):
     hidden_weight: float | Range | Choices = 1.0  # distill_intermediate.hidden_weight
     attention_weight: float | Range | Choices = 10.0  # distill_intermediate.attention_weight
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _dimension(cls, value: Any) -> Any:
+        """A mapping is a range, or choices when it has `choices`: say what is wrong with that one,
+        not with every member of the union."""
+        if not isinstance(value, dict):
+            return value
+        kind = Choices if "choices" in value else Range
+        try:
+            return kind.model_validate(value)
+        except ValidationError as error:
+            problems = []
+            for item in error.errors():
+                where = ".".join(str(part) for part in item["loc"])
+                message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+                problems.append(f"{where}: {message}" if where else message)
+            raise ValueError(f"{'{choices: [...]}' if kind is Choices else '{low, high[, step][, log]}'}: " + "; ".join(problems)) from None
+
     @model_validator(mode="after")
     def _check(self) -> SearchSpace:
         for name in INTEGER_DIMENSIONS:
