@@ -548,6 +548,7 @@ def run_one_trial(study: Any, trial: Any, context: SearchContext, compress: Comp
                      measured["latency_ms_p50"], measured["size_mb"], seconds,
                      ", meets the goals" if meets_goals(outcome, cfg.goals) else "")
         else:
+            shutil.rmtree(directory, ignore_errors=True)  # a failed trial's students are hundreds of MB
             trial.set_user_attr("error", error[:2000])
             study.tell(trial, state=state)
             outcome = Outcome(trial.number, state.name, values=values)
@@ -577,11 +578,12 @@ def search_worker(context: SearchContext, compress: Compress, torch_threads: int
     processes (or on a Dask cluster) share the study through its storage."""
     from optuna.trial import TrialState
 
+    from pipeline.io import exclusive_lock
+
     if torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
-    from pipeline.io import exclusive_lock
 
     params = context.params()
     study = open_study(params, Path(context.storage), context.study)
