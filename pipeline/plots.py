@@ -156,17 +156,24 @@ def search_plot(
         points = sorted((t for t in trials if t.number in front), key=lambda t: t.latency_ms)
         ax.step([t.latency_ms for t in points], [t.validation_macro_f1 for t in points], where="post",
                 color="tab:green", linewidth=1.5, zorder=2)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.5, 1, 2 rather than 10^0
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    left, right = ax.get_xlim()
-    bottom, top = ax.get_ylim()
+    # Limits from the points, the goals and the teacher line, with room around them (one trial alone
+    # would otherwise get a span of several decades).
+    xs = [t.latency_ms for t in trials] + ([goals.max_latency_ms] if goals.max_latency_ms is not None else [])
+    y_goal = goals.min_retention * teacher_f1 if goals.min_retention is not None else None
+    ys = [t.validation_macro_f1 for t in trials] + [teacher_f1] + ([y_goal] if y_goal is not None else [])
+    left, right = (min(xs) / 1.4, max(xs) * 1.4) if xs else (0.1, 10.0)
+    pad = max(0.01, 0.08 * (max(ys) - min(ys)))
+    bottom, top = min(ys) - pad, max(ys) + pad
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top)
+    # Ticks at plain 1-2-3-5 numbers (0.3, 0.5, 1, 2 ms), whatever the span.
+    nice = [m * 10.0**e for e in range(-3, 5) for m in (1, 2, 3, 5) if left <= m * 10.0**e <= right]
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(nice))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     x_goal = goals.max_latency_ms if goals.max_latency_ms is not None else right
-    y_goal = goals.min_retention * teacher_f1 if goals.min_retention is not None else bottom
-    ax.set_xlim(min(left, x_goal / 1.5), max(right, x_goal * 1.5))
-    ax.set_ylim(min(bottom, y_goal - 0.02), max(top, y_goal + 0.02))
-    left, right = ax.get_xlim()
-    bottom, top = ax.get_ylim()
+    y_goal = y_goal if y_goal is not None else bottom
     ax.fill_between([left, x_goal], y_goal, top, color="tab:purple", alpha=0.08, zorder=0)
     ax.plot([left, x_goal, x_goal], [y_goal, y_goal, top], color="tab:purple", linestyle=":", zorder=1)
     ax.axhline(teacher_f1, color="tab:red", linewidth=0.8, alpha=0.6)
