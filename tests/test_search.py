@@ -248,7 +248,7 @@ def test_failing_trials_are_recorded_and_the_closest_goal_reported(search_projec
     # The worker runs on a (local) Dask cluster, as --dask-address does.
     params = with_overrides(search_project, {
         "search.goals.min_retention": 1.5, "search.budget.trials": 2,
-        "search.space.num_layers": {"choices": [1, 9]},
+        "search.space.num_layers": {"choices": [1, 9]}, "search.study": "too-deep",
     })
     storage = tmp_path / "search.db"
     study = open_study(params, storage, study_name(params))
@@ -321,7 +321,7 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_search_goes_on(search
     def gate_fails(params, kd_method):
         raise GateError("ONNX parity failed over the validation split: student ONNX INT8 (validation): ...")
 
-    params = with_overrides(search_project, {"search.budget.trials": 2})
+    params = with_overrides(search_project, {"search.budget.trials": 2, "search.study": "gate-fails"})
     summary = run_search(params, gate_fails, storage=tmp_path / "search.db")
     assert summary["used"]["failed"] == 2 and summary["winner"] is None and summary["closest"] == {}
     assert "no trial completed" in (tmp_path / "reports" / "search" / "summary.md").read_text()
