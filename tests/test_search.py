@@ -193,14 +193,12 @@ def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_proje
     assert first["used"]["trials"] == 1 and first["used"]["complete"] == 1, first
     assert first["winner"]["trial"] == 0
 
-    # A search killed mid-trial leaves a RUNNING trial; the resumed one fails it and goes on to 3 in all,
-    # here with two worker processes sharing the study: one runs the last trial, the other finds the
-    # budget used (starting a trial is one locked step), so there is no fourth.
+    # A search killed mid-trial leaves a RUNNING trial; the resumed one fails it and goes on to 3 in all.
     name = study_name(search_project)
     open_study(search_project, storage, name).ask()
     resumed_params = with_overrides(search_project, {"search.budget.trials": 3})
     assert study_name(resumed_params) == name  # the budget is not part of the study's identity
-    summary = run_search(resumed_params, compress, storage=storage, jobs=2)
+    summary = run_search(resumed_params, compress, storage=storage)
     trials = open_study(search_project, storage, name).trials
     states = [t.state.name for t in trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"]
