@@ -678,6 +678,31 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def answer(o: Outcome, name: str, params: Params, extra_overrides: list[str]) -> dict[str, Any]:
+    """A trial as the search's answer: its figures, its params overrides and the `dvc exp run` that
+    rebuilds it as the family's compressed member under `name`."""
+    overrides = overrides_for(o.values, params)
+    return {
+        "trial": o.number,
+        "validation_macro_f1": o.validation_macro_f1,
+        "retention": o.retention,
+        "latency_ms_p50": o.latency_ms,
+        "size_mb": o.size_mb,
+        "values": o.values,
+        "overrides": overrides,
+        "member": "student_onnx_int8" if o.values["quantization"] == "dynamic" else "student_onnx_int8_static",
+        "dvc_exp_name": name,
+        "dvc_exp_run": " ".join(exp_command(name, overrides, extra_overrides)),
+    }
+
+
+def to_build(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The answer `--build-winner` rebuilds: the winner, else the closest trial overall, else nothing."""
+    if summary["winner"]:
+        return summary["winner"]
+    return ((summary.get("closest") or {}).get("overall") or {}).get("answer")
+
+
 def summarize(
     params: Params, study: Any, teacher_validation_f1: float, started: float, stop: str | None,
     extra_overrides: list[str] = (),
@@ -711,7 +736,6 @@ def summarize(
     write_csv(rows, out / "trials.csv")
     search_plot([final(o) for o in complete], front, goals, teacher_validation_f1, out / "pareto.png",
                 winner.number if winner else None)
-    name = f"{study.study_name}-winner"
     summary: dict[str, Any] = {
         "study": study.study_name,
         "goals": goals.model_dump(mode="json"),
@@ -730,24 +754,15 @@ def summarize(
         "closest": None,
     }
     if winner:
-        overrides = overrides_for(winner.values, params)
-        command = exp_command(name, overrides, extra_overrides)
-        summary["winner"] = {
-            "trial": winner.number,
-            "validation_macro_f1": winner.validation_macro_f1,
-            "retention": winner.retention,
-            "latency_ms_p50": winner.latency_ms,
-            "size_mb": winner.size_mb,
-            "values": winner.values,
-            "overrides": overrides,
-            "member": "student_onnx_int8" if winner.values["quantization"] == "dynamic" else "student_onnx_int8_static",
-            "dvc_exp_name": name,
-            "dvc_exp_run": " ".join(command),
-        }
-        write_text_atomic(out / "winner.yaml", yaml.safe_dump(overrides, sort_keys=False))
+        summary["winner"] = answer(winner, f"{study.study_name}-winner", params, extra_overrides)
+        write_text_atomic(out / "winner.yaml", yaml.safe_dump(summary["winner"]["overrides"], sort_keys=False))
     else:
         (out / "winner.yaml").unlink(missing_ok=True)
         summary["closest"] = closest([final(o) for o in outcomes], goals)
+        if summary["closest"]:
+            # No winner: the closest trial is the answer, rebuilt the same way so its test figures are known.
+            nearest = final(next(o for o in outcomes if o.number == summary["closest"]["overall"]["trial"]))
+            summary["closest"]["overall"]["answer"] = answer(nearest, f"{study.study_name}-closest", params, extra_overrides)
     write_summary(summary, out)
     return summary
 
@@ -800,10 +815,7 @@ def write_summary(summary: dict[str, Any], out: Path) -> None:
             "",
         ]
         if "test" in winner:
-            test = winner["test"]
-            lines += [f"Test split, read once after the search (experiment {winner['dvc_exp_name']}): macro-F1 "
-                      f"{test['macro_f1']:.4f}, retention {test['retention']:.3f} against the teacher's "
-                      f"{test['teacher_macro_f1']:.4f}.", ""]
+            lines += [_test_line(winner), ""]
     else:
         lines += ["## No trial meets every goal", ""]
         near = summary["closest"] or {}
@@ -812,11 +824,24 @@ def write_summary(summary: dict[str, Any], out: Path) -> None:
         if near.get("overall"):
             overall = near["overall"]
             lines.append(f"- closest overall: trial {overall['trial']} ({'; '.join(overall['gaps'])})")
+            if overall.get("answer"):
+                nearest = overall["answer"]
+                lines += ["", "The closest trial's params: " + ", ".join(f"`{k}={v}`" for k, v in nearest["overrides"].items()),
+                          "", "Rebuild it (it does not meet every goal):", "", f"    {nearest['dvc_exp_run']}"]
+                if "test" in nearest:
+                    lines += ["", _test_line(nearest)]
         if not near:
             lines.append("- no trial completed")
         lines.append("")
     lines += ["Trials: trials.csv. Validation macro-F1 against p50, Pareto front and goal box: pareto.png.", ""]
     write_text_atomic(out / "summary.md", "\n".join(lines))
+
+
+def _test_line(answer: dict[str, Any]) -> str:
+    test = answer["test"]
+    return (f"Test split, read once after the search (experiment {answer['dvc_exp_name']}): macro-F1 "
+            f"{test['macro_f1']:.4f}, retention {test['retention']:.3f} against the teacher's "
+            f"{test['teacher_macro_f1']:.4f}.")
 
 
 def read_exp_test_metrics(root: Path, name: str, member: str, metrics_dir: str = "reports/metrics") -> dict[str, float]:
@@ -841,7 +866,10 @@ def read_exp_test_metrics(root: Path, name: str, member: str, metrics_dir: str =
 
 
 def record_test_metrics(out: Path, summary: dict[str, Any], test: dict[str, float]) -> None:
-    summary["winner"]["test"] = test
+    built = to_build(summary)
+    if built is None:
+        raise FinCompressError("the search has no answer to record test figures for")
+    built["test"] = test
     write_summary(summary, out)
 
 

@@ -8,8 +8,8 @@ First `dvc repro teacher_logits` makes sure the prepared data, the verified teac
 current (DVC skips what is), then the trials run the chosen student stage, prune and export_onnx
 in-process on trial-private paths, with the test split withheld. `key=value` overrides apply to this
 search (e.g. search.budget.trials=2); overrides outside `search` also apply to the upstream stages and
-to the winner's `dvc exp run`. `--build-winner` then runs that `dvc exp run --temp` and reads the
-winner's test metrics, once, from the experiment.
+to the winner's `dvc exp run`. `--build-winner` then runs that `dvc exp run --temp` (for the closest
+trial when none meets every goal) and reads its test metrics, once, from the experiment.
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ from pathlib import Path
 
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
 from pipeline.errors import FinCompressError
-from pipeline.search import KD_STAGE, exp_command, read_exp_test_metrics, record_test_metrics, run_search
+from pipeline.search import (
+    KD_STAGE,
+    exp_command,
+    read_exp_test_metrics,
+    record_test_metrics,
+    run_search,
+    to_build,
+)
 from pipeline.stage import setup_logging
 from stages import distill_intermediate, distill_vanilla, export_onnx, prune, student_baseline
 
@@ -59,9 +66,9 @@ def ensure_upstream(root: Path, overrides: list[str]) -> None:
 def build_winner(root: Path, summary: dict, out: Path, extra: list[str], metrics_dir: str) -> None:
     """Rebuild the winner as the family's compressed member (a temporary DVC experiment) and add its test
     figures to the summary: the only time the search's answer meets the test split."""
-    winner = summary["winner"]
+    winner = to_build(summary)
     command = exp_command(winner["dvc_exp_name"], winner["overrides"], extra, temp=True)
-    log.info("building the winner: %s", " ".join(command))
+    log.info("building the %s: %s", "winner" if summary["winner"] else "closest trial", " ".join(command))
     done = subprocess.run([sys.executable, "-m", *command], cwd=root)
     if done.returncode != 0:
         raise FinCompressError(f"`{' '.join(command)}` failed (its output is above)")
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="params file (default: params.yaml)")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: search.jobs)")
     parser.add_argument("--dask-address", default=None, help="run the workers on this Dask scheduler instead")
-    parser.add_argument("--build-winner", action="store_true", help="dvc exp run the winner, read its test metrics")
+    parser.add_argument("--build-winner", action="store_true", help="dvc exp run the winner (else the closest trial), read its test metrics")
     parser.add_argument("--skip-upstream", action="store_true", help="do not run `dvc repro teacher_logits` first")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. search.budget.trials=2")
     args = parser.parse_args(argv)
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_search(params, compress, jobs=args.jobs, dask_address=args.dask_address, extra_overrides=extra)
         out = params.path(params.paths.reports) / "search"
         print((out / "summary.md").read_text(encoding="utf-8"))
-        if summary["winner"] and args.build_winner:
+        if to_build(summary) and args.build_winner:
             build_winner(root, summary, out, extra, params.paths.metrics)
             print((out / "summary.md").read_text(encoding="utf-8"))
     except FinCompressError as error:

@@ -261,7 +261,12 @@ def test_failing_trials_are_recorded_and_the_closest_goal_reported(search_projec
     assert summary["winner"] is None and not (out / "winner.yaml").exists()
     assert summary["closest"]["overall"]["trial"] == 1
     assert "short of 1.5" in summary["closest"]["per_goal"]["min_retention"]["text"]
-    assert "No trial meets every goal" in (out / "summary.md").read_text()
+    text = (out / "summary.md").read_text()
+    assert "No trial meets every goal" in text
+    # No winner: the closest trial is the answer --build-winner rebuilds, with its own experiment name.
+    nearest = summary["closest"]["overall"]["answer"]
+    assert nearest["trial"] == 1 and nearest["overrides"]["student.num_layers"] == 1
+    assert nearest["dvc_exp_name"].endswith("-closest") and nearest["dvc_exp_run"] in text
 
 
 def test_winner_test_metrics_are_read_from_the_experiment(tmp_path):
@@ -306,6 +311,14 @@ def test_winner_test_metrics_are_read_from_the_experiment(tmp_path):
     assert "Winner: trial 2 (student_onnx_int8_static)" in text and "`student.num_layers=2`" in text
     assert "Test split, read once after the search (experiment search-x-winner): macro-F1 0.8000" in text
     assert json.loads((tmp_path / "summary.json").read_text())["winner"]["test"]["macro_f1"] == 0.8
+
+    # Without a winner the closest trial's test figures are recorded under its answer.
+    nearest = dict(summary["winner"], dvc_exp_name="search-x-closest")
+    summary.update(winner=None, closest={"per_goal": {}, "overall": {"trial": 2, "gaps": ["p50 0.610 ms, 0.110 ms over 0.5 ms"], "answer": nearest}})
+    record_test_metrics(tmp_path, summary, found)
+    text = (tmp_path / "summary.md").read_text()
+    assert "No trial meets every goal" in text and "Rebuild it (it does not meet every goal)" in text
+    assert "Test split, read once after the search (experiment search-x-closest): macro-F1 0.8000" in text
 
 
 def test_a_trial_that_raises_is_recorded_as_failed_and_the_search_goes_on(search_project, tmp_path):
