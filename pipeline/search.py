@@ -339,26 +339,21 @@ def view_dir(params: Params, study: str) -> Path:
     return params.path(params.paths.checkpoints).parent / "search" / study / "prepared"
 
 
+# Read by the trials from the workspace (DVC's outputs upstream of them); every other path is the trial's own.
+UPSTREAM_PATHS = ("prepared", "teacher", "teacher_logits")
+ONNX_DIR = "onnx_student"  # the trial's paths.onnx_student (see trial_params)
+
+
 def trial_params(params: Params, values: dict[str, Any], directory: Path, prepared_view: Path) -> Params:
     """The params a trial's stages run with: its configuration, every output under `directory`, the
     prepared data from the view without the test split, and no teacher export."""
     method = values["kd_method"]
+    # Derived from Paths, so an output path added later cannot write into the workspace from a trial.
     outputs = {
-        "paths.prepared": str(prepared_view),
-        "paths.student_baseline": str(directory / "student_baseline"),
-        "paths.student_vanilla": str(directory / "student_vanilla"),
-        "paths.student_intermediate": str(directory / "student_intermediate"),
-        "paths.pruned": str(directory / "pruned"),
-        "paths.quantized": str(directory / "int8_torch"),
-        "paths.onnx_student": str(directory / "onnx"),
-        "paths.onnx_teacher": str(directory / "teacher_onnx"),
-        "paths.metrics": str(directory / "metrics"),
-        "paths.curves": str(directory / "curves"),
-        "paths.checkpoints": str(directory / "checkpoints"),
-        "paths.reports": str(directory / "reports"),
-        "paths.benchmark": str(directory / "benchmark.json"),
-        "export_onnx.export_teacher": False,
+        f"paths.{name}": str(directory / (name + Path(value).suffix))
+        for name, value in params.paths.model_dump().items() if name not in UPSTREAM_PATHS
     }
+    outputs.update({"paths.prepared": str(prepared_view), "export_onnx.export_teacher": False})
     overrides = {**overrides_for(values, params), **outputs, "prune.source": str(directory / f"student_{method}")}
     return with_overrides(params, overrides, source=f"search trial {directory.name}")
 
@@ -367,17 +362,17 @@ def int8_member(values: dict[str, Any], directory: Path, name: str) -> Any:
     from pipeline.family import OnnxInt8Member, OnnxInt8StaticMember
 
     kind = OnnxInt8Member if values["quantization"] == "dynamic" else OnnxInt8StaticMember
-    return kind(name, directory / "onnx" / INT8_DIR[values["quantization"]])
+    return kind(name, directory / ONNX_DIR / INT8_DIR[values["quantization"]])
 
 
 def keep_only_int8(directory: Path, values: dict[str, Any]) -> None:
     """A finished trial keeps its INT8 model (a few MB, re-timed at the end) and its metrics; the
     students, the pruned model and the fp32 ONNX model go."""
-    keep = {"onnx", "metrics", "curves"}
+    keep = {ONNX_DIR, "metrics", "curves"}
     for child in directory.iterdir():
         if child.is_dir() and child.name not in keep:
             shutil.rmtree(child, ignore_errors=True)
-    for child in (directory / "onnx").iterdir() if (directory / "onnx").is_dir() else []:
+    for child in (directory / ONNX_DIR).iterdir() if (directory / ONNX_DIR).is_dir() else []:
         if child.name != INT8_DIR[values["quantization"]]:
             shutil.rmtree(child, ignore_errors=True)
 
