@@ -29,7 +29,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from pipeline.config import (
     SearchGoals,
     params_from_dict,
 )
-from pipeline.errors import ConfigError, FinCompressError
+from pipeline.errors import ConfigError, FinCompressError, TransientError
 from pipeline.io import write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -895,6 +895,31 @@ def parent_run(params: Params, study: str) -> Iterator[Any]:
         yield run
 
 
+def run_workers_on_dask(jobs: int, context: SearchContext, compress: Compress, dask_address: str | None) -> None:
+    """`jobs` search workers sharing the study: on the Dask cluster at `dask_address`, else on a local
+    cluster of `jobs` one-thread processes. Dask rather than a multiprocessing pool: a worker process
+    that dies is replaced and its search worker restarted (the trial it was running counts as failed),
+    and one that keeps dying ends the search with a message instead of a wait forever."""
+    from dask.distributed import Client, KilledWorker, LocalCluster
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # torch threads per worker (cores of this machine)
+    with ExitStack() as stack:
+        if dask_address is None:
+            # No memory limit: the nanny would otherwise kill a worker training beside a large teacher.
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=None))
+            dask_address = cluster.scheduler_address
+        client = stack.enter_context(Client(dask_address))
+        futures = [client.submit(search_worker, context, compress, threads, pure=False) for _ in range(jobs)]
+        try:
+            client.gather(futures)
+        except KilledWorker as error:
+            raise TransientError(
+                f"search worker processes kept dying ({error}); the finished trials are kept in {context.storage}: "
+                "fix the cause (memory? see the worker logs above), then run the search again to resume it"
+            ) from error
+
+
 def run_search(
     params: Params, compress: Compress, *, jobs: int | None = None, dask_address: str | None = None,
     storage: Path | None = None, extra_overrides: list[str] = (),
@@ -930,22 +955,14 @@ def run_search(
                 deadline=started + cfg.budget.minutes * 60, parent_run_id=run.info.run_id,
                 tracking_uri=mlflow.get_tracking_uri(),
             )
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            if dask_address:
-                from dask.distributed import Client
-
-                with Client(dask_address) as client:
-                    futures = [client.submit(search_worker, context, compress, threads, pure=False) for _ in range(jobs)]
-                    client.gather(futures)
-            elif jobs > 1:
-                import multiprocessing
-
-                spawn = multiprocessing.get_context("spawn")  # torch and fork do not mix
-                with spawn.Pool(jobs) as pool:
-                    pool.starmap(search_worker, [(context, compress, threads)] * jobs)
+            if dask_address or jobs > 1:
+                run_workers_on_dask(jobs, context, compress, dask_address)
             else:
                 search_worker(context, compress)
             study = open_study(params, storage, name)
+            lost = fail_abandoned_trials(study)  # every worker has returned: a RUNNING trial lost its worker
+            if lost:
+                log.warning("trials %s were running in a worker process that died; they count as failed", lost)
             outcomes = [outcome_of(t) for t in study.get_trials(deepcopy=False)]
             durations = [t.user_attrs.get("seconds") for t in study.trials if t.user_attrs.get("seconds")]
             stop = stop_reason(outcomes, len(outcomes), cfg, context.deadline - time.time(),

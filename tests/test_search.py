@@ -198,7 +198,7 @@ def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_proje
     open_study(search_project, storage, name).ask()
     resumed_params = with_overrides(search_project, {"search.budget.trials": 3})
     assert study_name(resumed_params) == name  # the budget is not part of the study's identity
-    summary = run_search(resumed_params, compress, storage=storage)
+    summary = run_search(resumed_params, compress, storage=storage, jobs=2)
     trials = open_study(search_project, storage, name).trials
     states = [t.state.name for t in trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"]
@@ -343,3 +343,17 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_search_goes_on(search
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in children] == ["FAILED", "FAILED"] and parent.info.status == "FINISHED"
     assert all(r.data.tags["state"] == "FAIL" and "ONNX parity failed" in r.data.tags["error"] for r in children)
+
+
+def test_a_worker_process_that_dies_does_not_hang_the_search(search_project, tmp_path):
+    """`--jobs 2`: worker processes killed mid-trial (as by the OOM killer) are replaced; the trials
+    they were running are recorded as failed, the budget holds, and the search ends with an answer
+    instead of waiting forever for a lost worker."""
+    from pipeline.search import open_study, run_search, study_name
+    from tests.helpers import compress_that_kills_its_process
+
+    params = with_overrides(search_project, {"search.budget.trials": 2, "search.study": "worker-dies"})
+    storage = tmp_path / "search.db"
+    summary = run_search(params, compress_that_kills_its_process, storage=storage, jobs=2)
+    assert [t.state.name for t in open_study(params, storage, study_name(params)).trials] == ["FAIL", "FAIL"]
+    assert summary["used"]["failed"] == 2 and summary["winner"] is None
