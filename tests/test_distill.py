@@ -19,6 +19,7 @@ from pipeline.distill import (
     KDBatch,
     attention_mse,
     build_kd_loss,
+    compute_teacher_outputs,
     hidden_mse,
     precompute_teacher_logits,
     relation_loss,
@@ -466,3 +467,20 @@ def test_teacher_is_unchanged_by_a_training_step(trained_project):
     assert state_fingerprint(teacher) == before_teacher
     assert state_fingerprint(student) != before_student
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_outputs_come_back_in_dataset_order_from_length_sorted_batches(tiny_bert):
+    """Batches are formed by length (little padding); each row must still be its own example's logits
+    and pooled states, as computed alone without any padding."""
+    teacher = load_pretrained_classifier(str(tiny_bert), NAMES, problem_type("single_label"))
+    tokenizer = load_tokenizer(str(tiny_bert))
+    rows = tiny_rows("single_label")
+    rows = [{**row, "text": row["text"] + " and more" * (i % 5)} for i, row in enumerate(rows)]  # mixed lengths
+    dataset = encode(rows, tokenizer, 64, NAMES, "single_label")
+    assert len({len(ids) for ids in dataset["input_ids"]}) > 3
+    logits, pooled = compute_teacher_outputs(teacher, dataset, Collator(tokenizer), batch_size=5, pooled_layers=(0, 2))
+    for i in (0, 1, 7, len(rows) - 1):
+        alone_logits, alone_pooled = compute_teacher_outputs(
+            teacher, dataset.select([i]), Collator(tokenizer), batch_size=1, pooled_layers=(0, 2))
+        torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pooled[i], alone_pooled[0], atol=1e-5, rtol=1e-4)
