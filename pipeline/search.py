@@ -382,15 +382,24 @@ def keep_only_int8(directory: Path, values: dict[str, Any]) -> None:
 DIRECTIONS = ("maximize", "minimize", "minimize")  # validation macro-F1, p50 ms, size MB
 
 
-def make_sampler(cfg: SearchConfig) -> Any:
-    """TPE or NSGA-II. Both read the goals as the constraints each trial sets (Trial.set_constraint,
-    Optuna >= 5): infeasible trials rank after feasible ones, by how far they miss."""
+def make_sampler(cfg: SearchConfig, seed: int | None = None) -> Any:
+    """TPE or NSGA-II (seeded with `seed`, default search.seed). Both read the goals as the constraints
+    each trial sets (Trial.set_constraint, Optuna >= 5): infeasible trials rank after feasible ones, by
+    how far they miss."""
     import optuna
 
+    seed = cfg.seed if seed is None else seed
     if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=min(50, max(2, cfg.budget.trials // 2)), seed=cfg.seed)
+        return optuna.samplers.NSGAIISampler(population_size=min(50, max(2, cfg.budget.trials // 2)), seed=seed)
     # TPE's default of 10 random start-up trials is most of a small budget.
-    return optuna.samplers.TPESampler(n_startup_trials=min(10, max(2, cfg.budget.trials // 3)), seed=cfg.seed)
+    return optuna.samplers.TPESampler(n_startup_trials=min(10, max(2, cfg.budget.trials // 3)), seed=seed)
+
+
+def worker_seed(cfg: SearchConfig, worker: int, trials_so_far: int) -> int:
+    """Each worker's own sampler seed. Workers seeded alike proposed the same configuration side by side
+    (both built it: seen on PhraseBank with --jobs 2), and a resumed search replayed its first
+    proposals; worker 0 of a new study keeps search.seed, so a one-worker search is reproducible."""
+    return cfg.seed + 1000 * worker + trials_so_far
 
 
 def open_study(params: Params, storage: Path, name: str) -> Any:
@@ -568,9 +577,9 @@ def _same_configuration(study: Any, number: int, values: dict[str, Any]) -> Any:
     return None
 
 
-def search_worker(context: SearchContext, compress: Compress, torch_threads: int | None = None) -> int:
+def search_worker(context: SearchContext, compress: Compress, torch_threads: int | None = None, worker: int = 0) -> int:
     """Run trials until a stop reason holds; returns how many this worker ran. Workers in other
-    processes (or on a Dask cluster) share the study through its storage."""
+    processes (or on a Dask cluster) share the study through its storage; `worker` numbers them."""
     from optuna.trial import TrialState
 
     from pipeline.io import exclusive_lock
@@ -579,9 +588,11 @@ def search_worker(context: SearchContext, compress: Compress, torch_threads: int
         import torch
 
         torch.set_num_threads(torch_threads)
+    logging.getLogger("pipeline").setLevel(logging.INFO)  # each trial's result line, also in a Dask worker
 
     params = context.params()
     study = open_study(params, Path(context.storage), context.study)
+    study.sampler = make_sampler(params.search, worker_seed(params.search, worker, len(study.trials)))
     ran = 0
     while True:
         # Deciding to start a trial and starting it is one step for all workers, so N workers never
@@ -910,7 +921,7 @@ def run_workers_on_dask(jobs: int, context: SearchContext, compress: Compress, d
                 n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=None))
             dask_address = cluster.scheduler_address
         client = stack.enter_context(Client(dask_address))
-        futures = [client.submit(search_worker, context, compress, threads, pure=False) for _ in range(jobs)]
+        futures = [client.submit(search_worker, context, compress, threads, worker, pure=False) for worker in range(jobs)]
         try:
             client.gather(futures)
         except KilledWorker as error:

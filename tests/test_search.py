@@ -19,6 +19,7 @@ from pipeline.search import (
     check_space,
     closest,
     exp_command,
+    make_sampler,
     meets_goals,
     overrides_for,
     pareto_front,
@@ -26,6 +27,7 @@ from pipeline.search import (
     suggest,
     trials_without_improvement,
     with_overrides,
+    worker_seed,
 )
 from tests.helpers import copy_project
 
@@ -61,6 +63,21 @@ def test_space_values_map_onto_existing_params_keys():
     command = exp_command("s-winner", {"student.num_layers": 2, "export_onnx.quantization": "static"}, ["data.source=csv"])
     assert command == ["dvc", "exp", "run", "--name", "s-winner", "-S", "student.num_layers=2",
                        "-S", "export_onnx.quantization=static", "-S", "data.source=csv"]
+
+
+def test_parallel_workers_and_resumed_searches_sample_their_own_configurations():
+    """Workers seeded alike proposed the same configuration side by side (both built it); each worker
+    now has its own stream, and worker 0 of a new study keeps search.seed (reproducible alone)."""
+    cfg = Params().search
+    assert worker_seed(cfg, 0, 0) == cfg.seed
+    assert len({worker_seed(cfg, 0, 0), worker_seed(cfg, 1, 0), worker_seed(cfg, 0, 2), worker_seed(cfg, 1, 2)}) == 4
+
+    def first_proposals(seed):
+        study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=make_sampler(cfg, seed))
+        return [suggest(study.ask(), cfg.space) for _ in range(3)]
+
+    assert first_proposals(worker_seed(cfg, 0, 0)) == first_proposals(cfg.seed)
+    assert first_proposals(worker_seed(cfg, 0, 0)) != first_proposals(worker_seed(cfg, 1, 0))
 
 
 def test_suggest_fixed_values_and_kd_weights_only_where_read():
