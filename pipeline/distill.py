@@ -630,6 +630,5 @@ def compute_teacher_outputs(
         pooled_chunks.append(
             torch.stack([mean_pool(outputs.hidden_states[layer].float(), mask) for layer in pooled_layers], dim=1).cpu()
         )
-    order = torch.empty(len(by_length), dtype=torch.long)
-    order[torch.tensor(by_length, dtype=torch.long)] = torch.arange(len(by_length))  # sorted position of each row
+    order = torch.tensor(by_length).argsort()  # each row's position in the sorted batches
     return torch.cat(chunks)[order], (torch.cat(pooled_chunks)[order] if pooled_layers else None)
