@@ -8,7 +8,7 @@ architecture adapter (pipeline/architectures.py).
 A pretrained `student.init` whose tokenizer differs from the teacher's (`student_tokenizer`) keeps
 its own tokenizer, and every member made from it (pruned, quantized, ONNX, served) uses it too. Its
 KD then works on texts: the teacher's logits, and for the hidden-state term its mean-pooled hidden
-states, come from the teacher_logits cache (`pooled_layers_to_cache` says which layers), looked up
+states, come from the teacher_logits cache (every teacher layer's, so any depth reads the same cache), looked up
 by text; the attention term is skipped and recorded (pipeline/distill.py)."""
 
 from __future__ import annotations
@@ -176,18 +176,6 @@ def student_tokenizer(
     check_max_length(student, max_length, "task.max_length")
     log.info("%s has its own tokenizer (it differs from the teacher's): KD reads the teacher's cached outputs by text", key)
     return own, False
-
-
-def pooled_layers_to_cache(params: Params, teacher_layers: int) -> list[int]:
-    """The teacher layers (0: embedding output) whose pooled hidden states a student with its own
-    tokenizer reads: those the intermediate student's and the pruning recovery's hidden terms map to."""
-    student_layers = student_layer_count(params.student, teacher_layers)
-    layers: set[int] = set()
-    if params.distill_intermediate.hidden_weight > 0:
-        layers |= {0, *resolve_layer_map(params.distill_intermediate.layer_map, student_layers, teacher_layers)}
-    if params.prune.recovery.hidden_weight > 0:
-        layers |= {0, *uniform_layer_map(student_layers, teacher_layers)}
-    return sorted(layers)
 
 
 def train_student(params: Params, stage: str, member: str, out_path: str, terms: KDTerms | None) -> dict[str, Any]:

@@ -3,9 +3,9 @@ tokenization for the train split and the transfer texts, and reused by the KD st
 pruning recovery.
 
 When a student has its own tokenizer (a pretrained `student.init` whose tokenizer differs from the
-teacher's), the same forward pass also keeps the teacher's mean-pooled hidden states of the layers
-that student's hidden-state terms map to (`pooled_layers`, 0 being the embedding output): the
-targets of `PooledHiddenMSE`, so the teacher never runs per training step.
+teacher's), the same forward pass also keeps the teacher's mean-pooled hidden states of its layers
+(`pooled_layers`, 0 being the embedding output; the stage caches all of them): the targets of
+`PooledHiddenMSE`, so the teacher never runs per training step.
 
 On disk (`paths.teacher_logits`): `<split>.npy` (float32 [texts, labels], plain numpy format, read
 without pickle), optionally `<split>.pooled.npy` (float16 [texts, pooled layers, teacher hidden]:
@@ -100,18 +100,18 @@ def load_pooled(
     if missing:
         raise DataError(
             f"{directory} has no pooled hidden states of teacher layers {missing} (cached: {cached}); a student "
-            "with its own tokenizer reads them for its hidden-state term. They are computed for the layers that "
-            "student.init, student.num_layers, distill_intermediate.layer_map/hidden_weight and "
-            f"prune.recovery.hidden_weight ask for: {RERUN}"
+            "with its own tokenizer reads them for its hidden-state term, and the stage caches every layer of the "
+            f"teacher it was given, so this cache belongs to another teacher or an older version: {RERUN}"
         )
-    values = _rows(directory / f"{split}{POOLED_SUFFIX}", texts)
+    # Memory-mapped: a student reads a few of the cached layers, not all of them.
+    values = _rows(directory / f"{split}{POOLED_SUFFIX}", texts, mmap=True)
     return values[:, [cached.index(layer) for layer in layers]].astype(np.float32)
 
 
-def _rows(path: Path, texts: list[str]) -> np.ndarray:
+def _rows(path: Path, texts: list[str], mmap: bool = False) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path} not found; {RERUN}")
-    values = np.load(path, allow_pickle=False)
+    values = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     if values.shape[0] != len(texts):
         raise DataError(f"{path} has {values.shape[0]} rows for {len(texts)} texts; {RERUN}")
     return values

@@ -1,7 +1,8 @@
 """The verified teacher's logits on the train split and the transfer texts, computed once on its own
 tokenization; every KD student and the pruning recovery read them instead of recomputing them. When
 `student.init` is a pretrained model with another tokenizer, the same pass also keeps the teacher's
-mean-pooled hidden states of the layers that student's hidden-state terms map to."""
+mean-pooled hidden states of every layer, so students of any depth or layer map (and the search over
+depth) read one cache."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pipeline.io import atomic_dir
 from pipeline.models import load_trained_with_tokenizer, same_tokenizer, state_fingerprint
 from pipeline.prepared import load_prepared
 from pipeline.stage import Stage
-from pipeline.students import init_tokenizer, pooled_layers_to_cache
+from pipeline.students import init_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,12 @@ def run(params: Params) -> dict[str, Any]:
     own = init_tokenizer(params.student)  # None unless student.init is a pretrained model
     layers: list[int] = []
     if own is not None and not same_tokenizer(tokenizer, own, texts["train"], max_length):
-        layers = pooled_layers_to_cache(params, teacher.config.num_hidden_layers)
-        log.info("student.init=%r has its own tokenizer: caching the teacher's pooled hidden states of layers %s",
-                 params.student.init, layers)
+        # Every layer (0: the embedding output), not only those one depth maps to: a hidden-state term
+        # of any student depth, layer map or search trial then reads this cache, and the stage need
+        # not re-run when they change. Size: texts x (layers + 1) x hidden x 2 bytes (float16).
+        layers = list(range(teacher.config.num_hidden_layers + 1))
+        log.info("student.init=%r has its own tokenizer: caching the teacher's pooled hidden states of all %d layers",
+                 params.student.init, len(layers))
     outputs = {split: teacher_logits.compute(teacher, tokenizer, values, max_length, layers) for split, values in texts.items()}
     logits = {split: values[0] for split, values in outputs.items()}
     pooled = {split: values[1] for split, values in outputs.items()} if layers else None

@@ -73,7 +73,7 @@ def cross_project(trained_project, student_init, tmp_path_factory):
     params = params_from_dict(tree, root=root)
     prepare_data.STAGE.execute(params)
     metrics = teacher_logits.STAGE.execute(params)
-    assert metrics["pooled_layers"] == 2 and metrics["transfer_rows"] == 2
+    assert metrics["pooled_layers"] == 3 and metrics["transfer_rows"] == 2  # every layer of the 2-layer teacher
     return params
 
 
@@ -157,8 +157,11 @@ def test_teacher_logits_caches_pooled_states_by_text_only_for_another_tokenizer(
                 live = torch.stack([mean_pool(states[layer], batch["attention_mask"])[0] for layer in (0, 2)])
                 np.testing.assert_allclose(pooled[i], live.numpy(), atol=3e-3, rtol=1e-3)  # float16 on disk
         assert np.array_equal(cache.load_pooled(directory, split, texts, 32, fingerprint, [2]), pooled[:, 1:])
-    with pytest.raises(DataError, match=r"no pooled hidden states of teacher layers \[1\] \(cached: \[0, 2\]\)"):
-        cache.load_pooled(directory, "train", prepared.texts("train"), 32, fingerprint, [0, 1])
+    # Every layer is cached: a 2-layer student (layers 0, 1, 2) reads the cache a 1-layer one (0, 2) reads.
+    both = cache.load_pooled(directory, "train", prepared.texts("train"), 32, fingerprint, [0, 1, 2])
+    assert np.array_equal(both[:, [0, 2]], cache.load_pooled(directory, "train", prepared.texts("train"), 32, fingerprint, [0, 2]))
+    with pytest.raises(DataError, match=r"no pooled hidden states of teacher layers \[3\] \(cached: \[0, 1, 2\]\)"):
+        cache.load_pooled(directory, "train", prepared.texts("train"), 32, fingerprint, [0, 3])
     with pytest.raises(DataError, match="stale: they were computed on 2 other transfer texts"):
         cache.load_pooled(directory, "transfer", prepared.transfer_texts()[::-1], 32, fingerprint, [0, 2])
 
