@@ -47,17 +47,20 @@ PHRASEBANK ?= $(abspath $(CURDIR)/../shared/data/financial_phrasebank/Sentences_
 # STUDENT_INIT: student.init, e.g. minilm-l6 (a pretrained student; with a tokenizer other than the
 # teacher's it keeps its own, see the README), a directory (made absolute) or a Hub id; TRANSFER:
 # transfer.path, a file of unlabelled in-domain texts (made absolute), e.g. Sentences_50Agree.txt.
+# STUDENT_LAYERS: student.num_layers (params.yaml's 3 otherwise).
 TEACHER ?=
 TEACHER_LR ?=
 STUDENT_INIT ?=
+STUDENT_LAYERS ?=
 TRANSFER ?=
 STUDENT_INIT_ARG = $(if $(wildcard $(STUDENT_INIT)),$(abspath $(STUDENT_INIT)),$(STUDENT_INIT))
 run-phrasebank: setup
 	FINCOMPRESS_PIPELINE_RUN=phrasebank-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/dvc exp run --temp \
-	  --name phrasebank-allagree$(if $(TEACHER),-$(subst /,-,$(TEACHER)))$(if $(STUDENT_INIT),-student-$(notdir $(patsubst %/,%,$(STUDENT_INIT))))$(if $(TRANSFER),-transfer) \
+	  --name phrasebank-allagree$(if $(TEACHER),-$(subst /,-,$(TEACHER)))$(if $(STUDENT_INIT),-student-$(notdir $(patsubst %/,%,$(STUDENT_INIT))))$(if $(STUDENT_LAYERS),-l$(STUDENT_LAYERS))$(if $(TRANSFER),-transfer) \
 	  -S data.source=phrasebank -S data.path=$(PHRASEBANK) -S verify_teacher.min_macro_f1=0.85 \
 	  $(if $(TEACHER),-S teacher.model=$(TEACHER)) $(if $(TEACHER_LR),-S teacher.learning_rate=$(TEACHER_LR)) \
-	  $(if $(STUDENT_INIT),-S student.init=$(STUDENT_INIT_ARG)) $(if $(TRANSFER),-S transfer.path=$(abspath $(TRANSFER)))
+	  $(if $(STUDENT_INIT),-S student.init=$(STUDENT_INIT_ARG)) $(if $(STUDENT_LAYERS),-S student.num_layers=$(STUDENT_LAYERS)) \
+	  $(if $(TRANSFER),-S transfer.path=$(abspath $(TRANSFER)))
 
 # The family on the bundled multi-label demo set (six news topics), as a DVC experiment.
 run-multilabel: setup
