@@ -56,7 +56,7 @@ TRANSFER ?=
 STUDENT_INIT_ARG = $(if $(wildcard $(STUDENT_INIT)),$(abspath $(STUDENT_INIT)),$(STUDENT_INIT))
 run-phrasebank: setup
 	FINCOMPRESS_PIPELINE_RUN=phrasebank-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/dvc exp run --temp \
-	  --name phrasebank-allagree$(if $(TEACHER),-$(subst /,-,$(TEACHER)))$(if $(STUDENT_INIT),-student-$(notdir $(patsubst %/,%,$(STUDENT_INIT))))$(if $(STUDENT_LAYERS),-l$(STUDENT_LAYERS))$(if $(TRANSFER),-transfer) \
+	  --name phrasebank-allagree$(if $(TEACHER),-$(subst /,-,$(TEACHER)))$(if $(STUDENT_INIT),-student-$(notdir $(patsubst %/,%,$(STUDENT_INIT))))$(if $(STUDENT_LAYERS),-$(STUDENT_LAYERS)layers)$(if $(TRANSFER),-transfer) \
 	  -S data.source=phrasebank -S data.path=$(PHRASEBANK) -S verify_teacher.min_macro_f1=0.85 \
 	  $(if $(TEACHER),-S teacher.model=$(TEACHER)) $(if $(TEACHER_LR),-S teacher.learning_rate=$(TEACHER_LR)) \
 	  $(if $(STUDENT_INIT),-S student.init=$(STUDENT_INIT_ARG)) $(if $(STUDENT_LAYERS),-S student.num_layers=$(STUDENT_LAYERS)) \
