@@ -133,11 +133,13 @@ def label_members(ax: plt.Axes, rows: list[dict[str, Any]], front: list[str]) ->
 
 
 def search_plot(
-    trials: list[Any], front: list[int], goals: Any, teacher_f1: float, path: Path, winner: int | None = None
+    trials: list[Any], front: list[int], goals: Any, teacher_f1: float, path: Path, answer: int | None = None,
+    answer_label: str = "winner",
 ) -> None:
     """A search's complete trials: validation macro-F1 against p50 latency (log scale), marker area
     proportional to size; the Pareto front (F1, latency, size) highlighted, the goal box shaded (the
-    size goal, when set, marks the trials over it with a cross)."""
+    size goal, when set, marks the trials over it with a cross), and the search's answer (the winner,
+    or the closest trial when none meets every goal) starred under `answer_label`."""
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     if trials:
         largest = max(t.size_mb for t in trials)
@@ -150,7 +152,7 @@ def search_plot(
                 ax.scatter(t.latency_ms, t.validation_macro_f1, marker="x", s=60, color="tab:red", zorder=4)
             ax.annotate(f"{t.number}", (t.latency_ms, t.validation_macro_f1), xytext=(6, 4),
                         textcoords="offset points", fontsize=8, fontweight="bold" if on_front else "normal")
-            if t.number == winner:
+            if t.number == answer:
                 ax.scatter(t.latency_ms, t.validation_macro_f1, marker="*", s=300, color="gold",
                            edgecolors="black", zorder=5)
         points = sorted((t for t in trials if t.number in front), key=lambda t: t.latency_ms)
@@ -186,9 +188,10 @@ def search_plot(
         plt.Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, label="other trials"),
         plt.Line2D([], [], color="tab:purple", linestyle=":", label="goals"),
         plt.Line2D([], [], color="tab:red", linewidth=0.8, label="teacher (validation)"),
-        plt.Line2D([], [], marker="*", linestyle="", color="gold", markeredgecolor="black", markersize=12,
-                   label="winner"),
     ]
+    if any(t.number == answer for t in trials):
+        handles.append(plt.Line2D([], [], marker="*", linestyle="", color="gold", markeredgecolor="black",
+                                  markersize=12, label=answer_label))
     ax.legend(handles=handles, loc="lower right", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

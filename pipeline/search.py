@@ -740,8 +740,10 @@ def summarize(
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study, goals, remeasured)
     write_csv(rows, out / "trials.csv")
+    nearest = None if winner else closest([final(o) for o in outcomes], goals)
+    starred = winner.number if winner else (nearest["overall"]["trial"] if nearest else None)
     search_plot([final(o) for o in complete], front, goals, teacher_validation_f1, out / "pareto.png",
-                winner.number if winner else None)
+                starred, "winner" if winner else "closest (no trial meets every goal)")
     summary: dict[str, Any] = {
         "study": study.study_name,
         "goals": goals.model_dump(mode="json"),
@@ -764,11 +766,11 @@ def summarize(
         write_text_atomic(out / "winner.yaml", yaml.safe_dump(summary["winner"]["overrides"], sort_keys=False))
     else:
         (out / "winner.yaml").unlink(missing_ok=True)
-        summary["closest"] = closest([final(o) for o in outcomes], goals)
-        if summary["closest"]:
+        summary["closest"] = nearest
+        if nearest:
             # No winner: the closest trial is the answer, rebuilt the same way so its test figures are known.
-            nearest = final(next(o for o in outcomes if o.number == summary["closest"]["overall"]["trial"]))
-            summary["closest"]["overall"]["answer"] = answer(nearest, f"{study.study_name}-closest", params, extra_overrides)
+            trial = final(next(o for o in outcomes if o.number == nearest["overall"]["trial"]))
+            nearest["overall"]["answer"] = answer(trial, f"{study.study_name}-closest", params, extra_overrides)
     write_summary(summary, out)
     return summary
 
