@@ -104,7 +104,7 @@ serve: setup
 clean:
 	rm -rf .cache data/prepared models reports/metrics reports/curves
 
-# ---- Orchestration, sweeps and scale-out (pipeline/flow.py, prefect.yaml, scripts/) ----
+# ---- Orchestration, sweeps and scale-out (pipeline/orchestration/flow.py, prefect.yaml, scripts/) ----
 .PHONY: prefect-server prefect-pool prefect-deploy prefect-worker prefect-e2e sweep mlflow-server
 
 # Prefect: `make prefect-server` in one terminal, then `make prefect-deploy prefect-worker` in another;

@@ -327,7 +327,7 @@ class FlowConfig(Section):
     retry_delay_seconds: float = Field(10, ge=0)
 
 
-# --------------------------------------------------------------------------- search (pipeline/search.py)
+# --------------------------------------------------------------------------- search (pipeline/orchestration/search.py)
 
 Scalar = bool | int | float | str
 
@@ -376,7 +376,7 @@ CATEGORICAL_DIMENSIONS = {"quantization": ("dynamic", "static"), "kd_method": KD
 
 class SearchSpace(Section):
     """Each dimension: a fixed value, a range {low, high[, step][, log]} or {choices: [...]}. Each maps
-    onto existing params keys (pipeline/search.py), so a trial is a params override."""
+    onto existing params keys (pipeline/orchestration/search.py), so a trial is a params override."""
 
     num_layers: int | Range | Choices = Choices(choices=[2, 3])  # student.num_layers
     init: str | Choices = "teacher"  # student.init (teacher | random | a model id or directory)

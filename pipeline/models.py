@@ -1,5 +1,5 @@
 """Loading and saving models (every save proven to reload to the same logits), sources, layer maps,
-sizes and parameter counts. Students are built in pipeline/students.py."""
+sizes and parameter counts. Students are built in pipeline/kd/students.py."""
 
 from __future__ import annotations
 

@@ -25,13 +25,13 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from pipeline import labels as label_utils
 from pipeline.config import Params, TaskConfig, TrainingBudget
+from pipeline.data import labels as label_utils
+from pipeline.data.prepared import Prepared
 from pipeline.errors import ConfigError
+from pipeline.evaluation.metrics import macro_f1
+from pipeline.evaluation.record import ModelRecord, evaluate_and_record
 from pipeline.io import write_text_atomic
-from pipeline.metrics import macro_f1
-from pipeline.prepared import Prepared
-from pipeline.record import ModelRecord, evaluate_and_record
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ def store_tuned_thresholds(model: PreTrainedModel, task: TaskConfig, logits_fn, 
     label, tuned on validation and STORED in model.config.label_thresholds, so the saved model, every
     later stage, ONNX and predict decide alike. Otherwise the thresholds the model already carries."""
     if task.type == "multi_label" and task.tune_thresholds:
-        from pipeline.labels import sigmoid
-        from pipeline.multilabel import tune_thresholds
+        from pipeline.data.labels import sigmoid
+        from pipeline.data.multilabel import tune_thresholds
 
         validation = logits_fn(prepared.texts("validation"))
         model.config.label_thresholds = tune_thresholds(sigmoid(validation), prepared.labels("validation").astype(int))

@@ -40,7 +40,7 @@ class DepsError(Exception):
 
 
 def module_file(root: Path, name: str) -> str | None:
-    """`pipeline.data` -> "pipeline/data.py" (or its package's __init__.py); None if not a project module."""
+    """`pipeline.data.sources` -> "pipeline/data/sources.py" (or its package's __init__.py); None if not a project module."""
     parts = name.split(".")
     if parts[0] not in FIRST_PARTY:
         return None

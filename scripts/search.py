@@ -1,4 +1,4 @@
-"""Compress to a goal, from the command line (`make search`): the search of pipeline/search.py with the
+"""Compress to a goal, from the command line (`make search`): the search of pipeline/orchestration/search.py with the
 compression stages wired in.
 
     python -m scripts.search [--params params.yaml] [--jobs N] [--dask-address tcp://host:8786]
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
 from pipeline.errors import FinCompressError
-from pipeline.search import (
+from pipeline.orchestration.search import (
     KD_STAGE,
     exp_command,
     read_exp_test_metrics,
@@ -52,8 +52,8 @@ def compress(params: Params, kd_method: str) -> None:
 
 def ensure_upstream(root: Path, overrides: list[str]) -> None:
     """`dvc repro teacher_logits` (and what it needs: prepare_data, train_teacher, verify_teacher),
-    with the non-search overrides applied to params.yaml for its duration (pipeline.flow)."""
-    from pipeline.flow import applied_overrides, stage_environment
+    with the non-search overrides applied to params.yaml for its duration (pipeline.orchestration.flow)."""
+    from pipeline.orchestration.flow import applied_overrides, stage_environment
 
     with applied_overrides(root / "params.yaml", overrides):
         done = subprocess.run([sys.executable, "-m", "dvc", "repro", "teacher_logits"], cwd=root,

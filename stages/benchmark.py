@@ -9,10 +9,10 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import Params
+from pipeline.data.prepared import load_split
 from pipeline.errors import ModelError
-from pipeline.family import REFERENCE, Member, family
-from pipeline.io import write_json
-from pipeline.latency import (
+from pipeline.evaluation.family import REFERENCE, Member, family
+from pipeline.evaluation.latency import (
     ONE_SESSION,
     SESSIONS,
     machine_info,
@@ -20,8 +20,8 @@ from pipeline.latency import (
     run_benchmark,
     thread_settings,
 )
-from pipeline.prepared import load_split
-from pipeline.record import ModelRecord
+from pipeline.evaluation.record import ModelRecord
+from pipeline.io import write_json
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)

@@ -20,19 +20,14 @@ import onnxruntime
 
 from pipeline import tracking
 from pipeline.config import Params
+from pipeline.data.labels import decide
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import GateError
-from pipeline.io import atomic_dir, read_json, write_json, write_text_atomic
-from pipeline.labels import decide
-from pipeline.metrics import macro_f1
-from pipeline.model_card import write_export_cards
-from pipeline.models import (
-    count_parameters,
-    decision_thresholds,
-    load_trained_with_tokenizer,
-    predict_logits,
-)
-from pipeline.onnx import OnnxClassifier, onnx_size_mb
-from pipeline.onnx_export import (
+from pipeline.evaluation.metrics import macro_f1
+from pipeline.evaluation.model_card import write_export_cards
+from pipeline.evaluation.record import INFO_FILE, ModelRecord, evaluate_and_record
+from pipeline.export.onnx import OnnxClassifier, onnx_size_mb
+from pipeline.export.onnx_export import (
     calibration_sample,
     export_fp32,
     fp32_parity_failures,
@@ -44,8 +39,13 @@ from pipeline.onnx_export import (
     quantize_with_fallback,
     resolve_isa,
 )
-from pipeline.prepared import Prepared, load_prepared
-from pipeline.record import INFO_FILE, ModelRecord, evaluate_and_record
+from pipeline.io import atomic_dir, read_json, write_json, write_text_atomic
+from pipeline.models import (
+    count_parameters,
+    decision_thresholds,
+    load_trained_with_tokenizer,
+    predict_logits,
+)
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)

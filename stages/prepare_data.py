@@ -6,9 +6,9 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import Params
-from pipeline.data import prepare
+from pipeline.data.prepared import SPLITS
+from pipeline.data.sources import prepare
 from pipeline.io import atomic_dir
-from pipeline.prepared import SPLITS
 from pipeline.stage import Stage
 
 

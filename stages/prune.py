@@ -4,7 +4,7 @@ teacher after each step, then trim the vocabulary to what the data uses.
 
 A student with its own tokenizer (another than the teacher's) is pruned and trimmed on its own
 tokenizer; its recovery reads the teacher's cached logits and pooled hidden states by text, as its
-distillation did (pipeline/students.py)."""
+distillation did (pipeline/kd/students.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import pruning, teacher_logits, training
+from pipeline import training
+from pipeline.compression import pruning
 from pipeline.config import Params
+from pipeline.data.prepared import load_prepared
 from pipeline.distill import DistillationTrainer, build_kd_loss
 from pipeline.errors import ConfigError
+from pipeline.evaluation.record import evaluate_and_record
 from pipeline.io import atomic_dir
+from pipeline.kd import teacher_logits
 from pipeline.models import (
     count_parameters,
     load_trained_with_tokenizer,
@@ -29,8 +33,6 @@ from pipeline.models import (
     uniform_layer_map,
     weights_size_mb,
 )
-from pipeline.prepared import load_prepared
-from pipeline.record import evaluate_and_record
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)

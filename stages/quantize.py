@@ -1,5 +1,5 @@
 """PyTorch dynamic INT8 of the pruned student: nn.Linear weights to qint8, activations quantized on the
-fly. Evaluated on validation and test; saved as safetensors (see pipeline/quantization.py for why and
+fly. Evaluated on validation and test; saved as safetensors (see pipeline/compression/quantization.py for why and
 how) and reloaded once to prove the saved model gives the very same logits."""
 
 from __future__ import annotations
@@ -12,8 +12,18 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from pipeline import tracking
+from pipeline.compression.quantization import (
+    FORMAT,
+    INT8_WEIGHTS_FILE,
+    load_quantized,
+    quantize_model,
+    resolve_engine,
+    save_quantized,
+)
 from pipeline.config import Params
+from pipeline.data.prepared import load_prepared
 from pipeline.errors import ModelError
+from pipeline.evaluation.record import INFO_FILE, evaluate_and_record
 from pipeline.io import atomic_dir
 from pipeline.models import (
     count_parameters,
@@ -23,16 +33,6 @@ from pipeline.models import (
     predict_logits,
     weights_size_mb,
 )
-from pipeline.prepared import load_prepared
-from pipeline.quantization import (
-    FORMAT,
-    INT8_WEIGHTS_FILE,
-    load_quantized,
-    quantize_model,
-    resolve_engine,
-    save_quantized,
-)
-from pipeline.record import INFO_FILE, evaluate_and_record
 from pipeline.stage import Stage
 
 

@@ -9,13 +9,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import plots, report, tracking
+from pipeline import tracking
 from pipeline.config import Params
 from pipeline.errors import ModelError
-from pipeline.family import family
+from pipeline.evaluation import plots, report
+from pipeline.evaluation.family import family
+from pipeline.evaluation.model_card import CARD_FILE, card_for
+from pipeline.evaluation.record import ModelRecord
 from pipeline.io import read_json, write_json, write_text_atomic
-from pipeline.model_card import CARD_FILE, card_for
-from pipeline.record import ModelRecord
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def register_champion(row: dict[str, Any], model_dir: Path, name: str, card: str
     `name` with the alias 'champion', and tag the version with the member's metrics."""
     import mlflow
 
-    from pipeline.serving import log_pyfunc
+    from pipeline.export.serving import log_pyfunc
 
     with tempfile.TemporaryDirectory(prefix="fincompress-champion-") as tmp:
         # The exported directory's card cannot know the latency yet; the registered one carries it.

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import Params
+from pipeline.kd.students import train_student
 from pipeline.stage import Stage
-from pipeline.students import train_student
 
 
 def run(params: Params) -> dict[str, Any]:

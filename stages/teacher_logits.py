@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline import teacher_logits
 from pipeline.config import Params
+from pipeline.data.prepared import load_prepared
 from pipeline.io import atomic_dir
+from pipeline.kd import teacher_logits
+from pipeline.kd.students import init_tokenizer
 from pipeline.models import load_trained_with_tokenizer, same_tokenizer, state_fingerprint
-from pipeline.prepared import load_prepared
 from pipeline.stage import Stage
-from pipeline.students import init_tokenizer
 
 log = logging.getLogger(__name__)
 

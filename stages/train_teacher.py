@@ -9,11 +9,12 @@ from typing import Any
 
 from transformers import set_seed
 
-from pipeline import labels, training
+from pipeline import training
 from pipeline.config import Params
+from pipeline.data import labels
+from pipeline.data.prepared import load_prepared
 from pipeline.distill import DistillationTrainer, build_kd_loss
 from pipeline.models import check_max_length, load_pretrained_classifier, load_tokenizer, resolve_model_source
-from pipeline.prepared import load_prepared
 from pipeline.stage import Stage
 
 

@@ -9,10 +9,10 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.config import Params
+from pipeline.data.prepared import load_prepared
 from pipeline.errors import GateError
-from pipeline.metrics import evaluate_logits
+from pipeline.evaluation.metrics import evaluate_logits
 from pipeline.models import decision_thresholds, load_trained_with_tokenizer, predict_logits
-from pipeline.prepared import load_prepared
 from pipeline.stage import Stage
 
 

@@ -33,7 +33,7 @@ def export_tiny_classifier(tiny_bert: Path, root: Path, labels: list[str]) -> Pa
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.onnx_export import export_fp32
+    from pipeline.export.onnx_export import export_fp32
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -14,13 +14,13 @@ import yaml
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
-from pipeline import pruning
 from pipeline.architectures import SUPPORTED, architecture_for
+from pipeline.compression import pruning
 from pipeline.config import StudentConfig, params_from_dict
 from pipeline.errors import ConfigError, ModelError
+from pipeline.evaluation.record import ModelRecord
+from pipeline.kd.students import build_student
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
-from pipeline.record import ModelRecord
-from pipeline.students import build_student
 from pipeline.training import Collator, encode
 from scripts.tiny_project import (
     TINY_ARCHITECTURES,

@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
+from pipeline.compression.quantization import load_quantized, quantize_model, resolve_engine, save_quantized
 from pipeline.config import params_from_dict
-from pipeline.family import (
+from pipeline.evaluation.family import (
     MEMBER_KINDS,
     OnnxInt8Member,
     OnnxInt8StaticMember,
@@ -20,11 +21,10 @@ from pipeline.family import (
     TorchMember,
     family,
 )
-from pipeline.latency import percentiles, thread_settings
+from pipeline.evaluation.latency import percentiles, thread_settings
+from pipeline.export.onnx import OnnxClassifier
+from pipeline.export.onnx_export import export_fp32, quantize_int8, quantize_int8_static
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
-from pipeline.onnx import OnnxClassifier
-from pipeline.onnx_export import export_fp32, quantize_int8, quantize_int8_static
-from pipeline.quantization import load_quantized, quantize_model, resolve_engine, save_quantized
 from stages import benchmark
 
 LABELS = ["negative", "neutral", "positive"]

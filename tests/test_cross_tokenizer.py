@@ -13,10 +13,14 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from pipeline import teacher_logits as cache
 from pipeline.config import DistillIntermediateConfig, StudentConfig, params_from_dict
+from pipeline.data.prepared import load_prepared
 from pipeline.distill import NEEDS_SHARED_TOKENIZER, KDBatch, build_kd_loss, mean_pool, relative_mse
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation.record import ModelRecord
+from pipeline.export.onnx import OnnxClassifier
+from pipeline.kd import teacher_logits as cache
+from pipeline.kd.students import build_student, student_tokenizer
 from pipeline.models import (
     load_pretrained_classifier,
     load_tokenizer,
@@ -26,10 +30,6 @@ from pipeline.models import (
     same_tokenizer,
     state_fingerprint,
 )
-from pipeline.onnx import OnnxClassifier
-from pipeline.prepared import load_prepared
-from pipeline.record import ModelRecord
-from pipeline.students import build_student, student_tokenizer
 from pipeline.training import Collator, encode_splits
 from scripts.tiny_project import make_tiny_bert, read_tiny_texts
 from stages import (

@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 
 from pipeline.config import params_from_dict
-from pipeline.data import prepare
+from pipeline.data.prepared import load_split
+from pipeline.data.sources import prepare
 from pipeline.errors import DataError
 from pipeline.io import OUTPUT_MARKER
-from pipeline.prepared import load_split
 from scripts.tiny_project import REPO, TINY_CSV
 from stages import prepare_data
 from tests.helpers import PHRASEBANK

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from pipeline.config import DistillIntermediateConfig, DistillVanillaConfig, RecoveryConfig, StudentConfig
+from pipeline.data.labels import problem_type
+from pipeline.data.prepared import load_prepared
 from pipeline.distill import (
     DistillationTrainer,
     KDBatch,
@@ -28,7 +30,8 @@ from pipeline.distill import (
     soft_loss_multilabel,
 )
 from pipeline.errors import ConfigError
-from pipeline.labels import problem_type
+from pipeline.evaluation.record import ModelRecord, evaluate_splits
+from pipeline.kd.students import build_student
 from pipeline.models import (
     load_pretrained_classifier,
     load_tokenizer,
@@ -37,9 +40,6 @@ from pipeline.models import (
     logits_fn,
     uniform_layer_map,
 )
-from pipeline.prepared import load_prepared
-from pipeline.record import ModelRecord, evaluate_splits
-from pipeline.students import build_student
 from pipeline.training import Collator, encode, training_arguments
 from stages import distill_intermediate, distill_vanilla, student_baseline
 from tests.helpers import copy_project
@@ -438,8 +438,8 @@ def test_projection_students_train_and_do_not_save_the_projection(trained_projec
 
 def test_teacher_is_unchanged_by_a_training_step(trained_project):
     """One optimizer step of intermediate KD moves the student and leaves every teacher weight alone."""
+    from pipeline.data.prepared import load_split
     from pipeline.models import state_fingerprint
-    from pipeline.prepared import load_split
 
     teacher_dir = trained_project.path(trained_project.paths.teacher)
     teacher = load_trained(teacher_dir)

@@ -1,4 +1,4 @@
-"""The Prefect flow (pipeline/flow.py) under prefect_test_harness: its tasks are DVC's stages, DVC's
+"""The Prefect flow (pipeline/orchestration/flow.py) under prefect_test_harness: its tasks are DVC's stages, DVC's
 cache decides what runs, a failed gate fails the run with its message and is never retried, transient
 failures are retried, overrides apply for one run only, independent stages fan out on a Dask cluster.
 
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.flow import compress_family, stage_graph
+from pipeline.orchestration.flow import compress_family, stage_graph
 from scripts.tiny_project import init_repo, tiny_params_tree, write_project
 from tests.helpers import mlflow_runs
 

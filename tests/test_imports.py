@@ -12,12 +12,13 @@ from scripts.tiny_project import REPO
 def imports(folder: str) -> list[tuple[str, str]]:
     """(file, imported module) for every import statement in `folder`, at any depth of the code."""
     found = []
-    for path in sorted((REPO / folder).glob("*.py")):
+    for path in sorted((REPO / folder).rglob("*.py")):
+        name = path.relative_to(REPO).as_posix()
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
-                found += [(path.name, alias.name) for alias in node.names]
+                found += [(name, alias.name) for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
-                found.append((path.name, node.module))
+                found.append((name, node.module))
     return found
 
 

@@ -26,12 +26,13 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from pipeline import latency, tracking, training
+from pipeline import tracking, training
 from pipeline.config import params_from_dict
 from pipeline.errors import ConfigError, ModelError, TransientError
-from pipeline.onnx import OnnxClassifier
-from pipeline.onnx_export import export_fp32
-from pipeline.predict import main as predict
+from pipeline.evaluation import latency
+from pipeline.export.onnx import OnnxClassifier
+from pipeline.export.onnx_export import export_fp32
+from pipeline.export.predict import main as predict
 from scripts.tiny_project import sh, tiny_params_tree, write_project
 from stages import prepare_data, train_teacher
 
@@ -102,7 +103,7 @@ def test_predict_refuses_bytes_that_are_not_utf8(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: --file {file}: line 2 is not UTF-8 (byte 0x93); save the texts as UTF-8" in err
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", "--model", str(exported)],
+        [sys.executable, "-m", "pipeline.export.predict", "--model", str(exported)],
         input=b"fine\n\xff\xfe broken\n", capture_output=True, cwd=REPO,
     )
     assert result.returncode == 1

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from pipeline.config import params_from_dict
-from pipeline.data import Example, prepare
+from pipeline.data.multilabel import iterative_split, tune_thresholds
+from pipeline.data.prepared import load_split
+from pipeline.data.sources import Example, prepare
 from pipeline.errors import DataError, GateError
+from pipeline.export.onnx import OnnxClassifier
 from pipeline.models import load_trained
-from pipeline.multilabel import iterative_split, tune_thresholds
-from pipeline.onnx import OnnxClassifier
-from pipeline.prepared import load_split
 from stages import export_onnx, prepare_data, train_teacher, verify_teacher
 from tests.helpers import TOPICS, multilabel_tree, write_tiny_topics
 

@@ -16,13 +16,20 @@ from onnx import TensorProto, helper
 from safetensors import safe_open
 from transformers.pytorch_utils import prune_linear_layer
 
-from pipeline import onnx_export
 from pipeline.architectures import encoder_layers
+from pipeline.compression.quantization import (
+    FORMAT,
+    INT8_WEIGHTS_FILE,
+    load_quantized,
+    quantize_model,
+    resolve_engine,
+)
+from pipeline.data.prepared import load_split
 from pipeline.errors import ConfigError, GateError, ModelError
-from pipeline.io import OUTPUT_MARKER
-from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
-from pipeline.onnx import OnnxClassifier, check_onnx_file, create_session
-from pipeline.onnx_export import (
+from pipeline.evaluation.record import ModelRecord
+from pipeline.export import onnx_export
+from pipeline.export.onnx import OnnxClassifier, check_onnx_file, create_session
+from pipeline.export.onnx_export import (
     calibration_sample,
     detect_isa,
     export_fp32,
@@ -33,9 +40,8 @@ from pipeline.onnx_export import (
     quantize_int8,
     quantize_with_fallback,
 )
-from pipeline.prepared import load_split
-from pipeline.quantization import FORMAT, INT8_WEIGHTS_FILE, load_quantized, quantize_model, resolve_engine
-from pipeline.record import ModelRecord
+from pipeline.io import OUTPUT_MARKER
+from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
 from scripts.tiny_project import read_tiny_texts
 from stages import export_onnx, quantize
 from tests.helpers import copy_project

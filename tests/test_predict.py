@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.onnx import OnnxClassifier
-from pipeline.predict import main
+from pipeline.export.onnx import OnnxClassifier
+from pipeline.export.predict import main
 from tests.helpers import export_tiny_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_stdin_in_a_fresh_interpreter_without_torch(model_dir):
     """Run as a user would; -X importtime lists every module the process imported."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pipeline.predict", "--model", str(model_dir), "--json"],
+        [sys.executable, "-X", "importtime", "-m", "pipeline.export.predict", "--model", str(model_dir), "--json"],
         input="\n".join(TEXTS) + "\n", capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]

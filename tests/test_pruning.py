@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import pruning
+from pipeline.compression import pruning
+from pipeline.data.prepared import load_split
 from pipeline.errors import ConfigError
+from pipeline.evaluation.record import ModelRecord
 from pipeline.models import load_tokenizer, load_trained, predict_logits
-from pipeline.prepared import load_split
-from pipeline.record import ModelRecord
 from pipeline.training import Collator, encode
 from stages import distill_intermediate, prune
 from tests.helpers import copy_project

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 
 from pipeline.config import SLAConfig, params_from_dict
-from pipeline.family import family
-from pipeline.latency import all_cores_layouts
-from pipeline.metrics import bootstrap_ci
-from pipeline.plots import label_members, loss_columns, read_curve
-from pipeline.record import ModelRecord
-from pipeline.report import markdown_table, pareto_front, pick_champion
+from pipeline.evaluation.family import family
+from pipeline.evaluation.latency import all_cores_layouts
+from pipeline.evaluation.metrics import bootstrap_ci
+from pipeline.evaluation.plots import label_members, loss_columns, read_curve
+from pipeline.evaluation.record import ModelRecord
+from pipeline.evaluation.report import markdown_table, pareto_front, pick_champion
 from stages import report
 from tests.helpers import export_tiny_classifier
 

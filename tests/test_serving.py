@@ -1,4 +1,4 @@
-"""The text-in MLflow pyfunc on a tiny exported model: it answers exactly as `pipeline.predict --json`,
+"""The text-in MLflow pyfunc on a tiny exported model: it answers exactly as `pipeline.export.predict --json`,
 loads without torch from the code it ships, rejects bad input clearly; and, slow, `mlflow models
 serve` answers POST /invocations and the tracking server shows the registered champion."""
 
@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import DataError
-from pipeline.predict import main as predict
-from pipeline.serving import SERVING_MODULES, log_pyfunc
+from pipeline.export.predict import main as predict
+from pipeline.export.serving import SERVING_MODULES, log_pyfunc
 from tests.helpers import export_tiny_classifier
 
 LABELS = ["negative", "neutral", "positive"]
@@ -91,7 +91,7 @@ def test_pyfunc_answers_as_predict_does_in_a_process_without_torch(model_dir, mo
     assert [row["text"] for row in expected] == [text.strip() for text in TEXTS]
     shipped = Path(answer["pipeline_file"]).parent
     assert shipped.parent.name == "code", f"pipeline came from {shipped}, not the model's code_paths"
-    assert sorted(path.stem for path in shipped.glob("*.py")) == sorted(SERVING_MODULES)
+    assert sorted(path.relative_to(shipped).as_posix() for path in shipped.rglob("*.py")) == sorted(SERVING_MODULES)
     imported = imported_top_level(result.stderr)
     assert {"onnxruntime", "tokenizers", "mlflow"} <= imported  # the listing is real
     assert not imported & {"torch", "transformers", "optimum"}

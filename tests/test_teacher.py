@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.errors import GateError, ModelError
+from pipeline.evaluation.record import ModelRecord
 from pipeline.models import load_trained, resolve_model_source
-from pipeline.record import ModelRecord
 from stages import verify_teacher
 from tests.helpers import copy_project
 

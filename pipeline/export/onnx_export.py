@@ -2,7 +2,7 @@
 the parity checks that gate them.
 
 This module needs optimum, and through it torch; serving an exported directory needs only
-`pipeline.onnx` (ONNX Runtime and `tokenizers`).
+`pipeline.export.onnx` (ONNX Runtime and `tokenizers`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from pipeline.data.labels import decide
 from pipeline.errors import ConfigError, ModelError
+from pipeline.export.onnx import MODEL_FILE, TOKENIZER_FILE, check_onnx_file, onnx_size_mb
 from pipeline.io import read_json, write_json
-from pipeline.labels import decide
-from pipeline.onnx import MODEL_FILE, TOKENIZER_FILE, check_onnx_file, onnx_size_mb
 
 log = logging.getLogger(__name__)
 ISAS = ("avx512_vnni", "avx512", "avx2", "arm64")
@@ -172,7 +172,7 @@ class TextCalibrationReader(CalibrationDataReader):
     """Feeds the calibrator batches of texts, tokenized exactly as the served model tokenizes them."""
 
     def __init__(self, model_dir: Path, texts: list[str], batch_size: int = CALIBRATION_BATCH_SIZE) -> None:
-        from pipeline.onnx import OnnxClassifier
+        from pipeline.export.onnx import OnnxClassifier
 
         classifier = OnnxClassifier.load(model_dir, intra_op_threads=1)
         self.feeds = iter([classifier.feed(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
@@ -303,7 +303,7 @@ def quantize_with_fallback(
 
     Validation texts only: the test split judges the result. Returns what was kept in fp32 and each
     round's size and validation failures (the caller's test-split gate still decides)."""
-    from pipeline.onnx import OnnxClassifier
+    from pipeline.export.onnx import OnnxClassifier
 
     kept: list[str] = []
     history: list[dict[str, Any]] = []

@@ -29,10 +29,10 @@ from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import training
+from pipeline.data.prepared import Prepared
 from pipeline.distill import KDLoss, compute_teacher_outputs
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json
-from pipeline.prepared import Prepared
 
 CACHED_SPLITS = ("train", "transfer")
 INDEX_FILE = "index.json"

@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline import teacher_logits, training
+from pipeline import training
 from pipeline.architectures import architecture_for, ffn_width_key
 from pipeline.config import KDTerms, Params, StudentConfig
+from pipeline.data.prepared import load_prepared
 from pipeline.distill import DistillationTrainer, build_kd_loss, resolve_layer_map
 from pipeline.errors import ConfigError, ModelError
+from pipeline.kd import teacher_logits
 from pipeline.models import (
     TOKENIZER_SAMPLE,
     check_max_length,
@@ -37,7 +39,6 @@ from pipeline.models import (
     state_fingerprint,
     uniform_layer_map,
 )
-from pipeline.prepared import load_prepared
 
 log = logging.getLogger(__name__)
 

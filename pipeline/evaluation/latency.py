@@ -10,7 +10,7 @@ with N intra-op threads, and N one-thread sessions running at once (threads of t
 ONNX Runtime releases the GIL while it runs).
 
 Worker protocol: one JSON command per line on stdin, one JSON answer per line on stdout; a member
-travels as its kind's registry name (`pipeline.family.MEMBER_KINDS`) and its directory.
+travels as its kind's registry name (`pipeline.evaluation.family.MEMBER_KINDS`) and its directory.
 This module imports neither torch nor transformers at module level.
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import FinCompressError
-from pipeline.family import MEMBER_KINDS, Member
+from pipeline.evaluation.family import MEMBER_KINDS, Member
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +235,13 @@ class Worker:
         """Start the worker process and send it the member to load (answered by `loaded`)."""
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(threads))}
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.latency"],
+            [sys.executable, "-m", "pipeline.evaluation.latency"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
             env=env,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],  # the project root: `pipeline` importable
         )
         worker = cls(member.name, process)
         worker.send(

@@ -5,7 +5,7 @@ thread, size on disk), within a budget of trials and minutes.
 Every search dimension (params `search.space`) maps onto existing params keys, so a trial is a params
 override: the student (depth, init, KD method and weights), the pruning (heads, FFN neurons, vocabulary
 kept) and the INT8 scheme. A trial runs the student stage, prune and export_onnx for its params into
-trial-private paths, on a view of the prepared data WITHOUT the test split (pipeline.prepared.write_view:
+trial-private paths, on a view of the prepared data WITHOUT the test split (pipeline.data.prepared.write_view:
 its file is absent and reading it is an error), then times the INT8 model with the benchmark harness.
 The test split is read once, after the search, when the winner is rebuilt as a DVC experiment.
 
@@ -359,7 +359,7 @@ def trial_params(params: Params, values: dict[str, Any], directory: Path, prepar
 
 
 def int8_member(values: dict[str, Any], directory: Path, name: str) -> Any:
-    from pipeline.family import OnnxInt8Member, OnnxInt8StaticMember
+    from pipeline.evaluation.family import OnnxInt8Member, OnnxInt8StaticMember
 
     kind = OnnxInt8Member if values["quantization"] == "dynamic" else OnnxInt8StaticMember
     return kind(name, directory / ONNX_DIR / INT8_DIR[values["quantization"]])
@@ -460,9 +460,9 @@ Compress = Callable[[Params, str], None]
 def measure_trial(params: Params, values: dict[str, Any], directory: Path, number: int) -> dict[str, Any]:
     """The trial's INT8 model: validation F1 from its record, size on disk, and a short p50 at 1 thread
     over validation texts."""
-    from pipeline.latency import one_thread_latency, quiet_machine
-    from pipeline.prepared import load_prepared
-    from pipeline.record import ModelRecord
+    from pipeline.data.prepared import load_prepared
+    from pipeline.evaluation.latency import one_thread_latency, quiet_machine
+    from pipeline.evaluation.record import ModelRecord
 
     member = int8_member(values, directory, f"trial-{number}")
     record = ModelRecord.read(member.path)
@@ -640,9 +640,9 @@ def trial_rows(study: Any, goals: SearchGoals, remeasured: dict[int, float]) -> 
 def remeasure(params: Params, study: Any, numbers: list[int]) -> dict[int, float]:
     """The candidates' p50 again, side by side in ONE interleaved run (trial timings taken while other
     workers trained are noisy), with the benchmark section's run lengths."""
-    from pipeline.family import MEMBER_KINDS
-    from pipeline.latency import one_thread_latency, quiet_machine
-    from pipeline.prepared import load_prepared
+    from pipeline.data.prepared import load_prepared
+    from pipeline.evaluation.family import MEMBER_KINDS
+    from pipeline.evaluation.latency import one_thread_latency, quiet_machine
 
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     members, seen = [], set()
@@ -714,7 +714,7 @@ def summarize(
     extra_overrides: list[str] = (),
 ) -> dict[str, Any]:
     """Re-time the candidates, choose the winner, write reports/search/ and return the summary."""
-    from pipeline.plots import search_plot
+    from pipeline.evaluation.plots import search_plot
 
     cfg = params.search
     goals = cfg.goals
@@ -885,7 +885,7 @@ def record_test_metrics(out: Path, summary: dict[str, Any], test: dict[str, floa
 
 
 def teacher_validation_f1(params: Params) -> float:
-    from pipeline.record import ModelRecord
+    from pipeline.evaluation.record import ModelRecord
 
     return ModelRecord.read(params.path(params.paths.teacher)).validation["macro_f1"]
 
@@ -941,8 +941,8 @@ def run_search(
     `compress(params, kd_method)` runs the compression stages of one trial (scripts/search.py)."""
     import mlflow
 
+    from pipeline.data.prepared import write_view
     from pipeline.io import exclusive_lock
-    from pipeline.prepared import write_view
 
     check_space(params)
     cfg = params.search

@@ -1,5 +1,5 @@
 """The family table (JSON rows, Markdown, CSV), the Pareto front and the choice of the champion under
-an SLA: pure functions of the benchmark and the members' records. The figures are in pipeline.plots."""
+an SLA: pure functions of the benchmark and the members' records. The figures are in pipeline.evaluation.plots."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import io
 from typing import Any
 
 from pipeline.config import SLAConfig
-from pipeline.latency import ONE_SESSION, SESSIONS
-from pipeline.record import ModelRecord
+from pipeline.evaluation.latency import ONE_SESSION, SESSIONS
+from pipeline.evaluation.record import ModelRecord
 
 # Columns of family.json, in table order, with how to pick the best value of each.
 COLUMNS: list[tuple[str, str, str | None]] = [

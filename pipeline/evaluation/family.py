@@ -84,7 +84,7 @@ class OnnxRunnable(Runnable):
     """One ONNX Runtime session per thread count (ORT fixes the count when it creates a session)."""
 
     def __init__(self, model_dir: Path, threads: list[int]) -> None:
-        from pipeline.onnx import OnnxClassifier
+        from pipeline.export.onnx import OnnxClassifier
 
         self.model_dir = model_dir
         self.classifiers = {t: OnnxClassifier.load(model_dir, intra_op_threads=t) for t in threads}
@@ -172,8 +172,8 @@ class TorchInt8Member(Member):
 
     @classmethod
     def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
+        from pipeline.compression.quantization import load_quantized
         from pipeline.models import load_tokenizer
-        from pipeline.quantization import load_quantized
 
         # The fastest attention the architecture has, as for fp32 members.
         model = load_quantized(model_dir, attn_implementation=None)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import labels as label_utils
+from pipeline.data import labels as label_utils
 from pipeline.errors import DataError
 from pipeline.io import read_json, sha256_file, write_json, write_text_atomic
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataConfig, Params, TaskConfig, TransferConfig
+from pipeline.data.prepared import SPLITS, write_prepared, write_transfer
 from pipeline.errors import DataError
 from pipeline.io import sha256_file
-from pipeline.prepared import SPLITS, write_prepared, write_transfer
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def split_examples(
     if not examples:
         raise DataError("the input has no examples; check data.source and data.path")
     if params.task.type == "multi_label":
-        from pipeline.multilabel import iterative_split
+        from pipeline.data.multilabel import iterative_split
 
         return iterative_split(
             examples, names, cfg.validation_fraction, cfg.test_fraction, cfg.seed,

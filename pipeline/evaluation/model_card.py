@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.family import REFERENCE, family
+from pipeline.data.prepared import MANIFEST_FILE
+from pipeline.evaluation.family import REFERENCE, family
+from pipeline.evaluation.record import INFO_FILE
 from pipeline.io import read_json, write_text_atomic
-from pipeline.prepared import MANIFEST_FILE
-from pipeline.record import INFO_FILE
 
 CARD_FILE = "README.md"
 
@@ -151,7 +151,7 @@ def render_card(
         "Command line (ONNX Runtime and `tokenizers` only, no torch):",
         "",
         "```bash",
-        f'python -m pipeline.predict --model {model_dir} --json "Operating profit rose sharply."',
+        f'python -m pipeline.export.predict --model {model_dir} --json "Operating profit rose sharply."',
         "```",
         "",
         "MLflow (when this member is the registered champion; `make serve` serves it over HTTP):",
@@ -187,7 +187,7 @@ def render_card(
     if multi:
         lines.append(
             "- Multi-label decisions use the per-label thresholds in config.json (`label_thresholds`); "
-            "`pipeline.predict` and the MLflow model apply them, the transformers pipeline does not "
+            "`pipeline.export.predict` and the MLflow model apply them, the transformers pipeline does not "
             "(it returns scores: compare each with its label's threshold)."
         )
     if info.get("isa"):

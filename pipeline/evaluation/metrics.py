@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from pipeline import labels as label_utils
 from pipeline.config import EvaluationConfig
+from pipeline.data import labels as label_utils
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:

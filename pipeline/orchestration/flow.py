@@ -5,7 +5,7 @@ The tasks come from DVC's own stage graph (`Repo.index.graph`), never restated h
 artifact, so a flow run and a `dvc repro` can never disagree. Prefect adds scheduling, retries of
 transient failures, parallel or distributed execution, logs and artifacts in its UI.
 
-Run it once:            python -m pipeline.flow [key=value ...]
+Run it once:            python -m pipeline.orchestration.flow [key=value ...]
 On a schedule:          prefect.yaml (deployment `nightly`), see the Makefile's prefect-* targets.
 On a Dask cluster:      compress_family(dask_address="tcp://scheduler:8786") (workers need the
                         project at the same path, e.g. on a shared filesystem).
@@ -32,7 +32,7 @@ from pipeline.config import Params, load_params
 from pipeline.errors import ConfigError
 from pipeline.tracking import PIPELINE_RUN_ENV
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Written by the report stage; published as a Prefect artifact when present after a run.
 COMPARISON_REPORT = "comparison.md"
 

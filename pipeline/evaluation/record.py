@@ -17,10 +17,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.config import EvaluationConfig
+from pipeline.data.prepared import Prepared
 from pipeline.errors import ModelError
+from pipeline.evaluation.metrics import evaluate_logits, summary
 from pipeline.io import read_json, write_json
-from pipeline.metrics import evaluate_logits, summary
-from pipeline.prepared import Prepared
 
 INFO_FILE = "checkpoint_info.json"
 

@@ -1,8 +1,8 @@
 """Classify texts with an exported ONNX model.
 
-    python -m pipeline.predict --model models/student_onnx/int8 "Profit rose." "Sales fell."
-    python -m pipeline.predict --model models/student_onnx/int8 --file headlines.txt --json
-    cat headlines.txt | python -m pipeline.predict --model models/student_onnx/int8
+    python -m pipeline.export.predict --model models/student_onnx/int8 "Profit rose." "Sales fell."
+    python -m pipeline.export.predict --model models/student_onnx/int8 --file headlines.txt --json
+    cat headlines.txt | python -m pipeline.export.predict --model models/student_onnx/int8
 
 Runs on ONNX Runtime and the `tokenizers` library only (torch and transformers are never imported,
 so a serving image needs neither). Texts come from the arguments, or --file, or standard input, one
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError, FinCompressError, unexpected_error_message
-from pipeline.onnx import OnnxClassifier
+from pipeline.export.onnx import OnnxClassifier
 
 
 def _int_at_least(minimum: int):
@@ -37,7 +37,7 @@ def _int_at_least(minimum: int):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipeline.export.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="an exported model directory (model.onnx, config, tokenizer)")
     parser.add_argument("texts", nargs="*", help="texts to classify (default: --file, else standard input)")

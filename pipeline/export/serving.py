@@ -4,7 +4,7 @@
     model.predict(pd.DataFrame({"text": ["Operating profit rose.", "Net sales fell."]}))
     model.predict(["Operating profit rose."])  # a list of strings works too
 
-Each row of the answer is what `python -m pipeline.predict --json` prints for the text: `text`,
+Each row of the answer is what `python -m pipeline.export.predict --json` prints for the text: `text`,
 `label` (multi-label models: `labels`, every label at or above its threshold from config.json) and
 `probabilities` by class name. The model wraps the exported directory (model.onnx, tokenizer.json,
 config.json) through `OnnxClassifier`, so loading and serving it needs ONNX Runtime, `tokenizers`,
@@ -27,14 +27,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.errors import DataError
-from pipeline.onnx import OnnxClassifier
-from pipeline.predict import classify
+from pipeline.export.onnx import OnnxClassifier
+from pipeline.export.predict import classify
 
 MODEL_DIR = "model_dir"  # the pyfunc artifact holding the exported directory
 TEXT_COLUMN = "text"
-# The modules the pyfunc imports when MLflow loads it (pipeline.serving and what it imports): shipped
+# The modules the pyfunc imports when MLflow loads it (pipeline.export.serving and what it imports): shipped
 # as code_paths, so the served model never needs the rest of `pipeline` (torch, transformers, optimum).
-SERVING_MODULES = ("__init__", "errors", "io", "labels", "onnx", "predict", "serving")
+# The modules (relative to pipeline/) that serving imports, with the package __init__ files on the way.
+SERVING_MODULES = (
+    "__init__.py", "errors.py", "io.py", "data/__init__.py", "data/labels.py",
+    "export/__init__.py", "export/onnx.py", "export/predict.py", "export/serving.py",
+)
 # The libraries inference needs; pinned to the versions the model was checked with.
 REQUIREMENTS = ("mlflow", "onnxruntime", "onnx", "tokenizers", "numpy", "pandas")
 EXAMPLE_TEXTS = ["Operating profit rose sharply in the third quarter.", "Net sales fell by 5 percent."]
@@ -102,12 +106,12 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
 @contextmanager
 def serving_code() -> Iterator[Path]:
     """A temporary copy of the `pipeline` package holding only SERVING_MODULES, for code_paths."""
-    source = Path(__file__).resolve().parent
+    source = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="fincompress-serving-") as tmp:
         package = Path(tmp) / "pipeline"
-        package.mkdir()
         for name in SERVING_MODULES:
-            shutil.copy2(source / f"{name}.py", package / f"{name}.py")
+            (package / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, package / name)
         yield package
 
 

@@ -5,7 +5,7 @@ multi-label thresholds) and the tokenizer files, with tokenizer_config.json's mo
 pinned to the length the pipeline evaluates at. `OnnxClassifier` serves such a directory with
 ONNX Runtime and the `tokenizers` library only: this module never imports torch or transformers,
 so the predict command and the benchmark can load it into a torch-free process. Exporting and
-quantizing (optimum, torch) live in `pipeline.onnx_export`.
+quantizing (optimum, torch) live in `pipeline.export.onnx_export`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from pipeline.data.labels import decide, probabilities
 from pipeline.errors import ModelError
 from pipeline.io import dir_size_mb, read_json
-from pipeline.labels import decide, probabilities
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"

@@ -1,0 +1,1 @@
+"""Running the DAG as a whole: the Prefect flow and the compression search."""
