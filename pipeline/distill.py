@@ -36,7 +36,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import ModelOutput
 
-from pipeline.config import KDTerms
+from pipeline.config.students import KDTerms
 from pipeline.errors import ConfigError, FinCompressError
 
 log = logging.getLogger(__name__)

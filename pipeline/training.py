@@ -25,7 +25,9 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from pipeline.config import Params, TaskConfig, TrainingBudget
+from pipeline.config import Params
+from pipeline.config.base import TrainingBudget
+from pipeline.config.data import TaskConfig
 from pipeline.data import labels as label_utils
 from pipeline.data.prepared import Prepared
 from pipeline.errors import ConfigError

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DataConfig, Params, TaskConfig, TransferConfig
+from pipeline.config import Params
+from pipeline.config.data import DataConfig, TaskConfig, TransferConfig
 from pipeline.data.prepared import SPLITS, write_prepared, write_transfer
 from pipeline.errors import DataError
 from pipeline.io import sha256_file

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from pipeline.config import EvaluationConfig
+from pipeline.config.evaluation import EvaluationConfig
 from pipeline.data import labels as label_utils
 
 

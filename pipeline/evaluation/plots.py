@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from pipeline.config import SLAConfig  # noqa: E402
+from pipeline.config.evaluation import SLAConfig  # noqa: E402
 
 
 def pareto_plot(

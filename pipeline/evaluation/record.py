@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.config import EvaluationConfig
+from pipeline.config.evaluation import EvaluationConfig
 from pipeline.data.prepared import Prepared
 from pipeline.errors import ModelError
 from pipeline.evaluation.metrics import evaluate_logits, summary

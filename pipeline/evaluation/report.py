@@ -7,7 +7,7 @@ import csv
 import io
 from typing import Any
 
-from pipeline.config import SLAConfig
+from pipeline.config.evaluation import SLAConfig
 from pipeline.evaluation.latency import ONE_SESSION, SESSIONS
 from pipeline.evaluation.record import ModelRecord
 

@@ -23,7 +23,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from pipeline import training
 from pipeline.architectures import architecture_for, ffn_width_key
-from pipeline.config import KDTerms, Params, StudentConfig
+from pipeline.config import Params
+from pipeline.config.students import KDTerms, StudentConfig
 from pipeline.data.prepared import load_prepared
 from pipeline.distill import DistillationTrainer, build_kd_loss, resolve_layer_map
 from pipeline.errors import ConfigError, ModelError

@@ -36,15 +36,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import (
-    INTEGER_DIMENSIONS,
-    Choices,
-    Params,
-    Range,
-    SearchConfig,
-    SearchGoals,
-    params_from_dict,
-)
+from pipeline.config import Params, params_from_dict
+from pipeline.config.search import INTEGER_DIMENSIONS, Choices, Range, SearchConfig, SearchGoals
 from pipeline.errors import ConfigError, FinCompressError, TransientError
 from pipeline.io import write_json, write_text_atomic
 

@@ -1,0 +1,72 @@
+"""Params of the compression stages: `prune` (with its KD recovery), `quantize` and `export_onnx`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config.base import Section, TrainingBudget
+from pipeline.config.students import KDTerms
+
+
+class RecoveryConfig(TrainingBudget, KDTerms):
+    epochs: float = Field(3, gt=0, le=1000)
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    hidden_weight: float = Field(1.0, ge=0)
+
+
+class PruneConfig(Section):
+    # The model directory to prune: normally a student from an earlier stage (a path, so DVC can
+    # track exactly this dependency).
+    source: str = "models/student_intermediate"
+    # `structured`: remove whole heads and FFN neurons (faster on CPU); `magnitude`: global
+    # unstructured magnitude pruning, for comparison only (dense kernels get no faster from it).
+    method: Literal["structured", "magnitude"] = "structured"
+    # Share of attention heads to remove in every layer (at least one head per layer always stays).
+    heads_ratio: float = Field(0.5, ge=0, lt=1)
+    # Architectures whose config cannot describe fewer heads (MPNet, DeBERTa-v2/v3, ModernBERT):
+    # `auto` keeps their heads and says so in the log and the metrics; `required` fails before any
+    # training instead.
+    head_pruning: Literal["auto", "required"] = "auto"
+    # Share of FFN intermediate neurons to remove; every layer keeps the same width.
+    ffn_ratio: float = Field(0.75, ge=0, lt=1)
+    # magnitude only: final share of zeroed weights in the encoder's linear layers.
+    sparsity: float = Field(0.5, ge=0, lt=1)
+    # Prune in this many equal steps, each followed by recovery with 1/steps of the budget.
+    steps: int = Field(1, ge=1, le=20)
+    # Training batches used to accumulate head and neuron importance.
+    importance_batches: int = Field(32, ge=1)
+    # `corpus`: keep only the tokens the training data uses (plus specials, single characters or
+    # bytes, and vocab_keep_top others), an error if this tokenizer cannot be trimmed; `auto`: trim
+    # when the tokenizer is WordPiece, byte-level BPE or Unigram, else keep it and say so; `none`: keep.
+    vocab: Literal["auto", "none", "corpus"] = "auto"
+    vocab_keep_top: int = Field(2000, ge=0)
+    recovery: RecoveryConfig = RecoveryConfig()
+
+
+class QuantizeConfig(Section):
+    # Quantized engine for torch dynamic INT8: `auto` picks fbgemm on x86 and qnnpack on ARM.
+    engine: Literal["auto", "fbgemm", "qnnpack", "x86"] = "auto"
+
+
+class ExportOnnxConfig(Section):
+    opset: int = Field(18, ge=13, le=21)
+    # `auto`: from the CPU this stage runs on (AVX-512 VNNI, AVX-512, AVX2, ARM64).
+    isa: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = "auto"
+    per_channel: bool = True
+    # Also quantize the word-embedding Gather (roughly half the weights of a small model).
+    quantize_embeddings: bool = True
+    # INT8 scheme: dynamic (activations quantized per call), static (QDQ, calibrated ranges) or both.
+    quantization: Literal["dynamic", "static", "both"] = "dynamic"
+    # Static INT8: at most this many training texts calibrate the activation ranges, with this method.
+    calibration_texts: int = Field(256, ge=1)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # INT8 failing its gates on validation: up to this many rounds, each keeping in fp32 the nodes that add the most error.
+    fallback_rounds: int = Field(2, ge=0)
+    fallback_nodes_per_round: int = Field(2, ge=1)
+    # Parity gates (over the whole test split); failing any fails the stage.
+    max_abs_logit_diff: float = Field(1e-3, gt=0)
+    min_int8_label_agreement: float = Field(0.98, ge=0, le=1)
+    max_int8_f1_drop: float = Field(0.01, ge=0, le=1)
+    export_teacher: bool = True

@@ -1,0 +1,90 @@
+"""Params of the data: the task (single- or multi-label, token length), the source and its split, and the
+optional unlabelled transfer texts (sections `task`, `data`, `transfer`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config.base import Section
+
+# The bundled demo dataset (authored for this project).
+DEMO_PATH = "data/demo/financial_news_sentiment.csv"
+
+
+class TaskConfig(Section):
+    type: Literal["single_label", "multi_label"] = "single_label"
+    # Tokens per text, for the teacher and every member after it (each with its tokenizer: the
+    # teacher's, or a pretrained student's own): training, evaluation, export, benchmark and serving
+    # all cut texts at this length.
+    max_length: int = Field(128, ge=8, le=8192)
+    # multi_label only: a label is predicted when its probability is at least this.
+    threshold: float = Field(0.5, gt=0, lt=1)
+    # multi_label only: tune one threshold per label on the validation split and save it with the model.
+    tune_thresholds: bool = False
+    # multi_label only: what to do when a label has no positive example in some split.
+    missing_label_in_split: Literal["error", "warn"] = "error"
+    # multi_label only: BCE weight of positive examples per label; `auto`: negatives / positives in
+    # the training split (rare labels weigh more); `none`: 1 for every label.
+    pos_weight: Literal["none", "auto"] | list[float] = "none"
+
+
+class DataConfig(Section):
+    source: Literal["demo", "phrasebank", "csv", "jsonl", "hub"] = "demo"
+    # The input file (phrasebank/csv/jsonl), or the bundled demo CSV for `demo`. DVC tracks it as a
+    # dependency, so it must be a file that exists; with `hub` it is unused (leave the default).
+    path: str = DEMO_PATH
+    text_column: str = "text"
+    label_column: str = "label"
+    # Class names in id order. null: the sorted set of labels found in the data.
+    label_names: list[str] | None = ["negative", "neutral", "positive"]
+    # Raw label -> class name, applied before validation (e.g. {"0": negative, bearish: negative}).
+    label_map: dict[str, str] = {}
+    # multi_label with one column holding several labels: the separator (a JSON list also works).
+    label_separator: str = ";"
+    # multi_label with one 0/1 column per label: those columns (label_column is then ignored).
+    label_columns: list[str] | None = None
+    # hub: a Hugging Face dataset id (e.g. takala/financial_phrasebank) or a local dataset folder.
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    # hub: which split(s) to read; null reads every split and re-splits them here.
+    hub_split: str | None = None
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42
+
+    @field_validator("label_names")
+    @classmethod
+    def _distinct_labels(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None:
+            if len(names) < 2:
+                raise ValueError("needs at least two class names")
+            if len(set(names)) != len(names):
+                raise ValueError(f"class names must be distinct, got {names}")
+        return names
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.validation_fraction + self.test_fraction >= 0.8:
+            raise ValueError(
+                "validation_fraction + test_fraction must be below 0.8 so training keeps most of the data"
+            )
+        if self.source == "hub" and not self.hub_dataset:
+            raise ValueError("data.source=hub needs data.hub_dataset (a dataset id or a local dataset folder)")
+        if self.source == "demo" and self.path != DEMO_PATH:
+            raise ValueError(
+                f"data.source=demo reads the bundled set at {DEMO_PATH}; for your own file set "
+                "data.source to csv, jsonl or phrasebank"
+            )
+        return self
+
+
+class TransferConfig(Section):
+    # Unlabelled in-domain texts the KD students also learn from (teacher soft targets only); null: none.
+    path: str | None = None
+    # auto: .csv -> csv, .jsonl -> jsonl, otherwise phrasebank when every line ends in @<sentiment>,
+    # else one text per line. Labels in the file are ignored.
+    format: Literal["auto", "text", "csv", "jsonl", "phrasebank"] = "auto"
+    text_column: str = "text"  # csv/jsonl: the column with the text
+    max_texts: int | None = Field(None, ge=1)  # keep at most this many (the first, in file order)

@@ -1,0 +1,68 @@
+"""Params of the students: their shape and budget (`student`, shared by the three student stages) and
+the KD terms of each distillation stage (`distill_vanilla`, `distill_intermediate`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.config.base import Section, TrainingBudget
+
+
+class StudentConfig(TrainingBudget):
+    # Transformer layers of the student; null: half of the teacher's (rounded up).
+    num_layers: int | None = Field(3, ge=1, le=96)
+    # Hidden size; null: the teacher's. A different size needs init: random or a pretrained model.
+    hidden_size: int | None = Field(None, ge=8, le=8192)
+    num_heads: int | None = Field(None, ge=1, le=128)
+    intermediate_size: int | None = Field(None, ge=8, le=65536)
+    # `teacher`: copy the embeddings and uniformly spaced layers of the fine-tuned teacher (DistilBERT);
+    # `random`: fresh weights; anything else: a pretrained model (`minilm-l6`, an id or a directory)
+    # whose uniformly spaced layers start the student, at its own width. When its tokenizer differs
+    # from the teacher's it keeps it, and KD reads the teacher's cached outputs by text (README).
+    init: str = "teacher"
+    # Students train for longer than the teacher does.
+    epochs: float = Field(6, gt=0, le=1000)
+
+
+class KDTerms(Section):
+    # Softmax temperature T for the soft targets (the soft loss is scaled by T^2).
+    temperature: float = Field(4.0, gt=0, le=100)
+    # Weight of the soft (teacher) term; (1 - alpha) weighs the hard-label cross-entropy.
+    # Convention: Hinton et al. and DistilBERT weigh the soft term; some papers swap them.
+    alpha: float = Field(0.7, ge=0, le=1)
+    # Optional relation term: MSE between the batch's pairwise cosine-similarity matrices of the
+    # student and teacher logits (relational KD). 0 disables it.
+    relation_weight: float = Field(0.0, ge=0)
+    # multi_label only: a soft-term weight per label replacing alpha label by label (rare labels can
+    # lean more on the teacher); null uses alpha for every label.
+    label_alpha: list[float] | None = None
+
+    @field_validator("label_alpha")
+    @classmethod
+    def _alphas(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(not 0 <= a <= 1 for a in value):
+            raise ValueError(f"every label_alpha must be within [0, 1], got {value}")
+        return value
+
+
+class DistillVanillaConfig(KDTerms):
+    pass
+
+
+class DistillIntermediateConfig(KDTerms):
+    # Weight of the hidden-state MSE (embedding output included) over mapped layers.
+    hidden_weight: float = Field(1.0, ge=0)
+    # Weight of the attention-map MSE over mapped layers.
+    attention_weight: float = Field(10.0, ge=0)
+    # `auto`: student layer i (1-based) learns from teacher layer round(i * T / S); or an explicit
+    # list with one teacher layer (1-based) per student layer.
+    layer_map: Literal["auto"] | list[int] = "auto"
+
+    @field_validator("layer_map")
+    @classmethod
+    def _positive_layers(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(layer < 1 for layer in value):
+            raise ValueError(f"teacher layers are numbered from 1, got {value}")
+        return value
