@@ -1,11 +1,10 @@
-"""Loading and saving models (every save proven to reload to the same logits), sources, layer maps,
-sizes and parameter counts. Students are built in pipeline/kd/students.py."""
+"""Loading and saving models (every save proven to reload to the same logits), sources, sizes and
+parameter counts. Students are built, and their layers mapped, in pipeline/kd/ (students.py, layer_map.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -133,23 +132,8 @@ def load_trained_with_tokenizer(
     return model, tokenizer
 
 
-# How many training texts `same_tokenizer` encodes with both tokenizers (enough to catch another
-# casing, normalisation or splitting rule; cheap for any tokenizer).
-TOKENIZER_SAMPLE = 256
 
 
-def same_tokenizer(
-    first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, texts: list[str], max_length: int
-) -> bool:
-    """True when the two tokenizers have the same vocabulary (token -> id) and give the very same ids
-    for a sample of `texts` (the first TOKENIZER_SAMPLE, and the probe sentences): a student with
-    such a tokenizer can read the teacher's token ids. Another casing or normalisation with the same
-    vocabulary counts as different."""
-    if first.get_vocab() != second.get_vocab():
-        return False
-    sample = list(texts[:TOKENIZER_SAMPLE]) + RELOAD_PROBE
-    encode = {"truncation": True, "max_length": max_length}
-    return first(sample, **encode)["input_ids"] == second(sample, **encode)["input_ids"]
 
 
 def check_model_dir(
@@ -233,23 +217,6 @@ def state_fingerprint(model: nn.Module) -> str:
 def decision_thresholds(model: PreTrainedModel, default: float) -> float | list[float]:
     """Multi-label decision thresholds saved with the model (tuned on validation), else `default`."""
     return getattr(model.config, "label_thresholds", None) or default
-
-
-# --------------------------------------------------------------------------- layer maps
-
-
-def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Teacher layer (1-based) for each student layer, evenly spaced and ending at the last layer.
-
-    A 3-layer student of a 6-layer teacher gets [2, 4, 6].
-    """
-    if student_layers > teacher_layers:
-        raise ConfigError(
-            f"a {student_layers}-layer student cannot map onto a {teacher_layers}-layer teacher uniformly; "
-            "give distill_intermediate.layer_map explicitly"
-        )
-    return [math.ceil((i + 1) * teacher_layers / student_layers - 1e-9) for i in range(student_layers)]
-
 
 
 # --------------------------------------------------------------------------- inference

@@ -14,26 +14,27 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import training
 from pipeline.compression import pruning
 from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
-from pipeline.distill import DistillationTrainer, build_kd_loss
 from pipeline.errors import ConfigError
 from pipeline.evaluation.record import evaluate_and_record
 from pipeline.io import atomic_dir
 from pipeline.kd import teacher_logits
+from pipeline.kd.layer_map import uniform_layer_map
+from pipeline.kd.students import same_tokenizer
+from pipeline.kd.terms import build_kd_loss
 from pipeline.models import (
     count_parameters,
     load_trained_with_tokenizer,
     logits_fn,
-    same_tokenizer,
     save_model,
     state_fingerprint,
-    uniform_layer_map,
     weights_size_mb,
 )
 from pipeline.stage import Stage
+from pipeline.training import checkpoints, encoding, loss, results
+from pipeline.training.trainer import DistillationTrainer, compute_metrics_fn, train, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ def run(params: Params) -> dict[str, Any]:
         log.warning("prune.vocab=auto keeps the whole vocabulary: %s", vocab_problem)
 
     max_length = params.task.max_length
-    datasets = training.encode_splits(prepared, tokenizer, max_length)
-    collator = training.Collator(tokenizer)
+    datasets = encoding.encode_splits(prepared, tokenizer, max_length)
+    collator = encoding.Collator(tokenizer)
     recovery = cfg.recovery
     layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     kd = build_kd_loss(
@@ -87,7 +88,7 @@ def run(params: Params) -> dict[str, Any]:
         datasets["train"], prepared, tokenizer, max_length, kd, params.path(params.paths.teacher_logits),
         state_fingerprint(teacher),
     )
-    pos_weight = training.pos_weight(task, datasets["train"], names)
+    pos_weight = loss.pos_weight(task, datasets["train"], names)
 
     magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
     removed: dict[int, list[int]] = {}
@@ -111,7 +112,7 @@ def run(params: Params) -> dict[str, Any]:
         scratch = params.path(params.paths.checkpoints) / STAGE.name / f"step{step}"
         trainer = DistillationTrainer(
             model=student,
-            args=training.training_arguments(
+            args=training_arguments(
                 recovery,
                 scratch,
                 num_train_epochs=recovery.epochs / cfg.steps,
@@ -122,17 +123,17 @@ def run(params: Params) -> dict[str, Any]:
             eval_dataset=datasets["validation"],
             data_collator=collator,
             processing_class=tokenizer,
-            compute_metrics=training.compute_metrics_fn(task.type, task.threshold),
+            compute_metrics=compute_metrics_fn(task.type, task.threshold),
             kd=kd,
             teacher=teacher if shared else None,  # another tokenizer: only the teacher's cached outputs
             pos_weight=pos_weight,
             callbacks=[magnitude] if magnitude else None,
         )
-        seconds += training.train(trainer, None)  # a pruned architecture is not resumable mid-way
+        seconds += train(trainer, None)  # a pruned architecture is not resumable mid-way
         offset = curve[-1]["step"] if curve else 0
         curve += [{**row, "step": row["step"] + offset, "prune_step": step + 1}
-                  for row in training.curve_rows(trainer.state.log_history)]
-        training.finish(trainer, scratch)
+                  for row in results.curve_rows(trainer.state.log_history)]
+        checkpoints.finish(trainer, scratch)
     student = student.cpu().eval()
 
     info: dict[str, Any] = {"method": cfg.method, "source": cfg.source, "tokenizer": "teacher" if shared else "own"}
@@ -178,7 +179,7 @@ def run(params: Params) -> dict[str, Any]:
         }
     )
     predict = logits_fn(student, tokenizer, max_length)
-    thresholds = training.store_tuned_thresholds(student, task, predict, prepared)
+    thresholds = results.store_tuned_thresholds(student, task, predict, prepared)
     out = params.path(params.paths.pruned)
     with atomic_dir(out) as tmp:
         save_model(student, tokenizer, tmp)  # proves the pruned layout reloads to the same logits
@@ -207,7 +208,7 @@ def run(params: Params) -> dict[str, Any]:
             metrics[key] = info[key]
     if not shared:
         metrics["shared_tokenizer"] = 0
-    training.record_curve(curve, params.path(params.paths.curves) / f"{STAGE.name}.csv")
+    results.record_curve(curve, params.path(params.paths.curves) / f"{STAGE.name}.csv")
     return metrics
 
 

@@ -13,8 +13,8 @@ from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
 from pipeline.io import atomic_dir
 from pipeline.kd import teacher_logits
-from pipeline.kd.students import init_tokenizer
-from pipeline.models import load_trained_with_tokenizer, same_tokenizer, state_fingerprint
+from pipeline.kd.students import init_tokenizer, same_tokenizer
+from pipeline.models import load_trained_with_tokenizer, state_fingerprint
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,14 @@ from typing import Any
 
 from transformers import set_seed
 
-from pipeline import training
 from pipeline.config import Params
 from pipeline.data import labels
 from pipeline.data.prepared import load_prepared
-from pipeline.distill import DistillationTrainer, build_kd_loss
 from pipeline.models import check_max_length, load_pretrained_classifier, load_tokenizer, resolve_model_source
 from pipeline.stage import Stage
+from pipeline.training import checkpoints, encoding, loss, results
+from pipeline.training.loss import hard_labels_only
+from pipeline.training.trainer import DistillationTrainer, compute_metrics_fn, train, training_arguments
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -30,30 +31,30 @@ def run(params: Params) -> dict[str, Any]:
         source, names, labels.problem_type(params.task.type), cfg.trust_remote_code
     )
     check_max_length(model, params.task.max_length, "task.max_length")
-    datasets = training.encode_splits(prepared, tokenizer, params.task.max_length)
-    key = training.fingerprint(params.section("teacher"), params.section("task"), prepared.content_hash)
-    scratch, resume = training.checkpoint_dir(params, STAGE.name, key)
+    datasets = encoding.encode_splits(prepared, tokenizer, params.task.max_length)
+    key = checkpoints.fingerprint(params.section("teacher"), params.section("task"), prepared.content_hash)
+    scratch, resume = checkpoints.checkpoint_dir(params, STAGE.name, key)
     trainer = DistillationTrainer(
         model=model,
-        args=training.training_arguments(cfg, scratch),
+        args=training_arguments(cfg, scratch),
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"],
-        data_collator=training.Collator(tokenizer),
+        data_collator=encoding.Collator(tokenizer),
         processing_class=tokenizer,
-        compute_metrics=training.compute_metrics_fn(params.task.type, params.task.threshold),
-        kd=build_kd_loss(None, params.task.type),  # hard labels only: no teacher for the teacher
-        pos_weight=training.pos_weight(params.task, datasets["train"], names),
+        compute_metrics=compute_metrics_fn(params.task.type, params.task.threshold),
+        kd=hard_labels_only(params.task.type),  # no teacher for the teacher
+        pos_weight=loss.pos_weight(params.task, datasets["train"], names),
     )
-    seconds = training.train(trainer, resume)
-    record = training.save_trained(
+    seconds = train(trainer, resume)
+    record = results.save_trained(
         trainer, tokenizer, params.path(params.paths.teacher), prepared, params,
         member=STAGE.member, stage=STAGE.name, source=cfg.model, training_seconds=seconds,
         params={"teacher": params.section("teacher")},
     )
     if record is None:  # not the main process of a distributed run
         return {}
-    training.record_curve(training.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{STAGE.name}.csv")
-    training.finish(trainer, scratch)
+    results.record_curve(results.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{STAGE.name}.csv")
+    checkpoints.finish(trainer, scratch)
     return record.metrics()
 
 

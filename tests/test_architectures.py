@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError, ModelError
 from pipeline.evaluation.record import ModelRecord
 from pipeline.kd.students import build_student
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
-from pipeline.training import Collator, encode
+from pipeline.training.encoding import Collator, encode
 from scripts.tiny_project import (
     TINY_ARCHITECTURES,
     TINY_CSV,

@@ -15,22 +15,22 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from pipeline.config import DistillIntermediateConfig, StudentConfig, params_from_dict
 from pipeline.data.prepared import load_prepared
-from pipeline.distill import NEEDS_SHARED_TOKENIZER, KDBatch, build_kd_loss, mean_pool, relative_mse
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.record import ModelRecord
 from pipeline.export.onnx import OnnxClassifier
 from pipeline.kd import teacher_logits as cache
-from pipeline.kd.students import build_student, student_tokenizer
+from pipeline.kd.students import build_student, same_tokenizer, student_tokenizer
+from pipeline.kd.terms import NEEDS_SHARED_TOKENIZER, build_kd_loss, mean_pool, relative_mse
 from pipeline.models import (
     load_pretrained_classifier,
     load_tokenizer,
     load_trained,
     load_trained_with_tokenizer,
     predict_logits,
-    same_tokenizer,
     state_fingerprint,
 )
-from pipeline.training import Collator, encode_splits
+from pipeline.training.encoding import Collator, encode_splits
+from pipeline.training.loss import KDBatch
 from scripts.tiny_project import make_tiny_bert, read_tiny_texts
 from stages import (
     distill_intermediate,

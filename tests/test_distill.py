@@ -16,31 +16,29 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from pipeline.config import DistillIntermediateConfig, DistillVanillaConfig, RecoveryConfig, StudentConfig
 from pipeline.data.labels import problem_type
 from pipeline.data.prepared import load_prepared
-from pipeline.distill import (
-    DistillationTrainer,
-    KDBatch,
+from pipeline.errors import ConfigError
+from pipeline.evaluation.record import ModelRecord, evaluate_splits
+from pipeline.kd.layer_map import resolve_layer_map, uniform_layer_map
+from pipeline.kd.students import build_student
+from pipeline.kd.teacher_logits import compute_teacher_outputs, precompute_teacher_logits
+from pipeline.kd.terms import (
     attention_mse,
     build_kd_loss,
-    compute_teacher_outputs,
     hidden_mse,
-    precompute_teacher_logits,
     relation_loss,
-    resolve_layer_map,
     soft_loss,
     soft_loss_multilabel,
 )
-from pipeline.errors import ConfigError
-from pipeline.evaluation.record import ModelRecord, evaluate_splits
-from pipeline.kd.students import build_student
 from pipeline.models import (
     load_pretrained_classifier,
     load_tokenizer,
     load_trained,
     load_trained_with_tokenizer,
     logits_fn,
-    uniform_layer_map,
 )
-from pipeline.training import Collator, encode, training_arguments
+from pipeline.training.encoding import Collator, encode
+from pipeline.training.loss import KDBatch
+from pipeline.training.trainer import DistillationTrainer, training_arguments
 from stages import distill_intermediate, distill_vanilla, student_baseline
 from tests.helpers import copy_project
 

@@ -26,13 +26,14 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from pipeline import tracking, training
+from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.evaluation import latency
 from pipeline.export.onnx import OnnxClassifier
 from pipeline.export.onnx_export import export_fp32
 from pipeline.export.predict import main as predict
+from pipeline.training import checkpoints
 from scripts.tiny_project import sh, tiny_params_tree, write_project
 from stages import prepare_data, train_teacher
 
@@ -215,7 +216,7 @@ def test_only_a_complete_checkpoint_is_resumed(tmp_path, caplog):
     no_state = _checkpoint(directory, 30, complete=True)
     (no_state / "trainer_state.json").unlink()
     with caplog.at_level(logging.INFO):
-        _, resume = training.checkpoint_dir(params, "train_teacher", "key")
+        _, resume = checkpoints.checkpoint_dir(params, "train_teacher", "key")
     assert resume == str(good)
     assert not half.exists() and not no_state.exists()
     assert f"removing the incomplete checkpoint {half}" in caplog.text

@@ -11,7 +11,7 @@ from pipeline.data.prepared import load_split
 from pipeline.errors import ConfigError
 from pipeline.evaluation.record import ModelRecord
 from pipeline.models import load_tokenizer, load_trained, predict_logits
-from pipeline.training import Collator, encode
+from pipeline.training.encoding import Collator, encode
 from stages import distill_intermediate, prune
 from tests.helpers import copy_project
 

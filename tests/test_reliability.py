@@ -17,9 +17,9 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline import distill
 from pipeline.errors import FinCompressError
 from pipeline.models import load_trained, state_fingerprint
+from pipeline.training import loss as training_loss
 from scripts.tiny_project import sh, tiny_params_tree, write_project
 from stages import prepare_data, train_teacher
 
@@ -91,7 +91,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, tiny_params
 def test_nan_loss_stops_training_and_marks_the_run_failed(tmp_path, tiny_params, monkeypatch):
     params = tiny_params()
     prepare_data.STAGE.execute(params)
-    monkeypatch.setattr(distill, "hard_loss", lambda logits, labels, *args: (logits * float("nan")).sum())
+    monkeypatch.setattr(training_loss, "hard_loss", lambda logits, labels, *args: (logits * float("nan")).sum())
     with pytest.raises(FinCompressError, match="training loss became nan at step 0"):
         train_teacher.STAGE.execute(params)
     assert not params.path(params.paths.teacher).exists()

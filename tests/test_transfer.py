@@ -15,13 +15,15 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from pipeline.config import DistillVanillaConfig, params_from_dict
 from pipeline.data.prepared import TRANSFER_FILE, load_prepared
-from pipeline.distill import KDBatch, build_kd_loss, precompute_teacher_logits
 from pipeline.errors import DataError, OutputError
 from pipeline.evaluation.record import ModelRecord
 from pipeline.io import check_output_paths
 from pipeline.kd import teacher_logits as cache
+from pipeline.kd.teacher_logits import precompute_teacher_logits
+from pipeline.kd.terms import build_kd_loss
 from pipeline.models import load_trained_with_tokenizer, predict_logits, state_fingerprint
-from pipeline.training import Collator, encode_splits
+from pipeline.training.encoding import Collator, encode_splits
+from pipeline.training.loss import KDBatch
 from stages import (
     distill_intermediate,
     distill_vanilla,

@@ -9,7 +9,7 @@ A pretrained `student.init` whose tokenizer differs from the teacher's (`student
 its own tokenizer, and every member made from it (pruned, quantized, ONNX, served) uses it too. Its
 KD then works on texts: the teacher's logits, and for the hidden-state term its mean-pooled hidden
 states, come from the teacher_logits cache (every teacher layer's, so any depth reads the same cache), looked up
-by text; the attention term is skipped and recorded (pipeline/distill.py)."""
+by text; the attention term is skipped and recorded (pipeline/kd/terms.py)."""
 
 from __future__ import annotations
 
@@ -21,27 +21,45 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline import training
 from pipeline.architectures import architecture_for, ffn_width_key
 from pipeline.config import Params
 from pipeline.config.students import KDTerms, StudentConfig
 from pipeline.data.prepared import load_prepared
-from pipeline.distill import DistillationTrainer, build_kd_loss, resolve_layer_map
 from pipeline.errors import ConfigError, ModelError
 from pipeline.kd import teacher_logits
+from pipeline.kd.layer_map import resolve_layer_map, uniform_layer_map
+from pipeline.kd.terms import build_kd_loss
 from pipeline.models import (
-    TOKENIZER_SAMPLE,
+    RELOAD_PROBE,
     check_max_length,
     load_pretrained_classifier,
     load_tokenizer,
     load_trained_with_tokenizer,
     resolve_model_source,
-    same_tokenizer,
     state_fingerprint,
-    uniform_layer_map,
 )
+from pipeline.training import checkpoints, encoding, loss, results
+from pipeline.training.trainer import DistillationTrainer, compute_metrics_fn, train, training_arguments
 
 log = logging.getLogger(__name__)
+
+# How many training texts `same_tokenizer` encodes with both tokenizers (enough to catch another
+# casing, normalisation or splitting rule; cheap for any tokenizer).
+TOKENIZER_SAMPLE = 256
+
+
+def same_tokenizer(
+    first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> bool:
+    """True when the two tokenizers have the same vocabulary (token -> id) and give the very same ids
+    for a sample of `texts` (the first TOKENIZER_SAMPLE, and the probe sentences): a student with
+    such a tokenizer can read the teacher's token ids. Another casing or normalisation with the same
+    vocabulary counts as different."""
+    if first.get_vocab() != second.get_vocab():
+        return False
+    sample = list(texts[:TOKENIZER_SAMPLE]) + RELOAD_PROBE
+    encode = {"truncation": True, "max_length": max_length}
+    return first(sample, **encode)["input_ids"] == second(sample, **encode)["input_ids"]
 
 
 def keep_layers(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
@@ -200,37 +218,37 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         hidden_sizes=(s_cfg.hidden_size, t_cfg.hidden_size), shared_tokenizer=shared,
     )
 
-    datasets = training.encode_splits(prepared, tokenizer, max_length)
-    collator = training.Collator(tokenizer)
-    pos_weight = training.pos_weight(params.task, datasets["train"], names)  # from the labelled texts only
+    datasets = encoding.encode_splits(prepared, tokenizer, max_length)
+    collator = encoding.Collator(tokenizer)
+    pos_weight = loss.pos_weight(params.task, datasets["train"], names)  # from the labelled texts only
     before = state_fingerprint(teacher)
     # KD students: the teacher's cached logits, plus the transfer texts (KD only) when there are any.
     datasets["train"] = teacher_logits.kd_train_dataset(
         datasets["train"], prepared, tokenizer, max_length, kd, params.path(params.paths.teacher_logits), before,
     )
     transfer_rows = len(datasets["train"]) - len(prepared.texts("train"))
-    key = training.fingerprint(
+    key = checkpoints.fingerprint(
         stage, params.section("student"), terms.model_dump() if terms else None, prepared.content_hash,
         before, *([prepared.manifest["transfer"]["sha256"]] if transfer_rows else []),
     )
-    scratch, resume = training.checkpoint_dir(params, stage, key)
+    scratch, resume = checkpoints.checkpoint_dir(params, stage, key)
     trainer = DistillationTrainer(
         model=student,
-        args=training.training_arguments(params.student, scratch),
+        args=training_arguments(params.student, scratch),
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"],
         data_collator=collator,
         processing_class=tokenizer,
-        compute_metrics=training.compute_metrics_fn(task_type, params.task.threshold),
+        compute_metrics=compute_metrics_fn(task_type, params.task.threshold),
         kd=kd,
         # A student with its own tokenizer reads only the cache: the teacher never sees its token ids.
         teacher=teacher if kd.needs_teacher and shared else None,
         pos_weight=pos_weight,
     )
-    seconds = training.train(trainer, resume)
+    seconds = train(trainer, resume)
     if state_fingerprint(teacher) != before:  # cannot happen unless the freezing is broken
         raise RuntimeError("the teacher's weights changed during distillation")
-    record = training.save_trained(
+    record = results.save_trained(
         trainer, tokenizer, params.path(out_path), prepared, params,
         member=member, stage=stage, source=params.paths.teacher, training_seconds=seconds,
         params={"student": params.section("student"), stage: terms.model_dump() if terms else {}},
@@ -246,8 +264,8 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
     )
     if record is None:  # not the main process of a distributed run
         return {}
-    training.record_curve(training.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{stage}.csv")
-    training.finish(trainer, scratch)
+    results.record_curve(results.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{stage}.csv")
+    checkpoints.finish(trainer, scratch)
     return {**record.metrics(), **tokenizer_flags(shared, kd.skipped)}
 
 

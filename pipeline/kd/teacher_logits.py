@@ -25,20 +25,72 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline import training
 from pipeline.data.prepared import Prepared
-from pipeline.distill import KDLoss, compute_teacher_outputs
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json
+from pipeline.kd.terms import mean_pool
+from pipeline.training import encoding
+from pipeline.training.loss import KDLoss
 
 CACHED_SPLITS = ("train", "transfer")
 INDEX_FILE = "index.json"
 POOLED_SUFFIX = ".pooled.npy"
 POOLED_DTYPE = np.float16
 RERUN = "re-run the teacher_logits stage (dvc repro teacher_logits, or python -m stages.teacher_logits)"
+
+
+# --------------------------------------------------------------------------- computing the outputs
+
+
+def precompute_teacher_logits(teacher: PreTrainedModel, dataset, collator, batch_size: int = 128):
+    """The dataset with the teacher's logits of every example as a `teacher_logits` column."""
+    return dataset.add_column("teacher_logits", compute_teacher_logits(teacher, dataset, collator, batch_size).tolist())
+
+
+def compute_teacher_logits(teacher: PreTrainedModel, dataset, collator, batch_size: int = 128) -> torch.Tensor:
+    """The teacher's logits (float32) for every example, in dataset order."""
+    return compute_teacher_outputs(teacher, dataset, collator, batch_size)[0]
+
+
+@torch.no_grad()
+def compute_teacher_outputs(
+    teacher: PreTrainedModel, dataset, collator, batch_size: int = 128, pooled_layers: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's logits (float32) for every example, in dataset order, and, when `pooled_layers`
+    are given (0: the embedding output), its mean-pooled hidden states of those layers
+    [examples, layers, hidden] (float32), from the same forward pass. Batches are formed from
+    examples sorted by length (little padding: about half the work on short texts of mixed length;
+    padding never changes an example's outputs), and the rows are put back in dataset order."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    columns = [c for c in dataset.column_names if c not in ("labels", "teacher_logits", "teacher_pooled", "has_label")]
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+    loader = DataLoader(dataset.select_columns(columns).select(by_length), batch_size=batch_size, collate_fn=collator)
+    chunks, pooled_chunks = [], []
+    for batch in tqdm(loader, desc="teacher outputs", unit="batch", leave=False):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        if not pooled_layers:
+            chunks.append(teacher(**batch).logits.float().cpu())
+            continue
+        outputs = teacher(**batch, output_hidden_states=True)
+        chunks.append(outputs.logits.float().cpu())
+        mask = batch["attention_mask"]
+        pooled_chunks.append(
+            torch.stack([mean_pool(outputs.hidden_states[layer].float(), mask) for layer in pooled_layers], dim=1).cpu()
+        )
+    order = torch.tensor(by_length).argsort()  # each row's position in the sorted batches
+    return torch.cat(chunks)[order], (torch.cat(pooled_chunks)[order] if pooled_layers else None)
+
+
+# --------------------------------------------------------------------------- the cache
 
 
 def texts_sha256(texts: list[str]) -> str:
@@ -55,8 +107,8 @@ def compute(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The teacher's logits for `texts`, tokenized and batched exactly as the students' training split,
     and its mean-pooled hidden states of `pooled_layers` (None when no layer is asked for)."""
-    dataset = training.encode_texts(texts, tokenizer, max_length)
-    logits, pooled = compute_teacher_outputs(teacher, dataset, training.Collator(tokenizer), pooled_layers=pooled_layers)
+    dataset = encoding.encode_texts(texts, tokenizer, max_length)
+    logits, pooled = compute_teacher_outputs(teacher, dataset, encoding.Collator(tokenizer), pooled_layers=pooled_layers)
     return logits.numpy(), (None if pooled is None else pooled.numpy())
 
 
@@ -175,7 +227,7 @@ def kd_train_dataset(
     transfer = prepared.transfer_texts()
     if not transfer:  # no has_label column: the loss is computed exactly as without a transfer set
         return train
-    extra = training.encode_texts(transfer, tokenizer, max_length)
+    extra = encoding.encode_texts(transfer, tokenizer, max_length)
     first = train[0]["labels"]
     placeholder = 0 if isinstance(first, int) else [0] * len(first)
     extra = extra.add_column("labels", [placeholder] * len(extra))

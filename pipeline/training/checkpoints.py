@@ -1,0 +1,71 @@
+"""Resumable training: the Trainer's scratch checkpoints of a stage, resumed only by a run with the same
+params and data, and removed once the final model is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from pipeline.config import Params
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_dir(params: Params, stage: str, key: str) -> tuple[Path, str | None]:
+    """The stage's Trainer scratch directory and the checkpoint to resume from, if any.
+
+    A checkpoint is only resumed when it was written for the same params and data (`key`); otherwise
+    the directory is cleared so a stale run can never leak into a new one.
+    """
+    directory = params.path(params.paths.checkpoints) / stage
+    stamp = directory / "fingerprint.txt"
+    matches = stamp.is_file() and stamp.read_text().strip() == key
+    if int(os.environ.get("RANK", "0")) == 0:  # under DDP only rank 0 clears and stamps the directory
+        if directory.exists() and not matches:
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(key + "\n")
+        for checkpoint in sorted(directory.glob("checkpoint-*")):
+            if checkpoint.is_dir() and not complete_checkpoint(checkpoint):
+                log.warning("removing the incomplete checkpoint %s (a run was stopped while writing it)", checkpoint)
+                shutil.rmtree(checkpoint)
+    last = get_last_checkpoint(str(directory)) if matches and directory.is_dir() else None
+    if last:
+        log.info("resuming from %s (written by an interrupted run with the same params)", last)
+    return directory, last
+
+
+def complete_checkpoint(checkpoint: Path) -> bool:
+    """True when the Trainer state and the model weights of `checkpoint` exist and load."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        index = checkpoint / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "model.safetensors"
+        ]
+        for shard in shards:
+            with safe_open(str(checkpoint / shard), framework="pt") as weights:
+                weights.keys()  # opening checks the header against the file size: truncation fails
+        return True
+    except Exception:  # missing, truncated or unparsable (safetensors raises its own error type)
+        return False
+
+
+def finish(trainer: Trainer, directory: Path) -> None:
+    """Remove the scratch checkpoints once the final model is safely written."""
+    del trainer
+    shutil.rmtree(directory, ignore_errors=True)
