@@ -1,10 +1,20 @@
-"""Derive each DVC stage's code dependencies from its imports, so dvc.yaml cannot go stale.
+"""Derive each DVC stage's code dependencies from its imports and params, so dvc.yaml cannot go stale.
 
 For every stage in dvc.yaml, the stage module is stages/<stage>.py; its code dependencies are that
 module plus every module of `pipeline/` (or `stages/`) it imports, directly or through other modules,
-at module level or inside functions. The `- stages/...py` and `- pipeline/...py` lines of each stage's
-`deps:` are rewritten from that closure (the stage module first, the rest sorted); every other line of
-dvc.yaml, comments included, is left as it is.
+at module level or inside functions, plus the params schema module of every params section the stage
+lists under `params:` (and what those import). The `- stages/...py` and `- pipeline/...py` lines of
+each stage's `deps:` are rewritten from that set (the stage module first, the rest sorted); every other
+line of dvc.yaml, comments included, is left as it is.
+
+Why the schema goes by section: pipeline/config/__init__.py only assembles the section classes into
+`Params` and loads params files, and every stage imports it, so as a dependency it would tie every
+stage to every section's schema (editing a student KD section would re-train the teacher). It is left
+out, like the modules that only log and report (NOT_DEPS), and each stage depends instead on the
+schema modules of the sections it reads (e.g. train_teacher reads `teacher`, `task`, `evaluation`:
+config/teacher.py, config/data.py, config/evaluation.py, and config/base.py they import). Param values
+need no code dependency: DVC tracks them through each stage's `params:` list. A package __init__.py
+holding only a docstring runs no code, so it is not a dependency either.
 
     python scripts/dvc_deps.py            rewrite dvc.yaml in place (`make deps`)
     python scripts/dvc_deps.py --check    exit 1 listing, per stage, the missing and the extra modules
@@ -18,18 +28,22 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 # Packages whose modules count as code dependencies; imports of anything else (torch, ...) are ignored.
 FIRST_PARTY = ("pipeline", "stages")
+# The params schema's aggregator: it assembles the section classes into `Params` (whose fields name
+# the section modules) and loads params files. Not a dependency: see the module docstring.
+SCHEMA = "pipeline/config/__init__.py"
 # Modules that are imported but are not dependencies, and whose own imports are not followed. The
 # runner, MLflow tracking and error classes only log and report: editing them must not invalidate
-# trained models (see the comment at the top of dvc.yaml). The package __init__ files hold docstrings.
+# trained models (see the comment at the top of dvc.yaml); the schema aggregator, above.
 NOT_DEPS = frozenset({
-    "pipeline/__init__.py",
     "pipeline/errors.py",
     "pipeline/stage.py",
     "pipeline/tracking.py",
-    "stages/__init__.py",
+    SCHEMA,
 })
 # A code-dependency line of dvc.yaml, with an optional trailing comment (kept when the line stays).
 CODE_DEP = re.compile(r"^(?P<indent>\s*)- (?P<path>(?:stages|pipeline)/\S+\.py)(?P<comment>\s+#.*)?\s*$")
@@ -82,14 +96,23 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def import_closure(root: Path, start: str) -> set[str]:
-    """Every project module (as a path relative to `root`) that running `start` imports, `start`
-    included, minus NOT_DEPS (whose imports are not followed either)."""
+def only_docstring(path: Path) -> bool:
+    """True for a module whose whole code is its docstring (a package __init__.py that runs nothing)."""
+    body = ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def import_closure(root: Path, *starts: str) -> set[str]:
+    """Every project module (as a path relative to `root`) that running the `starts` imports, the
+    `starts` included, minus NOT_DEPS (whose imports are not followed either) and docstring-only
+    package __init__ files."""
     seen: set[str] = set()
-    todo = [start]
+    todo = list(starts)
     while todo:
         relative = todo.pop()
         if relative in seen or relative in NOT_DEPS:
+            continue
+        if relative.endswith("/__init__.py") and only_docstring(root / relative):
             continue
         seen.add(relative)
         name = relative.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
@@ -101,12 +124,61 @@ def import_closure(root: Path, start: str) -> set[str]:
     return seen
 
 
-def stage_code_deps(root: Path, stage: str) -> list[str]:
-    """The code dependencies of one stage: its module first, then the modules it imports, sorted."""
+def section_modules(root: Path) -> dict[str, str]:
+    """Params section -> the module defining its schema class, read from the fields of `Params` in
+    SCHEMA (`teacher: TeacherConfig = ...`) and the module SCHEMA imports that class from. Empty when
+    the project has no SCHEMA."""
+    path = root / SCHEMA
+    if not path.is_file():
+        return {}
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    imported = {
+        alias.asname or alias.name: node.module
+        for node in tree.body if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
+    params = next((node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Params"), None)
+    if params is None:
+        raise DepsError(f"{SCHEMA} defines no class Params")
+    found = {}
+    for field in params.body:
+        if not (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)):
+            continue
+        annotation = ast.unparse(field.annotation)
+        if imported.get(annotation, "").split(".")[0] not in FIRST_PARTY:
+            continue  # not a section class (e.g. root: Path)
+        file = module_file(root, imported[annotation])
+        if file is None:
+            raise DepsError(f"{SCHEMA}: the class of params section {field.target.id!r}, {annotation}, is not "
+                            f"imported from a project module; define each section in a pipeline/config/ module")
+        found[field.target.id] = file
+    return found
+
+
+def stage_params(dvc_yaml: str) -> dict[str, list[str]]:
+    """Stage -> the params sections its `params:` list names (`task.type` -> `task`), in order."""
+    stages = (yaml.safe_load(dvc_yaml) or {}).get("stages") or {}
+    found: dict[str, list[str]] = {}
+    for stage, spec in stages.items():
+        keys: list[str] = []
+        for item in (spec or {}).get("params") or []:
+            keys += [item] if isinstance(item, str) else [key for listed in item.values() for key in listed or []]
+        found[stage] = list(dict.fromkeys(key.split(".")[0] for key in keys))
+    return found
+
+
+def stage_code_deps(root: Path, stage: str, sections: list[str] = (), schemas: dict[str, str] | None = None) -> list[str]:
+    """The code dependencies of one stage: its module first, then the modules it imports and the
+    schema modules of the params `sections` it reads (with their imports), sorted."""
     start = f"stages/{stage}.py"
     if not (root / start).is_file():
         raise DepsError(f"stage {stage!r} of dvc.yaml has no module {start}; stage modules are stages/<stage>.py")
-    return [start] + sorted(import_closure(root, start) - {start})
+    schemas = section_modules(root) if schemas is None else schemas
+    unknown = [section for section in sections if schemas and section not in schemas]
+    if unknown:
+        raise DepsError(f"stage {stage!r} of dvc.yaml reads params {unknown}, which are not sections of Params ({SCHEMA})")
+    modules = [schemas[section] for section in sections if section in schemas]
+    return [start] + sorted(import_closure(root, start, *modules) - {start})
 
 
 def _indent(line: str) -> int:
@@ -144,7 +216,10 @@ def _stages(lines: list[str]) -> dict[str, tuple[int, int] | None]:
 
 def derived_deps(root: Path, dvc_yaml: str) -> dict[str, list[str]]:
     """The code dependencies each stage of dvc.yaml should list."""
-    return {stage: stage_code_deps(root, stage) for stage in _stages(dvc_yaml.splitlines())}
+    schemas, sections = section_modules(root), stage_params(dvc_yaml)
+    return {
+        stage: stage_code_deps(root, stage, sections.get(stage, []), schemas) for stage in _stages(dvc_yaml.splitlines())
+    }
 
 
 def listed_deps(dvc_yaml: str) -> dict[str, list[str]]:

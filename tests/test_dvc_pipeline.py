@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import pytest
 import yaml
@@ -37,6 +38,22 @@ def test_second_repro_is_a_no_op(repro_project):
     assert "Running stage" not in second.stdout, second.stdout
     status = dvc(root, "status")
     assert "up to date" in status.stdout
+
+
+def test_a_change_to_student_kd_code_invalidates_the_students_not_the_teacher(repro_project):
+    """Issue 26: a one-line change in the student-only KD terms makes `dvc status` list the students
+    and what reads their code downstream, never the teacher's stages (no 14-60 minute re-train)."""
+    root, _ = repro_project
+    terms = root / "pipeline" / "kd" / "terms.py"
+    original = terms.read_text()
+    try:
+        terms.write_text(original + "# a one-line change\n")
+        changed = set(json.loads(dvc(root, "status", "--json").stdout))
+    finally:
+        terms.write_text(original)
+    assert {"teacher_logits", "student_baseline", "distill_vanilla", "distill_intermediate", "prune"} <= changed
+    assert not changed & {"prepare_data", "train_teacher", "verify_teacher"}, changed
+    assert "up to date" in dvc(root, "status").stdout
 
 
 def test_exp_run_with_a_changed_param(repro_project):

@@ -36,3 +36,19 @@ def test_test_modules_never_import_each_other_or_conftest():
         (f, m) for f, m in imports("tests")
         if (m.split(".")[0] == "tests" and m not in allowed) or m.split(".")[-1].startswith(("test_", "conftest"))
     ] == []
+
+
+def test_subpackages_of_pipeline_hold_only_a_docstring():
+    """Importing `pipeline.data.labels` must stay light (ONNX serving never imports torch): a package
+    __init__ imports nothing. pipeline/config/__init__.py is the exception: it assembles Params."""
+    for path in sorted((REPO / "pipeline").rglob("__init__.py")):
+        if path.parent.name == "config":
+            continue
+        body = ast.parse(path.read_text(), filename=str(path)).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), path
+
+
+def test_what_the_teacher_trains_with_never_imports_student_only_code():
+    """pipeline/training/ (the teacher's trainer and loss) must not import pipeline/kd/, or a change to
+    student KD code would re-train the teacher under DVC."""
+    assert [(f, m) for f, m in imports("pipeline/training") if m.startswith("pipeline.kd")] == []
