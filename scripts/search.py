@@ -1,4 +1,4 @@
-"""Compress to a goal, from the command line (`make search`): the search of pipeline/orchestration/search.py with the
+"""Compress to a goal, from the command line (`make search`): the search of pipeline/orchestration/search/ with the
 compression stages wired in.
 
     python -m scripts.search [--params params.yaml] [--jobs N] [--dask-address tcp://host:8786]
@@ -22,14 +22,14 @@ from pathlib import Path
 
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
 from pipeline.errors import FinCompressError
-from pipeline.orchestration.search import (
-    KD_STAGE,
+from pipeline.orchestration.search.answer import (
     exp_command,
     read_exp_test_metrics,
     record_test_metrics,
-    run_search,
     to_build,
 )
+from pipeline.orchestration.search.runner import run_search
+from pipeline.orchestration.search.space import KD_STAGE
 from pipeline.stage import setup_logging
 from stages import distill_intermediate, distill_vanilla, export_onnx, prune, student_baseline
 

@@ -1,4 +1,4 @@
-"""Compress to a goal (pipeline/orchestration/search.py, scripts/search.py): the space and its mapping onto params, the
+"""Compress to a goal (pipeline/orchestration/search/, scripts/search.py): the space and its mapping onto params, the
 goal and stopping logic, the Pareto front and the closest-goal answer, and a tiny real search (Optuna,
 the compression stages, the latency harness) that never reads the test split and resumes from its
 storage."""
@@ -14,21 +14,17 @@ import yaml
 
 from pipeline.config import ConfigError, Params, SearchConfig, SearchGoals, load_params, params_from_dict
 from pipeline.data import prepared as prepared_module
-from pipeline.orchestration.search import (
+from pipeline.orchestration.search.answer import exp_command
+from pipeline.orchestration.search.goals import (
     Outcome,
-    check_space,
     closest,
-    exp_command,
-    make_sampler,
     meets_goals,
-    overrides_for,
     pareto_front,
     stop_reason,
-    suggest,
     trials_without_improvement,
-    with_overrides,
-    worker_seed,
 )
+from pipeline.orchestration.search.space import check_space, overrides_for, suggest, with_overrides
+from pipeline.orchestration.search.study import make_sampler, worker_seed
 from tests.helpers import copy_project
 
 
@@ -197,7 +193,9 @@ def search_project(trained_project, tmp_path):
 def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_project, tmp_path, monkeypatch):
     import mlflow
 
-    from pipeline.orchestration.search import open_study, run_search, study_name
+    from pipeline.orchestration.search.runner import run_search
+    from pipeline.orchestration.search.space import study_name
+    from pipeline.orchestration.search.study import open_study
     from scripts.search import compress
 
     read_splits = []
@@ -255,7 +253,9 @@ def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_proje
 def test_failing_trials_are_recorded_and_the_closest_goal_reported(search_project, tmp_path):
     from dask.distributed import LocalCluster
 
-    from pipeline.orchestration.search import open_study, run_search, study_name
+    from pipeline.orchestration.search.runner import run_search
+    from pipeline.orchestration.search.space import study_name
+    from pipeline.orchestration.search.study import open_study
     from scripts.search import compress
 
     # An impossible retention goal; the first trial cannot be built (a 9-layer student of the 2-layer
@@ -291,7 +291,7 @@ def test_winner_test_metrics_are_read_from_the_experiment(tmp_path):
     import subprocess
 
     from pipeline.errors import FinCompressError
-    from pipeline.orchestration.search import read_exp_test_metrics
+    from pipeline.orchestration.search.answer import read_exp_test_metrics
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
@@ -311,7 +311,7 @@ def test_winner_test_metrics_are_read_from_the_experiment(tmp_path):
     with pytest.raises(FinCompressError, match="no DVC experiment named other"):
         read_exp_test_metrics(tmp_path, "other", "student_onnx_int8")
 
-    from pipeline.orchestration.search import record_test_metrics
+    from pipeline.orchestration.search.answer import record_test_metrics
 
     summary = {
         "study": "search-x", "goals": {"min_retention": 0.98, "max_latency_ms": 2.0, "max_size_mb": None},
@@ -344,7 +344,8 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_search_goes_on(search
     import mlflow
 
     from pipeline.errors import GateError
-    from pipeline.orchestration.search import run_search, study_name
+    from pipeline.orchestration.search.runner import run_search
+    from pipeline.orchestration.search.space import study_name
 
     def gate_fails(params, kd_method):
         raise GateError("ONNX parity failed over the validation split: student ONNX INT8 (validation): ...")
@@ -366,7 +367,9 @@ def test_a_worker_process_that_dies_does_not_hang_the_search(search_project, tmp
     """`--jobs 2`: worker processes killed mid-trial (as by the OOM killer) are replaced; the trials
     they were running are recorded as failed, the budget holds, and the search ends with an answer
     instead of waiting forever for a lost worker."""
-    from pipeline.orchestration.search import open_study, run_search, study_name
+    from pipeline.orchestration.search.runner import run_search
+    from pipeline.orchestration.search.space import study_name
+    from pipeline.orchestration.search.study import open_study
     from tests.helpers import compress_that_kills_its_process
 
     params = with_overrides(search_project, {"search.budget.trials": 2, "search.study": "worker-dies"})

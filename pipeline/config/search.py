@@ -1,4 +1,4 @@
-"""Params of the compression search (section `search`, pipeline/orchestration/search.py): its goals,
+"""Params of the compression search (section `search`, pipeline/orchestration/search/): its goals,
 budget, stopping, the short latency run of each trial and the space of configurations it explores."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ CATEGORICAL_DIMENSIONS = {"quantization": ("dynamic", "static"), "kd_method": KD
 
 class SearchSpace(Section):
     """Each dimension: a fixed value, a range {low, high[, step][, log]} or {choices: [...]}. Each maps
-    onto existing params keys (pipeline/orchestration/search.py), so a trial is a params override."""
+    onto existing params keys (pipeline/orchestration/search/), so a trial is a params override."""
 
     num_layers: int | Range | Choices = Choices(choices=[2, 3])  # student.num_layers
     init: str | Choices = "teacher"  # student.init (teacher | random | a model id or directory)
