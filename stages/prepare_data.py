@@ -6,8 +6,8 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import Params
+from pipeline.data.prepare import prepare
 from pipeline.data.prepared import SPLITS
-from pipeline.data.sources import prepare
 from pipeline.io import atomic_dir
 from pipeline.stage import Stage
 

@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from pipeline.config import params_from_dict
+from pipeline.data.prepare import prepare
 from pipeline.data.prepared import load_split
-from pipeline.data.sources import prepare
 from pipeline.errors import DataError
 from pipeline.io import OUTPUT_MARKER
 from scripts.tiny_project import REPO, TINY_CSV

@@ -14,8 +14,9 @@ import yaml
 
 from pipeline.config import params_from_dict
 from pipeline.data.multilabel import iterative_split, tune_thresholds
+from pipeline.data.prepare import prepare
 from pipeline.data.prepared import load_split
-from pipeline.data.sources import Example, prepare
+from pipeline.data.splitting import Example
 from pipeline.errors import DataError, GateError
 from pipeline.export.onnx import OnnxClassifier
 from pipeline.models import load_trained

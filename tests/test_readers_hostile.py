@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from pipeline.config import DataConfig, TaskConfig, load_params
-from pipeline.data.sources import label_names_for, read_csv, read_jsonl, read_phrasebank, to_examples
+from pipeline.data.sources import read_csv, read_jsonl, read_phrasebank
+from pipeline.data.splitting import label_names_for, to_examples
 from pipeline.errors import ConfigError, DataError
 from scripts.tiny_project import sh, tiny_params_tree, write_project
 

@@ -1,0 +1,44 @@
+"""The prepare_data stage's work: read, check, de-duplicate and split the source, add the transfer
+texts, and write the prepared splits with their manifest (counts and content hashes)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params
+from pipeline.data.prepared import SPLITS, write_prepared, write_transfer
+from pipeline.data.sources import read_source
+from pipeline.data.splitting import deduplicate, label_names_for, split_examples, to_examples
+from pipeline.data.transfer import prepare_transfer
+from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
+    """Read, check, de-duplicate and split the source; write the splits and manifest into `out_dir`."""
+    records, source = read_source(params)
+    examples = to_examples(records, params.data, params.task)
+    if not examples:
+        raise DataError(f"the input has no examples ({source}); check data.path")
+    kept, duplicates, conflicts = deduplicate(examples)
+    if duplicates or conflicts:
+        log.info("dropped %d exact duplicates and %d rows whose text had conflicting labels", duplicates, conflicts)
+    names = label_names_for(kept, params.data)
+    splits = split_examples(kept, names, params)
+    manifest = {
+        "task_type": params.task.type,
+        "source": source,
+        "rows_read": len(records),
+        "exact_duplicates_dropped": duplicates,
+        "conflicting_rows_dropped": conflicts,
+        "seed": params.data.seed,
+        "fractions": {"validation": params.data.validation_fraction, "test": params.data.test_fraction},
+    }
+    if params.transfer.path is not None:  # without a transfer set the outputs are exactly as before
+        texts, info = prepare_transfer(params, splits)
+        manifest["transfer"] = {**info, "sha256": write_transfer(out_dir, texts)}
+    pairs = {name: [(example.text, example.label) for example in splits[name]] for name in SPLITS}
+    return write_prepared(out_dir, pairs, names, manifest)

@@ -1,0 +1,178 @@
+"""From records to the splits: normalised texts and canonical labels (with the checks that name the
+bad row), de-duplication, the class names, and the stratified train/validation/test split."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Params
+from pipeline.config.data import DataConfig, TaskConfig
+from pipeline.data.sources import RawRecord
+from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str | tuple[str, ...]  # a class name; for multi-label a sorted tuple of label names
+
+
+# --------------------------------------------------------------------------- labels and checks
+
+
+def normalize_text(text: Any) -> str:
+    """Collapse every run of whitespace to one space and trim."""
+    return " ".join(str(text).split()) if text is not None else ""
+
+
+# Spellings of "no value" that must never become a class when label names are inferred.
+MISSING_LABELS = {"", "nan", "na", "n/a", "none", "null"}
+
+
+def _canonical_label(raw: Any, cfg: DataConfig, where: str) -> str:
+    key = str(raw).strip()
+    key = cfg.label_map.get(key, key)
+    names = cfg.label_names
+    if names is None or key in names:
+        if not key:
+            raise DataError(f"{where}: empty label")
+        if names is None and key.lower() in MISSING_LABELS:
+            raise DataError(
+                f"{where}: label {raw!r} is a missing value, not a class; fill it in or drop the row "
+                "(or list the classes in data.label_names)"
+            )
+        return key
+    if key.lstrip("-").isdigit():  # integer labels index label_names
+        index = int(key)
+        if 0 <= index < len(names):
+            return names[index]
+    raise DataError(
+        f"{where}: unknown label {raw!r}; allowed: {names} (or their ids 0..{len(names) - 1}). "
+        "Map other spellings with data.label_map, e.g. {bearish: negative}."
+    )
+
+
+def _multi_labels(raw: Any, cfg: DataConfig, where: str) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        stripped = raw.strip()
+        if stripped.startswith("["):
+            try:
+                raw = json.loads(stripped)
+            except json.JSONDecodeError:
+                raise DataError(f"{where}: label list {raw!r} is not valid JSON") from None
+        else:
+            raw = [part for part in stripped.split(cfg.label_separator) if part.strip()]
+    if not isinstance(raw, (list, tuple)):
+        raw = [raw]
+    return tuple(sorted({_canonical_label(item, cfg, where) for item in raw}))
+
+
+def to_examples(records: list[RawRecord], cfg: DataConfig, task: TaskConfig) -> list[Example]:
+    examples = []
+    for record in records:
+        text = normalize_text(record.text)
+        if not text:
+            raise DataError(f"{record.where}: empty text")
+        if task.type == "multi_label":
+            label: str | tuple[str, ...] = _multi_labels(record.label, cfg, record.where)
+        else:
+            label = _canonical_label(record.label, cfg, record.where)
+        examples.append(Example(text, label))
+    return examples
+
+
+def deduplicate(examples: list[Example]) -> tuple[list[Example], int, int]:
+    """Drop exact duplicate texts. Returns (kept, duplicates dropped, conflicting texts dropped).
+
+    A text that appears with different labels is ambiguous; all its copies are dropped.
+    """
+    by_text: dict[str, set] = {}
+    for example in examples:
+        by_text.setdefault(example.text, set()).add(example.label)
+    conflicting = {text for text, labels in by_text.items() if len(labels) > 1}
+    seen: set[str] = set()
+    kept = []
+    for example in examples:
+        if example.text in seen or example.text in conflicting:
+            continue
+        seen.add(example.text)
+        kept.append(example)
+    duplicates = len(examples) - len(kept) - sum(1 for e in examples if e.text in conflicting)
+    conflict_rows = sum(1 for e in examples if e.text in conflicting)
+    return kept, duplicates, conflict_rows
+
+
+def label_names_for(examples: list[Example], cfg: DataConfig) -> list[str]:
+    if cfg.label_names is not None:
+        return list(cfg.label_names)
+    found: set[str] = set()
+    for example in examples:
+        found.update(example.label if isinstance(example.label, tuple) else [example.label])
+    spellings: dict[str, list[str]] = {}
+    for name in sorted(found):
+        spellings.setdefault("".join(name.lower().split()), []).append(name)
+    for names in spellings.values():
+        if len(names) > 1:
+            log.warning(
+                "labels %s differ only by case or spaces and become separate classes; if they mean the "
+                "same, map them together with data.label_map, e.g. {%r: %r}", names, names[1], names[0],
+            )
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def split_examples(
+    examples: list[Example], names: list[str], params: Params
+) -> dict[str, list[Example]]:
+    """Stratified train/validation/test split with a fixed seed."""
+    cfg = params.data
+    if not examples:
+        raise DataError("the input has no examples; check data.source and data.path")
+    if params.task.type == "multi_label":
+        from pipeline.data.multilabel import iterative_split
+
+        return iterative_split(
+            examples, names, cfg.validation_fraction, cfg.test_fraction, cfg.seed,
+            params.task.missing_label_in_split,
+        )
+    counts = Counter(example.label for example in examples)
+    if len(counts) < 2:
+        (only,) = counts
+        raise DataError(
+            f"the input has a single class ({only!r}, {counts[only]} examples); "
+            "a classifier needs at least two. Check data.label_column."
+        )
+    missing = [name for name in names if name not in counts]
+    if missing:
+        raise DataError(
+            f"classes {missing} have no examples; remove them from data.label_names or add data for them"
+        )
+    smallest = min(cfg.validation_fraction, cfg.test_fraction)
+    needed = max(3, int(-(-1 // smallest)))  # enough that every split gets at least one
+    too_small = {name: count for name, count in counts.items() if count < needed}
+    if too_small:
+        raise DataError(
+            f"classes too small to stratify into train/validation/test: {too_small}; each needs at "
+            f"least {needed} examples with validation_fraction={cfg.validation_fraction} and "
+            f"test_fraction={cfg.test_fraction}. Add examples, merge the class via data.label_map, "
+            "or raise the fractions."
+        )
+    from sklearn.model_selection import train_test_split
+
+    labels = [example.label for example in examples]
+    rest, test = train_test_split(
+        examples, test_size=cfg.test_fraction, stratify=labels, random_state=cfg.seed
+    )
+    validation_share = cfg.validation_fraction / (1 - cfg.test_fraction)
+    train, validation = train_test_split(
+        rest, test_size=validation_share, stratify=[e.label for e in rest], random_state=cfg.seed
+    )
+    return {"train": train, "validation": validation, "test": test}

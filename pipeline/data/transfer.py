@@ -1,0 +1,109 @@
+"""The optional transfer set: unlabelled in-domain texts for the KD students, read in any of the
+supported formats and de-duplicated against every split so nothing leaks into validation or test."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params
+from pipeline.config.data import DataConfig, TaskConfig, TransferConfig
+from pipeline.data.prepared import SPLITS
+from pipeline.data.sources import RawRecord, decode_file, read_csv, read_jsonl, read_phrasebank, text_lines
+from pipeline.data.splitting import Example, normalize_text
+from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+# A Financial PhraseBank line: `sentence@label`.
+PHRASEBANK_LINE = re.compile(r"@(negative|neutral|positive)\s*$", re.IGNORECASE)
+
+
+def transfer_format(path: Path, cfg: TransferConfig) -> str:
+    """transfer.format, or for `auto` the file's kind: by extension, then by the shape of its lines."""
+    if cfg.format != "auto":
+        return cfg.format
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    lines = [line for line in text_lines(decode_file(path)) if line.strip()]
+    if lines and all(PHRASEBANK_LINE.search(line) for line in lines):
+        return "phrasebank"  # else its labels would end up inside the texts
+    return "text"
+
+
+def read_transfer(path: Path, cfg: TransferConfig) -> tuple[list[RawRecord], str]:
+    """The transfer file's records (their labels, if any, are ignored) and the format it was read as."""
+    if not path.is_file():
+        raise DataError(
+            f"transfer.path: {path} is not a file; point transfer.path at a text, CSV, JSONL or Financial "
+            "PhraseBank file of unlabelled texts, or set transfer.path: null"
+        )
+    kind = transfer_format(path, cfg)
+    if kind == "phrasebank":
+        return read_phrasebank(path), kind
+    if kind == "text":
+        lines = enumerate(text_lines(decode_file(path)), start=1)
+        return [RawRecord(line, None, f"{path}:{number}") for number, line in lines if line.strip()], kind
+    # The labelled readers want a label column; a transfer set has none, so the text column stands in
+    # for it (the value is ignored).
+    text_only = DataConfig(
+        source=kind, path=str(path), text_column=cfg.text_column, label_column=cfg.text_column, label_names=None
+    )
+    reader = read_csv if kind == "csv" else read_jsonl
+    try:
+        return reader(path, text_only, TaskConfig()), kind
+    except DataError as error:
+        raise DataError(f"transfer.path: {str(error).replace('data.text_column', 'transfer.text_column')}") from None
+
+
+def prepare_transfer(params: Params, splits: dict[str, list[Example]]) -> tuple[list[str], dict[str, Any]]:
+    """The transfer texts, normalised like the splits, without duplicates and without any text of a split
+    (nothing of validation or test may reach training); and their counts for the manifest."""
+    cfg = params.transfer
+    path = params.path(cfg.path)
+    records, kind = read_transfer(path, cfg)
+    split_of = {example.text: name for name in SPLITS for example in splits[name]}
+    leaked = dict.fromkeys(SPLITS, 0)
+    seen: set[str] = set()
+    kept: list[str] = []
+    empty = duplicates = 0
+    for record in records:
+        text = normalize_text(record.text)
+        if not text:
+            empty += 1
+        elif text in split_of:
+            leaked[split_of[text]] += 1
+        elif text in seen:
+            duplicates += 1
+        else:
+            seen.add(text)
+            kept.append(text)
+    beyond = max(0, len(kept) - cfg.max_texts) if cfg.max_texts is not None else 0
+    kept = kept[: len(kept) - beyond]
+    if not kept:
+        raise DataError(
+            f"transfer.path: no text of {path} is left ({len(records)} read, {sum(leaked.values())} equal to a "
+            f"text of the splits, {duplicates} duplicates, {empty} empty); give other texts or set transfer.path: null"
+        )
+    info = {
+        "path": cfg.path,
+        "format": kind,
+        "rows_read": len(records),
+        "empty_dropped": empty,
+        "duplicates_dropped": duplicates,
+        "split_duplicates_dropped": sum(leaked.values()),
+        "split_duplicates_by_split": leaked,
+        "beyond_max_texts_dropped": beyond,
+        "kept": len(kept),
+    }
+    log.info(
+        "transfer set: %d texts kept of %d read; dropped %d equal to a text of the splits %s, %d duplicates",
+        len(kept), len(records), info["split_duplicates_dropped"], leaked, duplicates,
+    )
+    return kept, info
