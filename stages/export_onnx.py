@@ -25,7 +25,7 @@ from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import GateError
 from pipeline.evaluation.metrics import macro_f1
 from pipeline.evaluation.model_card import write_export_cards
-from pipeline.evaluation.record import INFO_FILE, ModelRecord, evaluate_and_record
+from pipeline.evaluation.record import INFO_FILE, ModelRecord, evaluate_record
 from pipeline.export.onnx import OnnxClassifier, onnx_size_mb
 from pipeline.export.onnx_export import (
     calibration_sample,
@@ -56,11 +56,12 @@ CALIBRATION_SEED = 0  # which training texts calibrate static INT8 when there ar
 def evaluate_onnx(
     model_dir: Path, prepared: Prepared, params: Params, /, **record: Any
 ) -> tuple[ModelRecord, dict[str, np.ndarray], np.ndarray]:
-    """Evaluate an exported directory through ONNX Runtime and write its record there; returns the
-    record, its logits per split and the decision thresholds of its config.json."""
+    """Evaluate an exported directory through ONNX Runtime; returns its record (not written yet: the
+    caller adds the parity checks, then writes it once), its logits per split and the decision
+    thresholds of its config.json."""
     classifier = OnnxClassifier.load(model_dir)  # decides with the thresholds in its config.json
-    saved, logits = evaluate_and_record(
-        classifier.logits, prepared, params.evaluation, model_dir, stage=STAGE.name,
+    saved, logits = evaluate_record(
+        classifier.logits, prepared, params.evaluation, stage=STAGE.name,
         max_length=params.task.max_length, size_mb=onnx_size_mb(model_dir), thresholds=classifier.thresholds,
         params={"export_onnx": params.section("export_onnx")}, **record,
     )
@@ -232,7 +233,8 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-STAGE = Stage("export_onnx", run, member="student_onnx", sections=("export_onnx",))
+STAGE = Stage("export_onnx", run, member="student_onnx", sections=("export_onnx",),
+              outputs=("onnx_student", "onnx_teacher"))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -278,11 +279,15 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(project, exported, tmp
     assert failed["status"] == "FAILED" and failed["metrics.student_onnx_fp32.max_abs_logit_diff"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_export_without_the_teacher_still_writes_its_directory(project, exported, tmp_path):
+def test_export_without_the_teacher_still_writes_its_directory(project, exported, tmp_path, monkeypatch):
     params = copy_project(
         project, tmp_path, ("data", "models"), export_onnx={"export_teacher": False, "quantization": "dynamic"}
     )
+    written = []
+    original_write = ModelRecord.write
+    monkeypatch.setattr(ModelRecord, "write", lambda self, model_dir: written.append(Path(model_dir).name) or original_write(self, model_dir))
     metrics = export_onnx.STAGE.execute(params)
+    assert sorted(written) == ["fp32", "int8"], "each member's record is written once, with its parity checks"
     teacher = params.path(params.paths.onnx_teacher)
     names = sorted(path.name for path in teacher.iterdir())
     assert names == sorted([export_onnx.NOT_EXPORTED_FILE, OUTPUT_MARKER])  # DVC needs the out

@@ -98,10 +98,23 @@ def evaluate_splits(
 
 
 def evaluate_and_record(
+    logits_fn: LogitsFn, prepared: Prepared, evaluation: EvaluationConfig, out_dir: Path, **fields: Any
+) -> tuple[ModelRecord, dict[str, np.ndarray]]:
+    """Evaluate a model on validation and test (see evaluate_splits) and write its record into `out_dir` (the model's
+    directory, normally the temporary one a stage fills before renaming it into place); `fields` are
+    those of `evaluate_record`.
+
+    Returns the record and the logits per split (for the parity checks of the stages that need them).
+    """
+    record, logits = evaluate_record(logits_fn, prepared, evaluation, **fields)
+    record.write(out_dir)
+    return record, logits
+
+
+def evaluate_record(
     logits_fn: LogitsFn,
     prepared: Prepared,
     evaluation: EvaluationConfig,
-    out_dir: Path,
     *,
     member: str,
     stage: str,
@@ -114,10 +127,10 @@ def evaluate_and_record(
     training_seconds: float | None = None,
     details: dict[str, Any] | None = None,
 ) -> tuple[ModelRecord, dict[str, np.ndarray]]:
-    """Evaluate a model on validation and test (see evaluate_splits) and write its record into `out_dir` (the model's
-    directory, normally the temporary one a stage fills before renaming it into place).
+    """Evaluate a model on validation and test (see evaluate_splits) and build its record, without
+    writing it: for a stage that adds to the record (e.g. parity checks) before writing it once.
 
-    Returns the record and the logits per split (for the parity checks of the stages that need them).
+    Returns the record and the logits per split.
     """
     results, logits = evaluate_splits(logits_fn, prepared, evaluation, thresholds)
     record = ModelRecord(
@@ -136,5 +149,4 @@ def evaluate_and_record(
         training_seconds=None if training_seconds is None else round(training_seconds, 1),
         details=details or {},
     )
-    record.write(out_dir)
     return record, logits
