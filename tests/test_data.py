@@ -10,8 +10,9 @@ from collections import Counter
 import pytest
 
 from pipeline.config import params_from_dict
+from pipeline.data import labels as label_utils
 from pipeline.data.prepare import prepare
-from pipeline.data.prepared import load_split
+from pipeline.data.prepared import load_prepared, load_split
 from pipeline.errors import DataError
 from pipeline.io import OUTPUT_MARKER
 from scripts.tiny_project import REPO, TINY_CSV
@@ -150,6 +151,21 @@ def test_split_is_deterministic_stratified_and_disjoint(tmp_path):
         assert all(count > 0 for count in first_manifest["splits"][name]["class_counts"].values())
     _, other_seed = prepared(tmp_path, source="csv", path="tiny.csv", seed=1)
     assert other_seed != first
+
+
+def test_prepared_labels_are_encoded_once_per_split_and_read_only(tmp_path, monkeypatch):
+    shutil.copy(TINY_CSV, tmp_path / "tiny.csv")
+    prepared(tmp_path, source="csv", path="tiny.csv")
+    data = load_prepared(tmp_path / "prepared")
+    calls = []
+    original = label_utils.encode
+    monkeypatch.setattr(label_utils, "encode", lambda *args: calls.append(args) or original(*args))
+    first = data.labels("validation")
+    assert len(calls) == len(data.texts("validation"))
+    assert data.labels("validation") is first and len(calls) == len(first), "the second call re-encodes nothing"
+    assert [data.label_names[i] for i in first] == [row["label"] for row in data.rows("validation")]
+    with pytest.raises(ValueError, match="read-only"):
+        first[0] = 0  # shared by every caller: nobody may change it
 
 
 def write_csv(path, rows, fieldnames=("text", "label")):

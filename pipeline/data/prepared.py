@@ -105,6 +105,7 @@ class Prepared:
     directory: Path
     manifest: dict[str, Any]
     _rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    _labels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def label_names(self) -> list[str]:
@@ -157,8 +158,13 @@ class Prepared:
         return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
     def labels(self, split: str) -> np.ndarray:
-        """Encoded labels: class ids (single-label) or multi-hot rows (multi-label)."""
-        return np.asarray([label_utils.encode(row["label"], self.label_names, self.task_type) for row in self.rows(split)])
+        """Encoded labels: class ids (single-label) or multi-hot rows (multi-label). Encoded once per
+        split (every evaluation asks again) and read-only, like the prepared data they come from."""
+        if split not in self._labels:
+            labels = np.asarray([label_utils.encode(row["label"], self.label_names, self.task_type) for row in self.rows(split)])
+            labels.setflags(write=False)
+            self._labels[split] = labels
+        return self._labels[split]
 
 
 def load_prepared(prepared_dir: Path) -> Prepared:
