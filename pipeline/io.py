@@ -134,9 +134,21 @@ def output_lock(target: Path) -> contextlib.AbstractContextManager[None]:
     return exclusive_lock(target.parent / f".{target.name}.lock", str(target))
 
 
-def stage_lock(params: Params, stage: str) -> contextlib.AbstractContextManager[None]:
-    """Held for a whole direct stage run, so a second run of the same stage fails before any work."""
-    return exclusive_lock(params.path(STAGE_LOCKS) / f"{stage}.lock", f"the outputs of stage {stage}")
+@contextlib.contextmanager
+def stage_lock(params: Params, stage: str, outputs: tuple[str, ...] = ()) -> Iterator[None]:
+    """Held for a whole direct stage run: a second run of the same stage that would write any of the
+    same outputs fails before any work. `outputs` are the paths.* entries the stage writes (its
+    metrics file under paths.metrics always counts); each is locked at its resolved path, so runs
+    with other output paths (a seed sweep: `paths.student_intermediate=models/s1 ...`) go side by side."""
+    with contextlib.ExitStack() as locks:
+        for key in dict.fromkeys(("metrics", *outputs)):
+            value = getattr(params.paths, key)
+            resolved = str(params.path(value).resolve())
+            name = f"{stage}.{key}.{hashlib.sha256(resolved.encode()).hexdigest()[:16]}.lock"
+            locks.enter_context(exclusive_lock(
+                params.path(STAGE_LOCKS) / name, f"the outputs of stage {stage} at paths.{key}={value}"
+            ))
+        yield
 
 
 def check_replaceable(target: Path) -> None:

@@ -62,12 +62,14 @@ def data_hash(params: Params) -> str | None:
 class Stage:
     """A DVC stage's wiring, declared once in its module and used by its `main` and by the tests:
     its name (as in dvc.yaml), the family member it writes (an MLflow tag), the params sections
-    logged with its run, and the function that does the work."""
+    logged with its run, the paths.* entries it writes (locked for a direct run; its metrics file
+    always counts) and the function that does the work."""
 
     name: str
     run: StageFn
     member: str | None = None
     sections: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
 
     def execute(self, params: Params) -> dict[str, Any]:
         """Run the stage in its MLflow run and write its metrics file; return the metrics."""
@@ -91,8 +93,8 @@ class Stage:
         try:
             params = load_params(args.params, args.overrides)
             check_output_paths(params)
-            # One run of a stage at a time, also outside DVC's lock (only rank 0 writes under torchrun).
-            lock = stage_lock(params, self.name) if is_main_process() else contextlib.nullcontext()
+            # One run of a stage per set of outputs, also outside DVC's lock (only rank 0 writes under torchrun).
+            lock = stage_lock(params, self.name, self.outputs) if is_main_process() else contextlib.nullcontext()
             with lock:
                 self.execute(params)
         except TransientError as error:

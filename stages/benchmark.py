@@ -108,7 +108,7 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-STAGE = Stage("benchmark", run, sections=("benchmark",))
+STAGE = Stage("benchmark", run, sections=("benchmark",), outputs=("benchmark",))
 
 if __name__ == "__main__":
     STAGE.main()

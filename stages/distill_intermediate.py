@@ -15,7 +15,8 @@ def run(params: Params) -> dict[str, Any]:
     return train_student(params, STAGE.name, STAGE.member, params.paths.student_intermediate, terms=params.distill_intermediate)
 
 
-STAGE = Stage("distill_intermediate", run, member="student_intermediate", sections=("student", "distill_intermediate"))
+STAGE = Stage("distill_intermediate", run, member="student_intermediate", sections=("student", "distill_intermediate"),
+              outputs=("student_intermediate", "curves", "checkpoints"))
 
 if __name__ == "__main__":
     STAGE.main()

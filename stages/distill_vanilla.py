@@ -15,7 +15,8 @@ def run(params: Params) -> dict[str, Any]:
     return train_student(params, STAGE.name, STAGE.member, params.paths.student_vanilla, terms=params.distill_vanilla)
 
 
-STAGE = Stage("distill_vanilla", run, member="student_vanilla", sections=("student", "distill_vanilla"))
+STAGE = Stage("distill_vanilla", run, member="student_vanilla", sections=("student", "distill_vanilla"),
+              outputs=("student_vanilla", "curves", "checkpoints"))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -32,7 +32,7 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-STAGE = Stage("prepare_data", run, sections=("data", "task", "transfer"))
+STAGE = Stage("prepare_data", run, sections=("data", "task", "transfer"), outputs=("prepared",))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -212,7 +212,8 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-STAGE = Stage("prune", run, member="student_pruned", sections=("prune",))
+STAGE = Stage("prune", run, member="student_pruned", sections=("prune",),
+              outputs=("pruned", "curves", "checkpoints"))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -88,7 +88,7 @@ def check_reload(
         )
 
 
-STAGE = Stage("quantize", run, member="student_int8_torch", sections=("quantize",))
+STAGE = Stage("quantize", run, member="student_int8_torch", sections=("quantize",), outputs=("quantized",))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -124,7 +124,7 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-STAGE = Stage("report", run, sections=("report",))
+STAGE = Stage("report", run, sections=("report",), outputs=("reports",))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -15,7 +15,8 @@ def run(params: Params) -> dict[str, Any]:
     return train_student(params, STAGE.name, STAGE.member, params.paths.student_baseline, terms=None)
 
 
-STAGE = Stage("student_baseline", run, member="student_baseline", sections=("student",))
+STAGE = Stage("student_baseline", run, member="student_baseline", sections=("student",),
+              outputs=("student_baseline", "curves", "checkpoints"))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -47,7 +47,7 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-STAGE = Stage("teacher_logits", run)
+STAGE = Stage("teacher_logits", run, outputs=("teacher_logits",))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -58,7 +58,8 @@ def run(params: Params) -> dict[str, Any]:
     return record.metrics()
 
 
-STAGE = Stage("train_teacher", run, member="teacher", sections=("teacher", "task"))
+STAGE = Stage("train_teacher", run, member="teacher", sections=("teacher", "task"),
+              outputs=("teacher", "curves", "checkpoints"))
 
 if __name__ == "__main__":
     STAGE.main()

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.config import params_from_dict
 from pipeline.errors import OutputError
 from pipeline.io import OUTPUT_MARKER, atomic_dir, check_output_paths, exclusive_lock, stage_lock
-from scripts.tiny_project import sh, tiny_params_tree, write_project
+from scripts.tiny_project import REPO, sh, tiny_params_tree, write_project
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -141,8 +142,47 @@ def test_two_direct_runs_of_a_stage_do_not_overlap(project):
     with stage_lock(params, "prepare_data"):
         result = sh([sys.executable, "-m", "stages.prepare_data"], project, check=False)
     assert result.returncode == 1
-    assert f"another run is writing the outputs of stage prepare_data (pid {os.getpid()})" in result.stderr
+    assert ("another run is writing the outputs of stage prepare_data at paths.metrics=reports/metrics "
+            f"(pid {os.getpid()})") in result.stderr
     assert not (project / "data" / "prepared").exists()
+
+
+def test_runs_of_a_stage_go_side_by_side_only_when_their_outputs_differ(tmp_path):
+    """A seed sweep runs one stage twice at once with other output paths; two runs that would write
+    the same output (here the training scratch directory) are still refused before any work."""
+    from stages.distill_intermediate import STAGE
+
+    tree = tiny_params_tree(Path("unused"))
+    params = params_from_dict(tree, root=tmp_path)
+    seed_1 = {"student_intermediate": "models/s1", "curves": "reports/s1/curves", "metrics": "reports/s1/metrics",
+              "checkpoints": ".cache/s1"}
+    other = params_from_dict({**tree, "paths": {**tree["paths"], **seed_1}}, root=tmp_path)
+    same_scratch = params_from_dict({**tree, "paths": {**tree["paths"], **seed_1, "checkpoints": ".cache/checkpoints"}},
+                                    root=tmp_path)
+    with stage_lock(params, STAGE.name, STAGE.outputs):
+        with stage_lock(other, STAGE.name, STAGE.outputs):
+            pass
+        with pytest.raises(OutputError, match=r"another run is writing the outputs of stage distill_intermediate "
+                                              r"at paths.checkpoints=.cache/checkpoints"):
+            with stage_lock(same_scratch, STAGE.name, STAGE.outputs):
+                pass
+        with stage_lock(params, "distill_vanilla", STAGE.outputs):  # another stage: its own locks
+            pass
+    with stage_lock(same_scratch, STAGE.name, STAGE.outputs):  # free again once the first run is done
+        pass
+
+
+def test_every_stage_locks_the_outputs_dvc_yaml_gives_it():
+    """Stage.outputs (what a direct run locks) covers every paths.* entry under the stage's outs and
+    metrics in dvc.yaml; training stages also lock their scratch checkpoints."""
+    import importlib
+
+    for name, spec in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        stage = importlib.import_module(f"stages.{name}").STAGE
+        written = {match for item in spec.get("outs", []) + spec.get("metrics", [])
+                   for match in re.findall(r"\$\{paths\.(\w+)\}", str(item))}
+        assert written <= {"metrics", *stage.outputs}, name
+        assert ("checkpoints" in stage.outputs) == ("curves" in written), name
 
 
 def test_a_lock_is_free_again_after_its_holder_is_killed(tmp_path):
