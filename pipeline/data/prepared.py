@@ -2,7 +2,7 @@
 plus `transfer.jsonl` (unlabelled texts, only when `transfer.path` is set).
 
 Every stage after prepare_data reads its data through this module only, so a change to a source
-reader in data.py re-runs prepare_data, and the rest of the family re-runs only when the prepared
+reader in pipeline/data/sources.py re-runs prepare_data, and the rest of the family re-runs only when the prepared
 splits themselves change (DVC tracks their content).
 """
 
