@@ -26,7 +26,8 @@ KD_TERMS_FILE = "kd_terms.safetensors"
 
 
 class DistillationTrainer(Trainer):
-    """A Hugging Face Trainer whose loss is the weighted sum of the KD terms in `kd`.
+    """A Hugging Face Trainer whose loss is the weighted sum of the KD terms in `kd`: the teacher's
+    fine-tuning (the hard-label term alone, no teacher), the students' distillation, the pruning recovery.
 
     It asks the student and the teacher for exactly what the terms need. The teacher is frozen (eval
     mode, no gradients) and only loaded when a term reads it; when only its logits are needed they
