@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.config.data import DataConfig, TaskConfig
+from pipeline.data.normalize import clean
 from pipeline.data.sources import RawRecord
 from pipeline.errors import DataError
 
@@ -24,11 +25,6 @@ class Example:
 
 
 # --------------------------------------------------------------------------- labels and checks
-
-
-def normalize_text(text: Any) -> str:
-    """Collapse every run of whitespace to one space and trim."""
-    return " ".join(str(text).split()) if text is not None else ""
 
 
 # Spellings of "no value" that must never become a class when label names are inferred.
@@ -76,7 +72,7 @@ def _multi_labels(raw: Any, cfg: DataConfig, where: str) -> tuple[str, ...]:
 def to_examples(records: list[RawRecord], cfg: DataConfig, task: TaskConfig) -> list[Example]:
     examples = []
     for record in records:
-        text = normalize_text(record.text)
+        text = clean(record.text)
         if not text:
             raise DataError(f"{record.where}: empty text")
         if task.type == "multi_label":

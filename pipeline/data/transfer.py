@@ -10,9 +10,10 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.config.data import DataConfig, TaskConfig, TransferConfig
+from pipeline.data.normalize import clean
 from pipeline.data.prepared import SPLITS
 from pipeline.data.sources import RawRecord, decode_file, read_csv, read_jsonl, read_phrasebank, text_lines
-from pipeline.data.splitting import Example, normalize_text
+from pipeline.data.splitting import Example
 from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def prepare_transfer(params: Params, splits: dict[str, list[Example]]) -> tuple[
     kept: list[str] = []
     empty = duplicates = 0
     for record in records:
-        text = normalize_text(record.text)
+        text = clean(record.text)
         if not text:
             empty += 1
         elif text in split_of:
