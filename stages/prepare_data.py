@@ -23,12 +23,14 @@ def run(params: Params) -> dict[str, Any]:
         "exact_duplicates_dropped": manifest["exact_duplicates_dropped"],
         "conflicting_rows_dropped": manifest["conflicting_rows_dropped"],
         "classes": len(manifest["label_names"]),
+        **{f"near_duplicates_dropped_{split}": count for split, count in manifest["near_duplicates_dropped"].items()},
     }
     for split in SPLITS:
         metrics[f"{split}_rows"] = manifest["splits"][split]["rows"]
     if "transfer" in manifest:
         transfer = manifest["transfer"]
-        metrics.update({f"transfer_{key}": transfer[key] for key in ("rows_read", "split_duplicates_dropped", "kept")})
+        metrics.update({f"transfer_{key}": transfer[key] for key in (
+            "rows_read", "split_duplicates_dropped", "near_duplicates_dropped", "similar_kept", "duplicates_dropped", "kept")})
     return metrics
 
 

@@ -46,6 +46,23 @@ def export_tiny_classifier(tiny_bert: Path, root: Path, labels: list[str]) -> Pa
     return root / "onnx"
 
 
+def spellings(text: str) -> dict[str, str]:
+    """The same sentence as a hostile user (or an augmentation) might spell it: every one has the text's
+    leak key (pipeline/data/normalize.py), none is byte-equal to it."""
+    full_width = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+    return {
+        "upper case, doubled spaces": "  ".join(text.upper().split()),
+        "title case": text.title(),
+        "tabs and non-breaking spaces": text.replace(" ", "\t", 3).replace(" ", "\u00a0", 3),
+        "full-width (NFKC)": full_width,
+        "accents added": text.replace("e", "\u00e9").replace("a", "a\u0301"),
+        "zero-width space and soft hyphen": text.replace(" ", " \u200b", 2).replace("o", "o\u00ad", 1),
+        "punctuation spacing removed": text.replace(" .", ".").replace(" %", "%").replace(" ,", ","),
+        "punctuation spacing added": text.replace(".", " . ").replace(",", " , "),
+        "line breaks": text.replace(" ", "\n", 2),
+    }
+
+
 # --------------------------------------------------------------------------- multi-label
 
 TOPICS = ["corporate", "outlook", "results"]

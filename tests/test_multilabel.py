@@ -38,16 +38,21 @@ def test_iterative_stratification_reaches_every_split_with_a_rare_label():
         iterative_split(examples[:62], ["common", "rare"], 0.2, 0.2, seed=0)
 
 
+# Distinct words, not numbers, make the rows distinct: the same sentence with a number changed is a
+# near-duplicate, kept out of the other splits.
+NAMES = "alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima".split()
+
+
 def test_multilabel_readers(tmp_path):
     rows = [("Profit rose and the outlook improved.", ["results", "outlook"]), ("The board met.", ["corporate"])] * 6
     with open(tmp_path / "columns.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", *TOPICS])
         for i, (text, labels) in enumerate(rows):
-            writer.writerow([f"{text} {i}", *[int(t in labels) for t in TOPICS]])
+            writer.writerow([f"{text} {NAMES[i]}", *[int(t in labels) for t in TOPICS]])
     with open(tmp_path / "lists.jsonl", "w") as handle:
         for i, (text, labels) in enumerate(rows):
-            handle.write(json.dumps({"text": f"{text} {i}", "label": labels}) + "\n")
+            handle.write(json.dumps({"text": f"{text} {NAMES[i]}", "label": labels}) + "\n")
     for data in ({"source": "csv", "path": "columns.csv", "label_columns": TOPICS},
                  {"source": "jsonl", "path": "lists.jsonl"}):
         params = params_from_dict({"task": {"type": "multi_label"},

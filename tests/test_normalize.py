@@ -20,25 +20,10 @@ from pipeline.data.normalize import (
     normalize,
     similarity,
 )
+from tests.helpers import spellings
 
 SENTENCE = ("Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 "
             "representing 7.7 % of net sales .")
-
-
-def spellings(text: str) -> dict[str, str]:
-    """The same sentence as a hostile user (or an augmentation) might spell it; tests reuse these."""
-    full_width = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
-    return {
-        "upper case, doubled spaces": "  ".join(text.upper().split()),
-        "title case": text.title(),
-        "tabs and non-breaking spaces": text.replace(" ", "\t", 3).replace(" ", "\u00a0", 3),
-        "full-width (NFKC)": full_width,
-        "accents added": text.replace("e", "\u00e9").replace("a", "a\u0301"),
-        "zero-width space and soft hyphen": text.replace(" ", " \u200b", 2).replace("o", "o\u00ad", 1),
-        "punctuation spacing removed": text.replace(" .", ".").replace(" %", "%").replace(" ,", ","),
-        "punctuation spacing added": text.replace(".", " . ").replace(",", " , "),
-        "line breaks": text.replace(" ", "\n", 2),
-    }
 
 
 @pytest.mark.parametrize("name", list(spellings(SENTENCE)))

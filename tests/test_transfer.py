@@ -92,7 +92,8 @@ def test_transfer_texts_are_read_normalised_and_never_equal_a_split_text(tiny_pa
     assert info["rows_read"] == 8 and info["duplicates_dropped"] == 1 and info["kept"] == 3
     assert info["split_duplicates_dropped"] == 4
     assert info["split_duplicates_by_split"] == {"train": 2, "validation": 1, "test": 1}
-    assert metrics == {**before, "transfer_rows_read": 8, "transfer_split_duplicates_dropped": 4, "transfer_kept": 3}
+    assert metrics == {**before, "transfer_rows_read": 8, "transfer_split_duplicates_dropped": 4, "transfer_kept": 3,
+                       "transfer_near_duplicates_dropped": 0, "transfer_similar_kept": 0, "transfer_duplicates_dropped": 1}
     # The splits themselves are untouched by a transfer set.
     assert {split: (prepared_dir / f"{split}.jsonl").read_bytes() for split in splits} == split_files
 

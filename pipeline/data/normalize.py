@@ -5,7 +5,7 @@ set, augmented texts and the de-duplication across the labelled splits all compa
 
     clean("  Profit   rose. ")          -> "Profit rose."      the stored form of a text (whitespace only)
     normalize("PROFIT  rose .")          -> "profit rose."      two spellings of one sentence: same key
-    near_key("Profit rose 5 %")          -> "profit rose #"     also blind to numbers and punctuation
+    near_key("Profit rose 5 %")          -> "profit rose"       also blind to numbers and punctuation
     similarity("Profit rose 5%", "Profit rose 7%") -> 1.0      word-set overlap of the near keys
     guard = LeakGuard({"validation": [...], "test": [...]})     the held-out texts, once
     match = guard.check("PROFIT rose 5 %")  -> Match(kind="exact", split="test", ...) or None
@@ -20,8 +20,8 @@ next to punctuation ("rose ," and "rose," are the same tokens to every tokenizer
 spellings of one sentence as one is right for leak detection even for a cased model: a model that
 trained on "PROFIT ROSE" has seen "Profit rose".
 
-Near-duplicates are the same sentence with a number or a little punctuation changed. `near_key` also
-replaces every number by `#` and drops punctuation; `similarity` is the Jaccard overlap of the word
+Near-duplicates are the same sentence with a number or a little punctuation changed, added or removed.
+`near_key` also drops every number and all punctuation; `similarity` is the Jaccard overlap of the word
 sets of two near keys (1.0: the same words; "Net sales rose" vs "Net sales fell" is 0.5). A text is a
 near-duplicate of a held-out text at NEAR_DUPLICATE_SIMILARITY (0.9) or above, and is then dropped
 like an exact one; from SIMILAR_SIMILARITY (0.7) up it is counted and shown, but kept.
@@ -29,6 +29,7 @@ like an exact one; from SIMILAR_SIMILARITY (0.7) up it is counted and shown, but
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import unicodedata
@@ -37,8 +38,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Near-duplicates at or above this similarity are dropped like exact duplicates. A number changed scores
-# 1.0 at any length; one word of n changed scores (n-1)/(n+1): 0.90 from 19 words up.
+log = logging.getLogger(__name__)
+
+# Near-duplicates at or above this similarity are dropped like exact duplicates. A number changed, added or
+# removed scores 1.0 at any length; one word of n changed scores (n-1)/(n+1): 0.90 from 19 words up.
 NEAR_DUPLICATE_SIMILARITY = 0.9
 # From here up a pair is counted and shown as similar, but kept (one word changed in 6 to 18 words).
 SIMILAR_SIMILARITY = 0.7
@@ -54,7 +57,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # control characters count as wh
 # Punctuation and symbols ($, %, +): neither letter, digit nor whitespace. Whitespace next to them goes,
 # since "rose , 5 %" and "rose, 5%" tokenize alike.
 _SPACED_PUNCTUATION = re.compile(r"\s*([^\w\s])\s*")
-_PUNCTUATION = re.compile(r"[^\w\s#]|_")
+_PUNCTUATION = re.compile(r"[^\w\s]|_")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
@@ -77,9 +80,9 @@ def normalize(text: str) -> str:
 
 
 def near_key(text: str) -> str:
-    """`normalize`, then every number as `#` and punctuation dropped: equal for the same sentence with
-    its numbers (or a little punctuation) changed."""
-    return " ".join(_PUNCTUATION.sub(" ", _NUMBER.sub(" # ", normalize(text))).split())
+    """`normalize` without numbers and punctuation: equal for the same sentence with its numbers (or a
+    little punctuation) changed, added or removed."""
+    return " ".join(_PUNCTUATION.sub(" ", _NUMBER.sub(" ", normalize(text))).split())
 
 
 def _words(text: str) -> frozenset[str]:
@@ -121,7 +124,7 @@ class Match:
     def as_dict(self, candidate: str) -> dict[str, Any]:
         """The match as a manifest entry."""
         return {"text": candidate, "kind": self.kind, "split": self.split, "matches": self.text,
-                "similarity": round(self.similarity, 3)}
+                "similarity": round(self.similarity, 3), "reason": self.describe(candidate)}
 
 
 class LeakGuard:
@@ -198,3 +201,10 @@ def drop_leaks(candidates: Iterable[str], guard: LeakGuard, shown: int = 5) -> t
         "similar_similarity": SIMILAR_SIMILARITY,
     }
     return kept, summary
+
+
+def log_leak_examples(what: str, summary: dict[str, Any]) -> None:
+    """Log the examples of a `drop_leaks` summary, one line each: what was dropped or kept, and why."""
+    for kind, examples in summary["examples"].items():
+        for example in examples:
+            log.info("%s: %s %s", what, "kept" if kind == "similar" else "dropped", example["reason"])

@@ -10,7 +10,13 @@ from typing import Any
 from pipeline.config import Params
 from pipeline.data.prepared import SPLITS, write_prepared, write_transfer
 from pipeline.data.sources import read_source
-from pipeline.data.splitting import deduplicate, label_names_for, split_examples, to_examples
+from pipeline.data.splitting import (
+    deduplicate,
+    drop_cross_split_near_duplicates,
+    label_names_for,
+    split_examples,
+    to_examples,
+)
 from pipeline.data.transfer import prepare_transfer
 from pipeline.errors import DataError
 
@@ -25,15 +31,21 @@ def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
         raise DataError(f"the input has no examples ({source}); check data.path")
     kept, duplicates, conflicts = deduplicate(examples)
     if duplicates or conflicts:
-        log.info("dropped %d exact duplicates and %d rows whose text had conflicting labels", duplicates, conflicts)
+        log.info("dropped %d duplicates (in any spelling) and %d rows whose text had conflicting labels", duplicates, conflicts)
     names = label_names_for(kept, params.data)
     splits = split_examples(kept, names, params)
+    near = drop_cross_split_near_duplicates(splits)
     manifest = {
         "task_type": params.task.type,
         "source": source,
         "rows_read": len(records),
         "exact_duplicates_dropped": duplicates,
         "conflicting_rows_dropped": conflicts,
+        # Dropped from train (near a validation/test text) and from validation (near a test text).
+        "near_duplicates_dropped": {split: near[split]["near_duplicates_dropped"] for split in near},
+        "near_duplicate_examples": {split: near[split]["examples"]["near"] for split in near},
+        "similar_kept": {split: near[split]["similar_kept"] for split in near},
+        "near_duplicate_similarity": near["train"]["near_duplicate_similarity"],
         "seed": params.data.seed,
         "fractions": {"validation": params.data.validation_fraction, "test": params.data.test_fraction},
     }

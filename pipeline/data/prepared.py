@@ -21,6 +21,7 @@ from pipeline.errors import DataError
 from pipeline.io import read_json, sha256_file, write_json, write_text_atomic
 
 SPLITS = ("train", "validation", "test")
+HELD_OUT = ("validation", "test")  # never trained on, in any spelling
 MANIFEST_FILE = "manifest.json"
 # A manifest key listing splits a view of the data withholds (a search's view withholds "test").
 WITHHELD_KEY = "withheld_splits"

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.config.data import DataConfig, TaskConfig
-from pipeline.data.normalize import clean
+from pipeline.data.normalize import LeakGuard, clean, drop_leaks, log_leak_examples, normalize
 from pipeline.data.sources import RawRecord
 from pipeline.errors import DataError
 
@@ -84,24 +84,49 @@ def to_examples(records: list[RawRecord], cfg: DataConfig, task: TaskConfig) -> 
 
 
 def deduplicate(examples: list[Example]) -> tuple[list[Example], int, int]:
-    """Drop exact duplicate texts. Returns (kept, duplicates dropped, conflicting texts dropped).
+    """Drop duplicate texts, in any spelling (the same `normalize` key: case, accents, spacing, ...).
+    Returns (kept, duplicates dropped, conflicting rows dropped).
 
     A text that appears with different labels is ambiguous; all its copies are dropped.
     """
-    by_text: dict[str, set] = {}
-    for example in examples:
-        by_text.setdefault(example.text, set()).add(example.label)
-    conflicting = {text for text, labels in by_text.items() if len(labels) > 1}
+    keys = [normalize(example.text) for example in examples]
+    labels_of: dict[str, set] = {}
+    for key, example in zip(keys, examples):
+        labels_of.setdefault(key, set()).add(example.label)
+    conflicting = {key for key, labels in labels_of.items() if len(labels) > 1}
     seen: set[str] = set()
     kept = []
-    for example in examples:
-        if example.text in seen or example.text in conflicting:
+    for key, example in zip(keys, examples):
+        if key in seen or key in conflicting:
             continue
-        seen.add(example.text)
+        seen.add(key)
         kept.append(example)
-    duplicates = len(examples) - len(kept) - sum(1 for e in examples if e.text in conflicting)
-    conflict_rows = sum(1 for e in examples if e.text in conflicting)
-    return kept, duplicates, conflict_rows
+    conflict_rows = sum(1 for key in keys if key in conflicting)
+    return kept, len(examples) - len(kept) - conflict_rows, conflict_rows
+
+
+def drop_cross_split_near_duplicates(splits: dict[str, list[Example]]) -> dict[str, Any]:
+    """Near-duplicates across the splits (the same sentence with a number changed, pipeline/data/normalize.py)
+    end up in one split: a validation text near a test text, and a train text near a validation or test
+    text, is dropped (the held-out splits keep their stratified shares). Returns the drop_leaks summary
+    per split changed; `splits` is filtered in place."""
+    texts = {name: [example.text for example in splits[name]] for name in splits}
+    summaries: dict[str, Any] = {}
+    for split, held_out in (("validation", ("test",)), ("train", ("validation", "test"))):
+        kept, summary = drop_leaks(texts[split], LeakGuard({name: texts[name] for name in held_out}))
+        keep = set(kept)
+        splits[split] = [example for example in splits[split] if example.text in keep]
+        if not splits[split]:
+            example = summary["examples"]["near"][0]
+            raise DataError(
+                f"every {split} text is a near-duplicate of a {' or '.join(held_out)} text (e.g. {example['text']!r} "
+                f"and {example['matches']!r}: the same sentence with numbers or punctuation changed), so the split "
+                "would be empty. Give texts that differ in their words, not only in their numbers"
+            )
+        texts[split] = kept
+        summaries[split] = summary
+        log_leak_examples(f"{split} split", summary)
+    return summaries
 
 
 def label_names_for(examples: list[Example], cfg: DataConfig) -> list[str]:

@@ -10,8 +10,8 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.config.data import DataConfig, TaskConfig, TransferConfig
-from pipeline.data.normalize import clean
-from pipeline.data.prepared import SPLITS
+from pipeline.data.normalize import LeakGuard, clean, drop_leaks, log_leak_examples, normalize
+from pipeline.data.prepared import HELD_OUT
 from pipeline.data.sources import RawRecord, decode_file, read_csv, read_jsonl, read_phrasebank, text_lines
 from pipeline.data.splitting import Example
 from pipeline.errors import DataError
@@ -64,33 +64,41 @@ def read_transfer(path: Path, cfg: TransferConfig) -> tuple[list[RawRecord], str
 
 
 def prepare_transfer(params: Params, splits: dict[str, list[Example]]) -> tuple[list[str], dict[str, Any]]:
-    """The transfer texts, normalised like the splits, without duplicates and without any text of a split
-    (nothing of validation or test may reach training); and their counts for the manifest."""
+    """The transfer texts, cleaned like the splits, without duplicates, without any text of a split in any
+    spelling and without near-duplicates of validation or test texts (pipeline/data/normalize.py: nothing
+    of validation or test may reach training); and their counts and examples for the manifest."""
     cfg = params.transfer
     path = params.path(cfg.path)
     records, kind = read_transfer(path, cfg)
-    split_of = {example.text: name for name in SPLITS for example in splits[name]}
-    leaked = dict.fromkeys(SPLITS, 0)
-    seen: set[str] = set()
-    kept: list[str] = []
-    empty = duplicates = 0
+    train_keys = {normalize(example.text) for example in splits["train"]}
+    candidates: list[str] = []
+    empty = of_train = 0
     for record in records:
         text = clean(record.text)
         if not text:
             empty += 1
-        elif text in split_of:
-            leaked[split_of[text]] += 1
-        elif text in seen:
-            duplicates += 1
+        elif normalize(text) in train_keys:  # adds nothing the labelled split does not have
+            of_train += 1
         else:
-            seen.add(text)
+            candidates.append(text)
+    guard = LeakGuard({split: [example.text for example in splits[split]] for split in HELD_OUT})
+    allowed, leaks = drop_leaks(candidates, guard)
+    seen: set[str] = set()
+    kept: list[str] = []
+    for text in allowed:
+        key = normalize(text)
+        if key not in seen:
+            seen.add(key)
             kept.append(text)
+    duplicates = len(allowed) - len(kept)
     beyond = max(0, len(kept) - cfg.max_texts) if cfg.max_texts is not None else 0
     kept = kept[: len(kept) - beyond]
+    by_split = {"train": of_train, **{split: leaks["by_split"]["exact"].get(split, 0) for split in HELD_OUT}}
     if not kept:
         raise DataError(
-            f"transfer.path: no text of {path} is left ({len(records)} read, {sum(leaked.values())} equal to a "
-            f"text of the splits, {duplicates} duplicates, {empty} empty); give other texts or set transfer.path: null"
+            f"transfer.path: no text of {path} is left ({len(records)} read, {sum(by_split.values())} equal to a "
+            f"text of the splits in some spelling, {leaks['near_duplicates_dropped']} near-duplicates of validation "
+            f"or test texts, {duplicates} duplicates, {empty} empty); give other texts or set transfer.path: null"
         )
     info = {
         "path": cfg.path,
@@ -98,13 +106,21 @@ def prepare_transfer(params: Params, splits: dict[str, list[Example]]) -> tuple[
         "rows_read": len(records),
         "empty_dropped": empty,
         "duplicates_dropped": duplicates,
-        "split_duplicates_dropped": sum(leaked.values()),
-        "split_duplicates_by_split": leaked,
+        "split_duplicates_dropped": sum(by_split.values()),
+        "split_duplicates_by_split": by_split,
+        "near_duplicates_dropped": leaks["near_duplicates_dropped"],
+        "near_duplicates_by_split": leaks["by_split"]["near"],
+        "similar_kept": leaks["similar_kept"],
+        "leak_examples": leaks["examples"],
+        "near_duplicate_similarity": leaks["near_duplicate_similarity"],
         "beyond_max_texts_dropped": beyond,
         "kept": len(kept),
     }
     log.info(
-        "transfer set: %d texts kept of %d read; dropped %d equal to a text of the splits %s, %d duplicates",
-        len(kept), len(records), info["split_duplicates_dropped"], leaked, duplicates,
+        "transfer set: %d texts kept of %d read; dropped %d equal to a text of the splits in some spelling %s, "
+        "%d near-duplicates of validation/test texts (similarity >= %.2f) %s, %d duplicates; %d similar texts kept",
+        len(kept), len(records), info["split_duplicates_dropped"], by_split, leaks["near_duplicates_dropped"],
+        leaks["near_duplicate_similarity"], leaks["by_split"]["near"], duplicates, leaks["similar_kept"],
     )
+    log_leak_examples("transfer", leaks)
     return kept, info
