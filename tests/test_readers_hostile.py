@@ -1,6 +1,6 @@
 """Valid files read right, ambiguous ones are refused (issue 18, part 2): CSV through the csv module
 (quoted line breaks, U+2028), JSONL split on \\n only, Windows-1252 before Latin-1, duplicate headers,
-missing-value labels, labels that differ only by case, duplicate keys in params.yaml.
+missing-value labels, duplicate keys in params.yaml.
 
 The cases are rows of the bad-input matrix in tests/README.md.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import DataConfig, TaskConfig, load_params
 from pipeline.data.sources import read_csv, read_jsonl, read_phrasebank
-from pipeline.data.splitting import label_names_for, to_examples
+from pipeline.data.splitting import to_examples
 from pipeline.errors import ConfigError, DataError
 from scripts.tiny_project import sh, tiny_params_tree, write_project
 
@@ -92,17 +92,6 @@ def test_missing_value_spellings_are_fine_as_listed_class_names(tmp_path):
     path.write_text("text,label\nUp,none\nDown,some\n")
     cfg = DataConfig(source="csv", path="data.csv", label_names=["none", "some"])
     assert [e.label for e in examples_of(path, cfg)] == ["none", "some"]
-
-
-def test_labels_differing_only_by_case_or_spaces_warn(tmp_path, caplog):
-    path = tmp_path / "data.csv"
-    path.write_text("text,label\nUp,Positive\nUp too,positive\nDown,very negative\nDown too,Very Negative\n")
-    with caplog.at_level(logging.WARNING):
-        names = label_names_for(examples_of(path, INFERRED), INFERRED)
-    assert names == ["Positive", "Very Negative", "positive", "very negative"]
-    assert "labels ['Positive', 'positive'] differ only by case or spaces" in caplog.text
-    assert "labels ['Very Negative', 'very negative'] differ only by case or spaces" in caplog.text
-    assert "data.label_map" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,9 @@ class DataConfig(Section):
     label_names: list[str] | None = ["negative", "neutral", "positive"]
     # Raw label -> class name, applied before validation (e.g. {"0": negative, bearish: negative}).
     label_map: dict[str, str] = {}
+    # Labels that differ only by case, spacing or accents ('Positive' and 'positive') are an error unless
+    # label_map maps them together; true keeps them as separate classes (a warning says so).
+    keep_similar_labels: bool = False
     # multi_label with one column holding several labels: the separator (a JSON list also works).
     label_separator: str = ";"
     # multi_label with one 0/1 column per label: those columns (label_column is then ignored).

@@ -4,10 +4,12 @@ can name the file and line."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,40 @@ class RawRecord:
 # --------------------------------------------------------------------------- readers
 
 
+# A file is refused as "not text" when more than this share of its characters are control, unassigned
+# or replacement characters (random bytes read as Latin-1: about 22%; real text: none, or a stray one,
+# which the Latin-1 warning below reports) ...
+MAX_UNPRINTABLE_SHARE = 0.05
+# ... or when more than this share of its non-blank lines hold no letter at all (of any script).
+MAX_LETTERLESS_LINES_SHARE = 0.5
+_BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
 def decode_file(path: Path) -> str:
-    """UTF-8 first (with or without BOM), then Windows-1252 (what Excel writes), then Latin-1
-    (Financial PhraseBank mixes UTF-8 and Latin-1; the two agree on every byte it uses)."""
+    """UTF-8 first (with or without BOM; UTF-16 and UTF-32 with a BOM), then Windows-1252 (what Excel
+    writes), then Latin-1 (Financial PhraseBank mixes UTF-8 and Latin-1; the two agree on every byte it
+    uses). A file whose content is mostly not text (binary, compressed, random bytes) is refused."""
     raw = path.read_bytes()
+    text = _decode(path, raw)
+    problem = not_text_problem(text)
+    if problem:
+        raise DataError(
+            f"{path} is not a text file: {problem}. Is it binary, compressed or in an encoding other than "
+            "UTF-8? Point the path (data.path or transfer.path) at a text, CSV or JSONL file saved as UTF-8"
+        )
+    return text
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(encoding)
+            except UnicodeDecodeError:
+                break  # not really that encoding: the checks below judge the bytes
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -50,6 +82,39 @@ def decode_file(path: Path) -> str:
         "are probably mis-decoded punctuation. Save the file as UTF-8 to be sure", path, controls[:10],
     )
     return text
+
+
+def _unprintable(char: str) -> bool:
+    # Whitespace controls (tab, form feed, U+0085 ...) are layout, not garbage.
+    return not char.isspace() and (unicodedata.category(char) in ("Cc", "Cn", "Co", "Cs") or char == "\ufffd")
+
+
+def not_text_problem(text: str) -> str | None:
+    """Why `text` (a file's content, or its texts joined by line breaks) is mostly not text, or None.
+    Text in any language passes: letters of every script count."""
+    if not text.strip():
+        return None  # empty: the readers say so in their own words
+    unprintable = [char for char in text if _unprintable(char)]
+    if len(unprintable) > MAX_UNPRINTABLE_SHARE * len(text):
+        shown = ", ".join(sorted({f"U+{ord(c):04X}" for c in unprintable})[:5])
+        return (f"{len(unprintable) / len(text):.0%} of its characters are control or unprintable characters "
+                f"({shown}, ...; text has almost none)")
+    lines = [line for line in text_lines(text) if line.strip()]
+    letterless = [line for line in lines if not any(char.isalpha() for char in line)]
+    if len(letterless) > MAX_LETTERLESS_LINES_SHARE * len(lines):
+        return (f"{len(letterless)} of its {len(lines)} non-blank lines have no letter at all "
+                f"(e.g. {letterless[0][:60]!r})")
+    return None
+
+
+def check_texts(texts: list[Any], where: Path) -> None:
+    """The same check on texts read from a file's fields (JSON escapes such as \\u0000 decode to controls)."""
+    problem = not_text_problem("\n".join(str(text) for text in texts if text is not None))
+    if problem:
+        raise DataError(
+            f"{where}: its texts are not text: {problem}. Check the text column, or point the path at "
+            "real sentences"
+        )
 
 
 def text_lines(text: str) -> list[str]:
@@ -203,4 +268,5 @@ def read_source(params: Params) -> tuple[list[RawRecord], dict[str, Any]]:
         records = read_csv(path, cfg, task)
     else:
         records = read_jsonl(path, cfg, task)
+    check_texts([record.text for record in records], path)
     return records, {"type": cfg.source, "path": cfg.path, "sha256": sha256_file(path)}

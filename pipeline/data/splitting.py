@@ -130,21 +130,31 @@ def drop_cross_split_near_duplicates(splits: dict[str, list[Example]]) -> dict[s
 
 
 def label_names_for(examples: list[Example], cfg: DataConfig) -> list[str]:
+    """The class names: data.label_names, or the sorted labels of the data. Names that differ only by
+    case, spacing or accents are refused (they are almost always one class spelled two ways) unless
+    data.keep_similar_labels says they are meant."""
     if cfg.label_names is not None:
-        return list(cfg.label_names)
-    found: set[str] = set()
-    for example in examples:
-        found.update(example.label if isinstance(example.label, tuple) else [example.label])
+        names = list(cfg.label_names)
+    else:
+        found: set[str] = set()
+        for example in examples:
+            found.update(example.label if isinstance(example.label, tuple) else [example.label])
+        names = sorted(found)
     spellings: dict[str, list[str]] = {}
-    for name in sorted(found):
-        spellings.setdefault("".join(name.lower().split()), []).append(name)
-    for names in spellings.values():
-        if len(names) > 1:
-            log.warning(
-                "labels %s differ only by case or spaces and become separate classes; if they mean the "
-                "same, map them together with data.label_map, e.g. {%r: %r}", names, names[1], names[0],
+    for name in names:
+        spellings.setdefault("".join(normalize(name).split()), []).append(name)
+    for similar in (group for group in spellings.values() if len(group) > 1):
+        where = "data.label_names lists" if cfg.label_names is not None else "the data has"
+        if not cfg.keep_similar_labels:
+            raise DataError(
+                f"{where} labels {similar} that differ only by case, spacing or accents, so they would be "
+                f"separate classes. If they mean the same, map them together with data.label_map, e.g. "
+                f"-S 'data.label_map={{{similar[0]!r}: {similar[-1]!r}}}'; if they are different classes, "
+                "set data.keep_similar_labels=true"
             )
-    return sorted(found)
+        log.warning("labels %s differ only by case, spacing or accents and stay separate classes "
+                    "(data.keep_similar_labels=true)", similar)
+    return names
 
 
 # --------------------------------------------------------------------------- split

@@ -12,7 +12,15 @@ from pipeline.config import Params
 from pipeline.config.data import DataConfig, TaskConfig, TransferConfig
 from pipeline.data.normalize import LeakGuard, clean, drop_leaks, log_leak_examples, normalize
 from pipeline.data.prepared import HELD_OUT
-from pipeline.data.sources import RawRecord, decode_file, read_csv, read_jsonl, read_phrasebank, text_lines
+from pipeline.data.sources import (
+    RawRecord,
+    check_texts,
+    decode_file,
+    read_csv,
+    read_jsonl,
+    read_phrasebank,
+    text_lines,
+)
 from pipeline.data.splitting import Example
 from pipeline.errors import DataError
 
@@ -46,6 +54,12 @@ def read_transfer(path: Path, cfg: TransferConfig) -> tuple[list[RawRecord], str
             "PhraseBank file of unlabelled texts, or set transfer.path: null"
         )
     kind = transfer_format(path, cfg)
+    records, kind = _read_transfer(path, cfg, kind)
+    check_texts([record.text for record in records], path)
+    return records, kind
+
+
+def _read_transfer(path: Path, cfg: TransferConfig, kind: str) -> tuple[list[RawRecord], str]:
     if kind == "phrasebank":
         return read_phrasebank(path), kind
     if kind == "text":
