@@ -17,15 +17,17 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.errors import DataError
 from pipeline.export.predict import main as predict
-from pipeline.export.serving import SERVING_MODULES, log_pyfunc
+from pipeline.export.serving import ACCEPTED_SHAPES, SERVING_MODULES, log_pyfunc
 from tests.helpers import export_tiny_classifier
 
 LABELS = ["negative", "neutral", "positive"]
+REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["Operating profit rose sharply in the third quarter.", "Net sales fell.", "  The company held its AGM. "]
 
 
@@ -125,22 +127,44 @@ def test_multi_label_pyfunc_applies_the_thresholds_as_predict_does(model_dir, tm
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (pd.DataFrame({"sentence": ["Profit rose."]}), "has no 'text' column"),
+        (pd.DataFrame({"sentence": ["Profit rose."]}), r"has the columns \['sentence'\], expected exactly one 'text'"),
+        (pd.DataFrame({"text": ["Profit rose."], "id": [1]}), r"has the columns \['text', 'id'\]"),
         (pd.DataFrame({"text": ["Profit rose.", 3]}), "text 1 is a int"),
         (["Profit rose.", None], "text 1 is missing"),
         (pd.DataFrame({"text": ["Profit rose.", "   "]}), "text 1 is empty"),
         (pd.DataFrame({"text": []}), "the input is empty"),
+        ([], "the input is empty"),
+        (np.array([["Profit rose.", "Sales fell."]]), r"nested list \(shape \[1, 2\]\)"),
+        ([["Profit rose.", "Sales fell."]], "text 0 is itself a list"),
+        ([{"text": "Profit rose."}, {"sentence": "Sales fell."}], r"record 1 has the keys \['sentence'\]"),
+        ({"text": ["Profit rose."], "extra": ["x"]}, r"the keys \['extra', 'text'\]"),
+        (42, "cannot classify a int"),
     ],
+    ids=["other column", "extra column", "a number", "null", "blank", "empty DataFrame", "empty list",
+         "2-D array", "nested list", "record with another key", "mapping with another key", "a number alone"],
 )
-def test_bad_input_gets_a_clear_error(loaded, bad, message):
-    with pytest.raises(DataError, match=message):
+def test_bad_input_gets_a_clear_error_with_the_accepted_shapes(loaded, bad, message):
+    with pytest.raises(DataError, match=message) as error:
         loaded.predict(bad)
+    assert ACCEPTED_SHAPES in str(error.value)
 
 
-def test_an_empty_list_is_refused(loaded):
-    # MLflow's own schema check refuses it before the model sees it; its message says why.
-    with pytest.raises(mlflow.exceptions.MlflowException, match="0 inputs"):
-        loaded.predict([])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        list(TEXTS), np.array(TEXTS), pd.DataFrame({"text": TEXTS}), pd.DataFrame({0: TEXTS}),
+        [{"text": text} for text in TEXTS], {"text": list(TEXTS)}, pd.Series(TEXTS),
+    ],
+    ids=["list", "array", "DataFrame", "unnamed column", "records", "mapping", "Series"],
+)
+def test_every_accepted_shape_answers_one_prediction_per_text_in_order(loaded, shape):
+    answer = loaded.predict(shape)
+    assert list(answer["text"]) == [text.strip() for text in TEXTS]
+
+
+def test_a_bare_string_is_one_text(loaded):
+    answer = loaded.predict(TEXTS[0])
+    assert list(answer["text"]) == [TEXTS[0].strip()]
 
 
 # --------------------------------------------------------------------------- servers (slow)
@@ -152,9 +176,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def http(url: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def http(url: str, payload: dict | None = None, timeout: float = 30, csv: str | None = None) -> tuple[int, dict]:
+    data = csv.encode() if csv is not None else None if payload is None else json.dumps(payload).encode()
+    kind = "text/csv" if csv is not None else "application/json"
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": kind})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
@@ -207,18 +232,34 @@ def test_served_champion_answers_like_predict_and_shows_in_the_tracking_server(m
 
     port = free_port()
     serve_log = tmp_path / "serve.log"
-    server = start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
-                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], tmp_path, serve_log)
+    # Through `make serve`, as a user starts it (the venv is this interpreter's: -o skips its setup).
+    server = start(["make", "-C", str(REPO), "-o", ".venv/.installed", "serve", f"BIN={Path(sys.executable).parent}",
+                    f"MODEL_NAME={name}", f"SERVE_PORT={port}"], tmp_path, serve_log)
     try:
         wait_until_up(server, f"http://127.0.0.1:{port}/ping", serve_log)
         url = f"http://127.0.0.1:{port}/invocations"
         status, answer = http(url, {"dataframe_records": [{"text": text} for text in TEXTS]})
         assert status == 200, answer
         assert answer["predictions"] == expected
-        status, answer = http(url, {"inputs": TEXTS})
+        for accepted in ({"inputs": TEXTS}, {"instances": TEXTS}, {"inputs": [{"text": t} for t in TEXTS]},
+                         {"inputs": {"text": TEXTS}}, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}}):
+            status, answer = http(url, accepted)
+            assert status == 200 and answer["predictions"] == expected, (accepted, answer)
+        status, answer = http(url, csv="text\n" + "".join(f'"{t}"\n' for t in TEXTS))
         assert status == 200 and answer["predictions"] == expected
-        status, answer = http(url, {"dataframe_records": [{"sentence": "Profit rose."}]})
-        assert status == 400 and "has no 'text' column" in answer["message"]
+        status, answer = http(url, {"inputs": TEXTS[1]})  # a bare string: one text, one prediction
+        assert status == 200 and answer["predictions"] == expected[1:2]
+        for bad, message in (
+            ({"inputs": [["Profit rose.", "Sales fell."]]}, "nested"),
+            ({"inputs": []}, "the input is empty"),
+            ({"dataframe_records": []}, "the input is empty"),
+            ({"dataframe_records": [{"sentence": "Profit rose."}]}, "expected exactly one 'text' column"),
+            ({"inputs": ["Profit rose.", None]}, "text 1 is missing"),
+            ({"inputs": [1, 2]}, "text 0 is a int"),
+            ({"inputs": [{"text": "a", "id": 1}]}, "record 0 has the keys"),
+        ):
+            status, answer = http(url, bad)
+            assert status == 400 and message in answer["message"] and ACCEPTED_SHAPES in answer["message"], (bad, answer)
     finally:
         stop(server)
     assert server.returncode is not None

@@ -2,7 +2,7 @@
 
     model = mlflow.pyfunc.load_model("models:/fincompress-sentiment@champion")
     model.predict(pd.DataFrame({"text": ["Operating profit rose.", "Net sales fell."]}))
-    model.predict(["Operating profit rose."])  # a list of strings works too
+    model.predict(["Operating profit rose."])  # a list of strings works too, and one string is one text
 
 Each row of the answer is what `python -m pipeline.export.predict --json` prints for the text: `text`,
 `label` (multi-label models: `labels`, every label at or above its threshold from config.json) and
@@ -44,36 +44,76 @@ REQUIREMENTS = ("mlflow", "onnxruntime", "onnx", "tokenizers", "numpy", "pandas"
 EXAMPLE_TEXTS = ["Operating profit rose sharply in the third quarter.", "Net sales fell by 5 percent."]
 
 
+# Every input error ends with this, so a caller sees what to send instead.
+ACCEPTED_SHAPES = (
+    'send one text per prediction, e.g. {"inputs": ["Profit rose.", "Sales fell."]}, a single text as '
+    '{"inputs": "Profit rose."}, or a "text" column: {"dataframe_records": [{"text": "Profit rose."}]} or '
+    '{"dataframe_split": {"columns": ["text"], "data": [["Profit rose."]]}}'
+)
+
+
 def texts_from(model_input: Any) -> list[str]:
-    """The texts of a DataFrame's `text` column or of a list of strings, checked and stripped."""
-    if isinstance(model_input, pd.DataFrame):
-        if list(model_input.columns) == [0]:  # MLflow hands a list of strings over as an unnamed column
-            model_input = model_input.rename(columns={0: TEXT_COLUMN})
-        if TEXT_COLUMN not in model_input.columns:
-            raise DataError(
-                f"the input has no '{TEXT_COLUMN}' column (it has {[str(c) for c in model_input.columns]}); "
-                f"send a DataFrame with a '{TEXT_COLUMN}' column, e.g. {{\"dataframe_records\": [{{\"text\": \"...\"}}]}}"
-            )
-        values = model_input[TEXT_COLUMN].tolist()
-    elif isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
-        values = list(model_input)
-    else:
-        raise DataError(
-            f"cannot classify a {type(model_input).__name__}; send a DataFrame with a '{TEXT_COLUMN}' column "
-            "or a list of strings"
-        )
+    """The texts of a request, one per prediction, in order; anything else is a DataError naming what
+    is wrong and ending with ACCEPTED_SHAPES. Accepted: a list (or 1-D array) of strings, a single
+    string (one text: one prediction), records or a DataFrame with exactly one column `text` (or the
+    unnamed column MLflow makes of a list of strings), a mapping {"text": [...]}. Nested lists are
+    refused: [["a", "b"]] could mean one text or two, and the answer must not guess."""
+    values = _text_values(model_input)
     if not values:
-        raise DataError("no texts to classify: the input is empty")
+        raise DataError(f"no texts to classify: the input is empty; {ACCEPTED_SHAPES}")
     texts = []
     for row, value in enumerate(values):
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()  # MLflow's parsing wraps each JSON string of a record in an array
         if value is None or (isinstance(value, float) and np.isnan(value)):  # pandas turns None into NaN
-            raise DataError(f"text {row} is missing (null); send a string for every row")
+            raise DataError(f"text {row} is missing (null); send a string for every text. {ACCEPTED_SHAPES}")
         if not isinstance(value, str):
-            raise DataError(f"text {row} is a {type(value).__name__} ({value!r}), not a string; send strings only")
+            shown = value.tolist() if isinstance(value, np.ndarray) else value
+            raise DataError(f"text {row} is a {type(shown).__name__} ({shown!r}), not a string. {ACCEPTED_SHAPES}")
         if not value.strip():
-            raise DataError(f"text {row} is empty; send non-blank texts only")
+            raise DataError(f"text {row} is empty; send non-blank texts only. {ACCEPTED_SHAPES}")
         texts.append(value.strip())  # as the predict command reads its lines
     return texts
+
+
+def _text_values(model_input: Any) -> list[Any]:
+    """The request's values, one per text (checked one by one by `texts_from`)."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.DataFrame):
+        columns = [str(column) for column in model_input.columns]
+        if list(model_input.columns) in ([0], [TEXT_COLUMN]):  # MLflow makes a list of strings column 0
+            return model_input.iloc[:, 0].tolist()
+        if model_input.empty and not columns:
+            return []
+        raise DataError(f"the input has the columns {columns}, expected exactly one '{TEXT_COLUMN}' column; {ACCEPTED_SHAPES}")
+    if isinstance(model_input, dict):
+        if set(model_input) != {TEXT_COLUMN}:
+            raise DataError(f"the input has the keys {sorted(map(str, model_input))}, expected only "
+                            f"'{TEXT_COLUMN}'; {ACCEPTED_SHAPES}")
+        return _text_values(model_input[TEXT_COLUMN])
+    if isinstance(model_input, np.ndarray):
+        if model_input.ndim == 0:
+            return [model_input.item()]
+        if model_input.ndim > 1:
+            raise DataError(f"the input is a nested list (shape {list(model_input.shape)}); {ACCEPTED_SHAPES}")
+        return model_input.tolist()
+    if isinstance(model_input, (list, tuple, pd.Series)):
+        values = list(model_input)
+        if values and all(isinstance(value, dict) for value in values):  # records: [{"text": ...}, ...]
+            return [_one_record(value, row) for row, value in enumerate(values)]
+        nested = next((row for row, value in enumerate(values) if isinstance(value, (list, tuple, np.ndarray, dict))
+                       and not (isinstance(value, np.ndarray) and value.ndim == 0)), None)
+        if nested is not None:
+            raise DataError(f"text {nested} is itself a list or record: the input is nested; {ACCEPTED_SHAPES}")
+        return values
+    raise DataError(f"cannot classify a {type(model_input).__name__}; {ACCEPTED_SHAPES}")
+
+
+def _one_record(record: dict[str, Any], row: int) -> Any:
+    if set(record) != {TEXT_COLUMN}:
+        raise DataError(f"record {row} has the keys {sorted(map(str, record))}, expected only '{TEXT_COLUMN}'; {ACCEPTED_SHAPES}")
+    return record[TEXT_COLUMN]
 
 
 class InputError(DataError, MlflowException):
@@ -100,7 +140,10 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
             texts = texts_from(model_input)
         except DataError as error:
             raise InputError(str(error)) from None
-        return pd.DataFrame(classify(self.classifier, texts))
+        answers = classify(self.classifier, texts)
+        if len(answers) != len(texts):  # one prediction per text, in order: never a silent truncation
+            raise RuntimeError(f"{len(answers)} predictions for {len(texts)} texts")
+        return pd.DataFrame(answers)
 
 
 @contextmanager
@@ -128,15 +171,15 @@ def log_pyfunc(model_dir: str | Path, name: str, **log_model_kwargs: Any) -> Any
     Returns its ModelInfo.
     """
     from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
 
     model_dir = Path(model_dir)
     example = pd.DataFrame({TEXT_COLUMN: EXAMPLE_TEXTS})
     output = pd.DataFrame(classify(OnnxClassifier.load(model_dir), EXAMPLE_TEXTS))
-    # One unnamed input of any type: a bare list of strings passes MLflow's schema check as well as a
-    # DataFrame, and the model's own checks (a `text` column of non-blank strings) say what is wrong
-    # more plainly than a failed type cast would. The input example shows the expected shape.
-    signature = ModelSignature(Schema([ColSpec(AnyType())]), infer_signature(example, output).outputs)
+    # No input schema: MLflow's schema enforcement would reshape the request before the model sees it
+    # ([["a", "b"]] became the one text "a") and refuse an empty list in its own words. The model checks
+    # the request as sent (texts_from) and answers one prediction per text or a 400 that shows the
+    # accepted shapes. The input example still documents the usual shape.
+    signature = ModelSignature(inputs=None, outputs=infer_signature(example, output).outputs)
     with serving_code() as package:
         return mlflow.pyfunc.log_model(
             name=name,
