@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from pathlib import Path
@@ -35,15 +36,20 @@ class OutputError(FinCompressError):
     """An output path that would overwrite something this pipeline did not write, or is in use."""
 
 
-def unexpected_error_message(command: str, error: BaseException, log_dir: Path) -> str:
-    """Write the traceback of an unexpected exception to a log file; return the one-line message for
+def log_file_for(command: str, directory: Path) -> Path:
+    """The log file of one run of `command`: everything logged, tracebacks included."""
+    return directory / f"fincompress-{command}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+
+
+def unexpected_error_message(command: str, error: BaseException, log_file: Path) -> str:
+    """Append the traceback of an unexpected exception to `log_file`; return the one-line message for
     the terminal (`<command>: <what> ... how to go on`)."""
-    what = f"unexpected {type(error).__name__}: {str(error).strip()[:300]}"
+    what = f"unexpected {type(error).__name__}: {' '.join(str(error).split())[:300]}"
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / f"fincompress-{command}-{time.strftime('%Y%m%dT%H%M%S')}.log"
-        path.write_text("".join(traceback.format_exception(error)), encoding="utf-8")
-        where = f"the traceback is in {path}"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("a", encoding="utf-8") as out:
+            out.write("".join(traceback.format_exception(error)))
+        where = f"the traceback is in {log_file}"
     except OSError:
         where = "the traceback could not be written to a log file"
     return (f"{command}: {what}; {where}. This is not a known input problem: check the inputs and the "

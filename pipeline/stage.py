@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params
-from pipeline.errors import FinCompressError, TransientError, unexpected_error_message
+from pipeline.errors import FinCompressError, TransientError, log_file_for, unexpected_error_message
 from pipeline.io import check_output_paths, read_json, stage_lock, write_json
 
 log = logging.getLogger("fincompress")
@@ -32,18 +33,63 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def setup_logging() -> None:
+class ConsoleFilter(logging.Filter):
+    """What the terminal shows of a log record: never a traceback, and of a library's record only its
+    first line (MLflow logs whole SQL statements). Everything goes to the log file in full."""
+
+    def __init__(self, log_file: Path | None) -> None:
+        super().__init__()
+        self.where = f" (details in {log_file})" if log_file else ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.split(".")[0] in ("pipeline", "stages", "scripts", "fincompress")
+        if record.exc_info or record.stack_info or (not ours and "\n" in record.getMessage()):
+            first = record.getMessage().strip().split("\n", 1)[0]
+            record.msg, record.args = f"{first}{self.where}", ()
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """Log to the terminal (one line per record, no tracebacks) and, with `log_file`, everything in full
+    (tracebacks included) to that file. Libraries that print through handlers of their own (MLflow)
+    log through these instead."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=True)],
-        force=True,
-    )
+    # Before mlflow is imported: it would otherwise attach its own stderr handler to its loggers.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    handlers: list[logging.Handler] = []
+    if log_file is not None:  # first: it takes each record in full before the console filter shortens it
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file, encoding="utf-8", delay=True)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(to_file)
+    console = RichHandler(show_path=False)
+    console.addFilter(ConsoleFilter(log_file))
+    handlers.append(console)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=handlers, force=True)
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def report_error(message: str) -> None:
+    """Print `message` on stderr on a line of its own: close any progress bar still open (a failing
+    Trainer leaves its bar mid-line) and start a new line if one was."""
+    try:
+        from tqdm import tqdm
+
+        bars = list(tqdm._instances)  # the bars not closed yet
+    except (ImportError, AttributeError):
+        bars = []
+    for bar in bars:
+        bar.close()
+    sys.stderr.flush()
+    print(("\n" if bars else "") + message, file=sys.stderr, flush=True)
+
+
+def one_line(text: str) -> str:
+    """A message (or an exception's text) on one line."""
+    return " ".join(str(text).split())
 
 
 def metrics_path(params: Params, stage: str):
@@ -89,7 +135,8 @@ class Stage:
         parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="params file (default: params.yaml)")
         parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=1")
         args = parser.parse_args()
-        setup_logging()
+        log_file = log_file_for(self.name, Path(args.params).resolve().parent / LOG_DIR)
+        setup_logging(log_file)
         try:
             params = load_params(args.params, args.overrides)
             check_output_paths(params)
@@ -99,15 +146,19 @@ class Stage:
                 self.execute(params)
         except TransientError as error:
             # Not "error: <stage>:": orchestrators retry this one (the inputs are not at fault).
-            print(f"transient error: {self.name}: {error}", file=sys.stderr)
+            report_error(f"transient error: {self.name}: {one_line(error)}")
             sys.exit(EX_TEMPFAIL)
         except FinCompressError as error:
-            print(f"error: {self.name}: {error}", file=sys.stderr)
+            report_error(f"error: {self.name}: {one_line(error)}")
             sys.exit(1)
         except KeyboardInterrupt:
-            print(f"error: {self.name}: interrupted; previous outputs are untouched", file=sys.stderr)
+            report_error(f"error: {self.name}: interrupted; previous outputs are untouched")
             sys.exit(130)
         except Exception as error:  # a bug or the environment: a message here, the traceback in the log
-            log_dir = Path(args.params).resolve().parent / LOG_DIR
-            print(f"error: {unexpected_error_message(self.name, error, log_dir)}", file=sys.stderr)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = f" writing {error.filename}" if error.filename else ""
+                report_error(f"error: {self.name}: no space left on the device{where}: free some disk space (or "
+                             "raise your quota), then run again; previous outputs are untouched")
+            else:
+                report_error(f"error: {unexpected_error_message(self.name, error, log_file)}")
             sys.exit(1)

@@ -155,8 +155,12 @@ def writing(uri: str | None, what: str) -> Iterator[None]:
         yield
     except Exception as error:
         uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "the tracking store")
+        root = error
+        while root.__cause__ is not None or root.__context__ is not None:  # the driver's own words
+            root = root.__cause__ or root.__context__
+        reason = " ".join(str(root).split("\n", 1)[0].split())[:200]
         raise TransientError(
-            f"could not write {what} to MLflow at {uri} ({type(error).__name__}: {str(error)[:200]}); "
+            f"could not write {what} to MLflow at {uri} ({type(root).__name__}: {reason}); "
             "check that the tracking database is writable and its disk has space (or that the server "
             "is up), then run again"
         ) from None

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError, FinCompressError, unexpected_error_message
+from pipeline.errors import DataError, FinCompressError, log_file_for, unexpected_error_message
 from pipeline.export.onnx import OnnxClassifier
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # a bug or the environment: a message here, the traceback in a file
-        print(f"error: {unexpected_error_message('predict', error, Path(tempfile.gettempdir()))}", file=sys.stderr)
+        print(f"error: {unexpected_error_message('predict', error, log_file_for('predict', Path(tempfile.gettempdir())))}", file=sys.stderr)
         return 1
     for record in records:
         if args.json:
