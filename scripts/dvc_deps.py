@@ -37,10 +37,12 @@ FIRST_PARTY = ("pipeline", "stages")
 # the section modules) and loads params files. Not a dependency: see the module docstring.
 SCHEMA = "pipeline/config/__init__.py"
 # Modules that are imported but are not dependencies, and whose own imports are not followed. The
-# runner, MLflow tracking and error classes only log and report: editing them must not invalidate
-# trained models (see the comment at the top of dvc.yaml); the schema aggregator, above.
+# runner, MLflow tracking and error classes only log and report, and the process lifetime helper only
+# ties a stage to its parent: editing them must not invalidate trained models (see the comment at the
+# top of dvc.yaml); the schema aggregator, above.
 NOT_DEPS = frozenset({
     "pipeline/errors.py",
+    "pipeline/processes.py",
     "pipeline/stage.py",
     "pipeline/tracking.py",
     SCHEMA,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evaluation.family import MEMBER_KINDS
+from pipeline.processes import die_with_parent
 
 # --------------------------------------------------------------------------- the worker side
 
@@ -110,6 +112,8 @@ def peak_rss_mb() -> float:
 
 def worker_main() -> None:
     """Serve commands for one member; answers go to the real stdout, everything else to stderr."""
+    # A benchmark killed outright (SIGKILL, or its dvc killed) must not leave its workers timing on.
+    die_with_parent(signal.SIGKILL)
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints and library warnings must not corrupt the protocol
     sys.stdout = sys.stderr
