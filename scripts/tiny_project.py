@@ -102,10 +102,12 @@ def _unigram(texts: list[str], specials: list[str], unk: str, template: tuple[st
     return tokenizer
 
 
-def make_tiny_model(directory: Path, texts: list[str], model_type: str, seed: int = 0) -> Path:
+def make_tiny_model(directory: Path, texts: list[str], model_type: str, seed: int = 0, mask_after_pieces: bool = False) -> Path:
     """A random encoder of `model_type` (hidden 32, 2-3 layers, 2 heads) with a fast tokenizer of its
     family's kind trained offline on `texts`: WordPiece (BERT, DistilBERT, ELECTRA, MPNet), byte-level
-    BPE (RoBERTa, ModernBERT) or Unigram (XLM-RoBERTa, DeBERTa-v2, ALBERT). Safetensors weights."""
+    BPE (RoBERTa, ModernBERT) or Unigram (XLM-RoBERTa, DeBERTa-v2, ALBERT). Safetensors weights.
+    `mask_after_pieces`: XLM-RoBERTa's <mask> is an added token after the Unigram pieces, as in the real
+    checkpoint (an id past the model vocabulary), not one of the pieces."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
@@ -131,8 +133,9 @@ def make_tiny_model(directory: Path, texts: list[str], model_type: str, seed: in
         extra = {"num_hidden_layers": 3, "global_attn_every_n_layers": 2, "local_attention": 8,
                  "pad_token_id": 0, "cls_token_id": 2, "sep_token_id": 3, "bos_token_id": 2, "eos_token_id": 3}
     elif model_type == "xlm-roberta":
-        backend = _unigram(texts, ROBERTA_SPECIALS, "<unk>", ("<s>", "</s>"))
-        tokenizer = transformers.XLMRobertaTokenizerFast(tokenizer_object=backend)
+        specials = [t for t in ROBERTA_SPECIALS if t != "<mask>"] if mask_after_pieces else ROBERTA_SPECIALS
+        backend = _unigram(texts, specials, "<unk>", ("<s>", "</s>"))
+        tokenizer = transformers.XLMRobertaTokenizerFast(tokenizer_object=backend)  # adds a missing <mask> last
     elif model_type == "deberta-v2":
         backend = _unigram(texts, BERT_SPECIALS, "[UNK]", ("[CLS]", "[SEP]"))
         tokenizer = transformers.DebertaV2TokenizerFast(tokenizer_object=backend)

@@ -12,6 +12,7 @@ from pipeline.errors import ConfigError
 from pipeline.evaluation.record import ModelRecord
 from pipeline.models import load_tokenizer, load_trained, predict_logits
 from pipeline.training.encoding import Collator, encode
+from scripts.tiny_project import make_tiny_model, read_tiny_texts
 from stages import distill_intermediate, prune
 from tests.helpers import copy_project
 
@@ -125,3 +126,48 @@ def test_prune_stage_rejects_a_ratio_that_removes_every_head(trained_project, tm
     with pytest.raises(ConfigError, match="would remove every one of the 2 attention heads"):
         prune.STAGE.execute(params)
     assert not params.path(params.paths.pruned).exists()
+
+
+# --------------------------------------------------------------------------- added tokens (issue 30 class 8)
+
+DOMAIN_TOKENS = ["ebitda", "q3guidance"]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "mask_after_pieces"),
+    [("bert", False), ("roberta", False), ("xlm-roberta", True), ("deberta-v2", False), ("modernbert", False)],
+    ids=["WordPiece", "byte-level BPE", "Unigram, XLM-R <mask> after the pieces", "Unigram (DeBERTa)", "BPE (ModernBERT)"],
+)
+def test_added_tokens_past_the_vocabulary_are_kept_and_remapped(tmp_path, model_type, mask_after_pieces):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = read_tiny_texts()
+    directory = make_tiny_model(tmp_path / model_type, texts, model_type, mask_after_pieces=mask_after_pieces)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    pieces = tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+    tokenizer.add_tokens(DOMAIN_TOKENS)  # a user's domain tokens ...
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<ent>"]})  # ... and a special one
+    beyond = sorted(i for i in tokenizer.get_added_vocab().values() if i >= pieces)
+    assert len(beyond) == 3 + mask_after_pieces, "ids past the model's vocabulary, as in the issue"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=3).eval()
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    corpus = texts[:8] + [f"EBITDA rose <ent> on Q3guidance {tokenizer.mask_token or ''}"]
+    before_ids = tokenizer(corpus, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = model(**before_ids).logits
+    trimmed_model, trimmed, info = pruning.trim_vocabulary(model, tokenizer, corpus, keep_top=0)
+    assert info["vocab_size_after"] < info["vocab_size_before"] and info["added_tokens_beyond_vocabulary"] == len(beyond)
+    after_ids = trimmed(corpus, padding=True, return_tensors="pt")
+    assert [trimmed.convert_ids_to_tokens(row) for row in after_ids["input_ids"].tolist()] == [
+        tokenizer.convert_ids_to_tokens(row) for row in before_ids["input_ids"].tolist()], "the same tokens"
+    with torch.no_grad():
+        assert torch.allclose(trimmed_model(**after_ids).logits, before, atol=1e-5)
+    # Saved and reloaded, as the prune stage does: the added tokens keep their new ids.
+    trimmed_model.save_pretrained(tmp_path / "out", safe_serialization=True)
+    trimmed.save_pretrained(tmp_path / "out")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert reloaded(corpus)["input_ids"] == trimmed(corpus)["input_ids"]
+    assert len(reloaded) == trimmed_model.config.vocab_size == info["vocab_size_after"]
+    for token in [*DOMAIN_TOKENS, "<ent>"]:
+        assert reloaded.convert_tokens_to_ids(token) >= info["vocab_size_after"] - len(beyond)

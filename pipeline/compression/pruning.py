@@ -224,21 +224,27 @@ def trim_vocabulary(
     used = {i for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"] for i in ids}
     kept = used | set(tokenizer.all_special_ids) | {t["id"] for t in state.get("added_tokens", [])}
     kept |= {i for i, token in by_id.items() if _is_fallback_piece(kind, token)}
+    # Added tokens past the model's own vocabulary (an XLM-R <mask> after the Unigram pieces, domain
+    # tokens a user added with add_tokens) are kept, all of them, and renumbered in their order right
+    # after the kept vocabulary: the tokenizer numbers added tokens from the vocabulary's size on.
+    beyond = sorted(i for i in kept if i not in by_id)
+    kept = {i for i in kept if i in by_id}
     others = [i for i in sorted(by_id) if i not in kept and not by_id[i].startswith("[unused")]
     kept |= set(others[:keep_top])
     if kind == "BPE":
         kept = _close_under_merges(kept, by_id, spec)
-    old_ids = sorted(kept)
+    old_ids = sorted(kept) + beyond
     new_id = {old: new for new, old in enumerate(old_ids)}
 
+    in_vocabulary = old_ids[: len(old_ids) - len(beyond)]
     if kind == "Unigram":
-        spec["vocab"] = [spec["vocab"][old] for old in old_ids]
+        spec["vocab"] = [spec["vocab"][old] for old in in_vocabulary]
         if spec.get("unk_id") is not None:
             spec["unk_id"] = new_id[spec["unk_id"]]
     else:
-        spec["vocab"] = {by_id[old]: new for new, old in enumerate(old_ids)}
+        spec["vocab"] = {by_id[old]: new for new, old in enumerate(in_vocabulary)}
     if kind == "BPE":
-        survivors = {by_id[i] for i in old_ids}
+        survivors = {by_id[i] for i in in_vocabulary}
         spec["merges"] = [m for m in spec["merges"] if all(t in survivors for t in (*_merge_parts(m), "".join(_merge_parts(m))))]
     for token in state.get("added_tokens", []):
         token["id"] = new_id[token["id"]]
@@ -266,7 +272,8 @@ def trim_vocabulary(
         base_embeddings.padding_idx = pad_id  # RoBERTa-style position ids count from the pad id
     config.vocab_size = len(old_ids)
     info = {
-        "vocab_kind": kind, "vocab_size_before": len(by_id), "vocab_size_after": len(old_ids), "corpus_tokens": len(used),
+        "vocab_kind": kind, "vocab_size_before": len(by_id) + len(beyond), "vocab_size_after": len(old_ids),
+        "corpus_tokens": len(used), "added_tokens_beyond_vocabulary": len(beyond),
     }
     return model, trimmed, info
 
