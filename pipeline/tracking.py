@@ -202,6 +202,14 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
             mlflow.log_metrics(scalars, step=step)
 
 
+def set_tags(tags: dict[str, str]) -> None:
+    """Tag the active run (MLflow caps a tag's value at 5000 characters)."""
+    import mlflow
+
+    with writing(None, "tags"):
+        mlflow.set_tags({key: str(value)[:5000] for key, value in tags.items()})
+
+
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 

@@ -32,6 +32,8 @@ def present_members(params: Params) -> list[Member]:
     for member in family(params):
         if member.is_present():
             members.append(member)
+        elif member.excluded_reason():
+            log.warning("%s is left out of the benchmark: it %s", member.name, member.excluded_reason())
         else:
             log.warning("%s not found at %s: left out of the benchmark", member.name, member.path)
     if not members or members[0].name != REFERENCE:

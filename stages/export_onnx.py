@@ -4,13 +4,17 @@ and export the teacher to ONNX fp32. Each output directory is self-contained
 (model.onnx, config.json, tokenizer, checkpoint_info.json), so it can be served or benchmarked alone.
 
 Parity gates over the whole test split: ONNX fp32 must match PyTorch (logits within tolerance, every
-label identical); ONNX INT8 must agree with ONNX fp32 on labels and lose little macro-F1. A failed
-gate fails the stage and nothing is written. In a search's view of the data, which withholds the test
-split, the gates are judged on validation instead (Prepared.judged_split)."""
+label identical); ONNX INT8 must agree with ONNX fp32 on labels and lose little macro-F1. The student's
+fp32 export is the member the others are made from: when it fails its gate the stage fails and nothing
+is written. Any other member that fails (an INT8 graph flipping a near-tie, the teacher's export) is
+left out with its reason (its directory holds only EXCLUDED.json): the benchmark, the report and the
+champion choice go on with the members that passed. In a search's view of the data, which withholds the
+test split, the gates are judged on validation instead (Prepared.judged_split)."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from pipeline.config import Params
 from pipeline.data.labels import decide
 from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import GateError
+from pipeline.evaluation.family import EXCLUDED_FILE
 from pipeline.evaluation.metrics import macro_f1
 from pipeline.evaluation.model_card import write_export_cards
 from pipeline.evaluation.record import INFO_FILE, ModelRecord, evaluate_record
@@ -39,7 +44,7 @@ from pipeline.export.onnx_export import (
     quantize_with_fallback,
     resolve_isa,
 )
-from pipeline.io import atomic_dir, read_json, write_json, write_text_atomic
+from pipeline.io import OUTPUT_MARKER, atomic_dir, read_json, write_json, write_text_atomic
 from pipeline.models import (
     count_parameters,
     decision_thresholds,
@@ -147,6 +152,20 @@ def validation_gate(
     return failures
 
 
+def exclude(member: str, directory: Path, failures: list[str], split: str) -> str:
+    """Leave a member that failed its gate out of the family: its directory keeps only EXCLUDED.json,
+    saying why, with its parity figures (no model: nothing benchmarks, registers or serves it)."""
+    reason = f"failed its parity gate over the {split} split: " + "; ".join(failures)
+    record = read_json(directory / INFO_FILE) if (directory / INFO_FILE).is_file() else {}
+    for path in directory.iterdir():
+        if path.name != OUTPUT_MARKER:  # the output directory's own marker stays
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    write_json(directory / EXCLUDED_FILE, {"member": member, "reason": reason,
+                                           "parity": record.get("details", {}).get("parity")})
+    log.warning("%s is left out of the family: %s", member, reason)
+    return reason
+
+
 def run(params: Params) -> dict[str, Any]:
     """Read paths.pruned and paths.teacher; write paths.onnx_student/{fp32,int8,int8_static} (the INT8
     directories export_onnx.quantization asks for) and paths.onnx_teacher."""
@@ -154,7 +173,8 @@ def run(params: Params) -> dict[str, Any]:
     prepared = load_prepared(params.path(paths.prepared))
     isa = resolve_isa(cfg.isa)
     student_out, teacher_out = params.path(paths.onnx_student), params.path(paths.onnx_teacher)
-    failures: list[str] = []
+    failures: list[str] = []  # of the student's fp32 export: fatal
+    excluded: dict[str, str] = {}  # members left out, with their reason
     metrics: dict[str, Any] = {}
     # Both outputs appear together at the end, or neither does.
     with atomic_dir(student_out) as student_tmp, atomic_dir(teacher_out) as teacher_tmp:
@@ -179,7 +199,8 @@ def run(params: Params) -> dict[str, Any]:
                 details={"precision": "int8 (ONNX Runtime dynamic quantization)", "isa": isa,
                          "per_channel": cfg.per_channel, "quantized_operators": operators, "fallback": fallback},
             )
-            failures += int8_failures
+            if int8_failures:
+                excluded["student_onnx_int8"] = exclude("student_onnx_int8", int8_dir, int8_failures, prepared.judged_split)
 
         if cfg.quantization in ("static", "both"):
             static_dir = student_tmp / "int8_static"
@@ -198,27 +219,37 @@ def run(params: Params) -> dict[str, Any]:
                          "per_channel": cfg.per_channel, "quantized_operators": operators, "fallback": fallback,
                          "calibration": {"split": "train", "texts": len(calibration), "method": cfg.calibration_method}},
             )
-            failures += static_failures
+            if static_failures:
+                excluded["student_onnx_int8_static"] = exclude(
+                    "student_onnx_int8_static", static_dir, static_failures, prepared.judged_split)
 
         if cfg.export_teacher:
             teacher, _, _ = export_checked("teacher_onnx", paths.teacher, teacher_tmp, prepared, params)
             teacher_parity = teacher.details["parity"]
-            failures += fp32_parity_failures("teacher ONNX fp32", teacher_parity, cfg.max_abs_logit_diff, prepared.judged_split)
             metrics["teacher_onnx"] = {**teacher.metrics(), "max_abs_logit_diff": teacher_parity["max_abs_logit_diff"]}
+            teacher_failures = fp32_parity_failures("teacher ONNX fp32", teacher_parity, cfg.max_abs_logit_diff, prepared.judged_split)
+            if teacher_failures:
+                excluded["teacher_onnx"] = exclude("teacher_onnx", teacher_tmp, teacher_failures, prepared.judged_split)
         else:
             # DVC expects the output directory: it holds only this note (no model.onnx, no record).
             write_text_atomic(teacher_tmp / NOT_EXPORTED_FILE, "The teacher was not exported: export_onnx.export_teacher is false.\n")
 
+        for member in excluded:
+            metrics[member]["excluded"] = 1
         if failures:
             tracking.log_metrics(metrics)  # the figures stay inspectable in the FAILED run
+            others = [f"{member} {reason}" for member, reason in excluded.items()]
             raise GateError(
-                f"ONNX parity failed over the {prepared.judged_split} split: " + "; ".join(failures) + ". An fp32 mismatch means "
+                f"ONNX parity failed over the {prepared.judged_split} split: " + "; ".join(failures + others)
+                + ". The student's fp32 export is the member the others are made from. An fp32 mismatch means "
                 "the exported graph computes something else than PyTorch: try another export_onnx.opset, or "
                 "raise export_onnx.max_abs_logit_diff if the difference is float noise. An INT8 shortfall: raise "
                 "export_onnx.fallback_rounds (more nodes kept in fp32), try export_onnx.quantize_embeddings=false, or relax export_onnx.min_int8_label_agreement / "
                 "max_int8_f1_drop if that loss is acceptable. Nothing was written."
             )
 
+    if excluded:  # the reasons, readable in the run's tags (the metrics mark them with excluded=1)
+        tracking.set_tags({f"excluded.{member}": reason for member, reason in excluded.items()})
     if "test" in prepared.evaluated_splits:  # the cards quote test figures: none in a search's view
         write_export_cards(params)  # README.md model cards, from the checkpoint_info.json just written
 

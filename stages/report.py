@@ -78,6 +78,8 @@ def run(params: Params) -> dict[str, Any]:
     members = {member.name: member for member in family(params)}
     records = {entry["name"]: ModelRecord.read(members[entry["name"]].path) for entry in benchmark["members"]}
     rows = report.family_table(benchmark, records)
+    # Members export_onnx left out (a failed parity gate): listed with their reason, never benchmarked or chosen.
+    excluded = {member.name: reason for member in members.values() if (reason := member.excluded_reason())}
     front = report.pareto_front(rows)
     sla = params.report.sla
     champion, note = report.pick_champion(rows, sla)
@@ -86,8 +88,8 @@ def run(params: Params) -> dict[str, Any]:
         row["champion"] = champion is not None and row["name"] == champion["name"]
 
     out = params.path(params.paths.reports)
-    write_json(out / "family.json", rows)
-    write_text_atomic(out / "comparison.md", report.comparison_markdown(rows, benchmark, front, note, sla))
+    write_json(out / "family.json", rows + [{"name": name, "excluded": reason} for name, reason in excluded.items()])
+    write_text_atomic(out / "comparison.md", report.comparison_markdown(rows, benchmark, front, note, sla, excluded))
     write_text_atomic(out / "comparison.csv", report.comparison_csv(rows))
     curves = {name: params.path(params.paths.curves) / f"{name}.csv" for name in CURVES}
     plots.pareto_plot(rows, front, out / "pareto.png", sla, champion["name"] if champion else None)
@@ -103,6 +105,10 @@ def run(params: Params) -> dict[str, Any]:
                               tags={**tags, "stage": "report", "family_member": row["name"],
                                     "format": row["format"], "precision": row["precision"]}):
             tracking.log_metrics({key: row[key] for key in COMPARABLE if row.get(key) is not None})
+    for name, reason in excluded.items():
+        with mlflow.start_run(run_name=name, nested=True, tags={"stage": "report", "family_member": name,
+                                                                "excluded": reason[:5000]}):
+            tracking.log_metrics({"excluded": 1})
 
     metrics: dict[str, Any] = {
         row["name"]: {key: row[key] for key in ("test_macro_f1", "f1_retention", "size_mb", "latency_ms_p50",
@@ -110,6 +116,7 @@ def run(params: Params) -> dict[str, Any]:
         for row in rows
     }
     metrics["pareto_front_size"] = len(front)
+    metrics["excluded_members"] = len(excluded)
     if champion is not None:
         metrics["champion"] = {key: champion[key] for key in ("test_macro_f1", "latency_ms_p50", "size_mb")}
         if params.report.register_champion:

@@ -27,6 +27,7 @@ from pipeline.compression.quantization import (
 )
 from pipeline.data.prepared import load_split
 from pipeline.errors import ConfigError, GateError, ModelError
+from pipeline.evaluation.family import EXCLUDED_FILE
 from pipeline.evaluation.record import ModelRecord
 from pipeline.export import onnx_export
 from pipeline.export.onnx import OnnxClassifier, check_onnx_file, create_session
@@ -41,10 +42,10 @@ from pipeline.export.onnx_export import (
     quantize_int8,
     quantize_with_fallback,
 )
-from pipeline.io import OUTPUT_MARKER
+from pipeline.io import OUTPUT_MARKER, write_json
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
 from scripts.tiny_project import read_tiny_texts
-from stages import export_onnx, quantize
+from stages import benchmark, export_onnx, quantize, report
 from tests.helpers import copy_project
 
 FFN_WIDTH = 48  # the tiny teacher's is 64
@@ -297,6 +298,75 @@ def test_export_without_the_teacher_still_writes_its_directory(project, exported
     assert (student / "int8" / "model.onnx").is_file() and not (student / "int8_static").exists()
     assert "student_onnx_int8_static" not in metrics
     assert metrics["student_onnx_int8"] == exported["student_onnx_int8"]
+
+
+def test_a_member_failing_its_gate_is_left_out_and_the_family_goes_on(project, exported, tmp_path, monkeypatch):
+    """An INT8 graph that flips a near-tie fails its gate: export_onnx passes without it, says why in its
+    directory, metrics and MLflow tags, and benchmark and report go on with the members that passed."""
+    params = copy_project(project, tmp_path, ("data", "models"), export_onnx={"fallback_rounds": 0})
+    original = export_onnx.int8_parity_failures
+
+    def flipped(what, *args, **kwargs):
+        failures = original(what, *args, **kwargs)
+        return failures + ([f"{what}: label agreement with ONNX fp32 0.9333 (1 of 15 differ) is below 0.98"]
+                           if what.startswith("student ONNX INT8") else [])
+
+    monkeypatch.setattr(export_onnx, "int8_parity_failures", flipped)
+    metrics = export_onnx.STAGE.execute(params)
+    int8 = params.path(params.paths.onnx_student) / "int8"
+    assert sorted(p.name for p in int8.iterdir()) == [EXCLUDED_FILE]
+    note = json.loads((int8 / EXCLUDED_FILE).read_text())
+    assert note["reason"].startswith("failed its parity gate over the test split: student ONNX INT8: label agreement")
+    assert note["parity"]["reference"] == "ONNX fp32"
+    assert metrics["student_onnx_int8"]["excluded"] == 1 and "excluded" not in metrics["student_onnx_int8_static"]
+    assert (params.path(params.paths.onnx_student) / "int8_static" / "model.onnx").is_file()
+    run = runs_of(params, "export_onnx").iloc[0]
+    assert run["status"] == "FINISHED" and run["tags.excluded.student_onnx_int8"] == note["reason"]
+
+    shutil.rmtree(params.path(params.paths.pruned))  # the stand-in student has no record to report
+    timed = [member.name for member in benchmark.present_members(params)]
+    assert "student_onnx_int8" not in timed and "student_onnx_int8_static" in timed
+    # The timings themselves are the benchmark's business (tests/test_benchmark.py); made up here, so this
+    # test never waits for the machine-wide benchmark lock.
+    write_json(params.path(params.paths.benchmark), made_up_benchmark(benchmark.present_members(params)))
+    report_metrics = report.STAGE.execute(params)
+    reports = params.path(params.paths.reports)
+    rows = json.loads((reports / "family.json").read_text())
+    assert rows[-1] == {"name": "student_onnx_int8", "excluded": note["reason"]}
+    champion = next(row for row in rows if row.get("champion"))
+    assert champion["name"] != "student_onnx_int8" and report_metrics["excluded_members"] == 1
+    assert f"Left out: student_onnx_int8 {note['reason']}." in (reports / "comparison.md").read_text()
+    left_out = mlflow.search_runs(experiment_names=[params.tracking.experiment],
+                                  filter_string="tags.stage = 'report' and tags.family_member = 'student_onnx_int8'")
+    assert list(left_out["tags.excluded"]) == [note["reason"]]
+
+
+def made_up_benchmark(members) -> dict:
+    entries = []
+    for index, member in enumerate(members):
+        latency = 10.0 / (index + 1)
+        timing = {t: {"p50": latency, "p95": latency, "p99": latency} for t in ("1", "2")}
+        entries.append({"name": member.name, "format": member.format, "precision": member.precision,
+                        "servable": member.servable, "size_mb": member.size_mb(),
+                        "num_parameters": ModelRecord.read(member.path).num_parameters, "latency_ms": timing,
+                        "e2e_latency_ms": timing, "throughput_per_second": {"1": 1 / latency, "2": 2 / latency},
+                        "peak_rss_mb": 100.0, "speedup_vs_teacher": {"1": 10 / latency, "2": 10 / latency}})
+    return {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1"},
+            "settings": {"thread_counts": ["1", "2"], "test_sentences": 15, "max_length": 32, "min_runs": 5,
+                         "min_seconds": 0, "rounds": 1, "throughput_batch_size": 4},
+            "reference": "teacher", "members": entries}
+
+
+def test_a_teacher_export_failing_its_gate_is_left_out(project, exported, tmp_path, monkeypatch):
+    params = copy_project(project, tmp_path, ("data", "models"), export_onnx={"quantization": "dynamic"})
+    original = export_onnx.fp32_parity_failures
+    monkeypatch.setattr(export_onnx, "fp32_parity_failures", lambda what, *args, **kwargs: original(what, *args, **kwargs) + (
+        [f"{what}: 1 of 15 test predictions differ from PyTorch's"] if what.startswith("teacher") else []))
+    metrics = export_onnx.STAGE.execute(params)
+    teacher = params.path(params.paths.onnx_teacher)
+    assert sorted(p.name for p in teacher.iterdir()) == sorted([EXCLUDED_FILE, OUTPUT_MARKER])
+    assert metrics["teacher_onnx"]["excluded"] == 1 and "excluded" not in metrics["student_onnx_int8"]
+    assert export_onnx.STAGE.execute(params)["teacher_onnx"]["excluded"] == 1, "and the next run replaces it"
 
 
 # --------------------------------------------------------------------------- static INT8

@@ -13,6 +13,7 @@ torch-free processes.
 from __future__ import annotations
 
 import contextlib
+import json
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import numpy as np
 from pipeline.config import Params
 
 REFERENCE = "teacher"
+# Written by export_onnx in place of a member that failed its parity gate: the member is left out.
+EXCLUDED_FILE = "EXCLUDED.json"
 
 
 # --------------------------------------------------------------------------- loaded members
@@ -138,6 +141,11 @@ class Member(ABC):
 
     def is_present(self) -> bool:
         return (self.path / self.weights_file).is_file()
+
+    def excluded_reason(self) -> str | None:
+        """Why the stage that builds this member left it out (a failed gate), or None."""
+        path = self.path / EXCLUDED_FILE
+        return json.loads(path.read_text(encoding="utf-8"))["reason"] if path.is_file() else None
 
     def size_mb(self) -> float:
         return sum(path.stat().st_size for path in self.weight_files()) / 1e6

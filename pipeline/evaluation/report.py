@@ -164,8 +164,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def comparison_markdown(
-    rows: list[dict[str, Any]], benchmark: dict[str, Any], front: list[str], champion_note: str, sla: SLAConfig
+    rows: list[dict[str, Any]], benchmark: dict[str, Any], front: list[str], champion_note: str, sla: SLAConfig,
+    excluded: dict[str, str] | None = None,
 ) -> str:
+    """The comparison page; `excluded` are the members left out with their reason, listed under the table."""
     machine = benchmark["machine"]
     settings = benchmark["settings"]
     threads = settings["thread_counts"]
@@ -184,6 +186,8 @@ def comparison_markdown(
             "",
             markdown_table(rows),
             "",
+            *[f"Left out: {name} {reason}." for name, reason in (excluded or {}).items()],
+            *([""] if excluded else []),
             f"Pareto front (test macro-F1 vs p50 latency): {', '.join(front)}.",
             "",
             f"SLA: p50 <= {sla.max_latency_ms} ms at 1 thread, F1 retention >= {sla.min_f1_retention}. "
