@@ -117,7 +117,7 @@ def drop_cross_split_near_duplicates(splits: dict[str, list[Example]]) -> dict[s
         keep = set(kept)
         splits[split] = [example for example in splits[split] if example.text in keep]
         if not splits[split]:
-            example = summary["examples"]["near"][0]
+            example = (summary["examples"]["near"] or summary["examples"]["exact"])[0]
             raise DataError(
                 f"every {split} text is a near-duplicate of a {' or '.join(held_out)} text (e.g. {example['text']!r} "
                 f"and {example['matches']!r}: the same sentence with numbers or punctuation changed), so the split "
@@ -149,12 +149,16 @@ def label_names_for(examples: list[Example], cfg: DataConfig) -> list[str]:
             raise DataError(
                 f"{where} labels {similar} that differ only by case, spacing or accents, so they would be "
                 f"separate classes. If they mean the same, map them together with data.label_map, e.g. "
-                f"-S 'data.label_map={{{similar[0]!r}: {similar[-1]!r}}}'; if they are different classes, "
+                f"-S 'data.label_map={{{_quoted(similar[0])}: {_quoted(similar[-1])}}}'; if they are different classes, "
                 "set data.keep_similar_labels=true"
             )
         log.warning("labels %s differ only by case, spacing or accents and stay separate classes "
                     "(data.keep_similar_labels=true)", similar)
     return names
+
+
+def _quoted(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)  # YAML reads it back, inside the shell's single quotes
 
 
 # --------------------------------------------------------------------------- split
