@@ -46,7 +46,8 @@ def test_training_resumes_after_sigkill(tmp_path, tiny_bert):
     scratch = killed / ".cache" / "checkpoints" / "train_teacher"
     process = stage_command(killed, "train_teacher")
     deadline = time.time() + 300
-    while not list(scratch.glob("checkpoint-*/trainer_state.json")):
+    # A checkpoint is complete once its digests are recorded, after the Trainer's own files.
+    while not list(scratch.glob("checkpoint-*/fincompress-digests.json")):
         assert process.poll() is None, "training finished before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
