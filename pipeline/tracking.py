@@ -96,8 +96,11 @@ def _experiment_id(name: str, root: Path, uri: str) -> str:
     location = (root / "mlartifacts").resolve().as_uri() if local else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another stage
-        return mlflow.get_experiment_by_name(name).experiment_id
+    except Exception:
+        existing = mlflow.get_experiment_by_name(name)  # created concurrently by another stage
+        if existing is None:  # not that: the store cannot be written (read-only, full)
+            raise
+        return existing.experiment_id
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -122,7 +125,8 @@ def stage_run(
     check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     root = project_root(params)
-    experiment_id = _experiment_id(params.tracking.experiment, root, uri)
+    with writing(uri, f"the experiment {params.tracking.experiment!r}"):
+        experiment_id = _experiment_id(params.tracking.experiment, root, uri)
     mlflow.set_experiment(experiment_id=experiment_id)  # nested runs and logged models land here too
     commit = git_commit(root)
     tags = {

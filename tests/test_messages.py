@@ -90,20 +90,24 @@ def test_a_full_disk_during_train_teacher_is_one_readable_line(project):
     assert not (project / "models" / "teacher").exists()
 
 
-def test_a_read_only_tracking_database_prints_our_message_and_no_traceback(project, tmp_path):
+@pytest.mark.parametrize("experiment", [True, False], ids=["experiment exists", "no experiment yet"])
+def test_a_read_only_tracking_database_prints_our_message_and_no_traceback(project, tmp_path, experiment):
     database = tmp_path / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{database}").search_experiments()  # the tables exist
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{database}")
+    client.search_experiments()  # the tables exist
+    if experiment:
+        client.create_experiment("fincompress", artifact_location=(project / "mlartifacts").as_uri())
     read_only = f"sqlite:///file:{database}?mode=ro&uri=true"
     result = sh([sys.executable, "-m", "stages.prepare_data"], project, check=False,
                 env={"MLFLOW_TRACKING_URI": read_only})
-    assert result.returncode == 75
+    assert result.returncode == 75, result.stderr
     line = error_line(result.stderr, "transient error: prepare_data:")
     assert "(OperationalError: attempt to write a readonly database)" in line and "then run again" in line
     terminal = result.stderr + result.stdout
     assert "Traceback" not in terminal and "[SQL:" not in terminal
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    (log,) = (project / ".cache" / "logs").glob("fincompress-prepare_data-*.log")
-    assert "Traceback" in log.read_text() and "[SQL: INSERT INTO runs" in log.read_text()
+    log = sorted((project / ".cache" / "logs").glob("fincompress-prepare_data-*.log"))[-1]
+    assert "Traceback" in log.read_text() and "[SQL: INSERT INTO" in log.read_text()
 
 
 def test_a_library_traceback_goes_to_the_log_file_only(project):
