@@ -5,6 +5,10 @@ benchmark stage killed the same way would leave its worker processes timing on.
 Linux's parent-death signal does it in the kernel: `die_with_parent()` asks for SIGTERM (stages: they
 clean up, see pipeline/stage.py) or SIGKILL (workers: nothing to clean up) when the parent goes.
 Elsewhere it is a no-op.
+
+DVC runs a stage through `$SHELL -c` (or /bin/sh when SHELL is unset, as under CI). bash execs a
+single command, so the stage's parent is dvc; dash does not, so the parent is a shell that outlives a
+killed dvc. When the parent is such a shell, a daemon thread also watches the shell's own parent.
 """
 
 from __future__ import annotations
@@ -14,8 +18,35 @@ import ctypes.util
 import os
 import signal
 import sys
+import threading
+import time
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})
+WATCH_SECONDS = 0.5
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc, None once `pid` has ended."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def is_shell(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip() in SHELLS
+    except OSError:
+        return False
+
+
+def _end_with_grandparent(shell: int, grandparent: int, sig: int) -> None:
+    while parent_of(shell) == grandparent:
+        time.sleep(WATCH_SECONDS)
+    os.kill(os.getpid(), sig)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
@@ -32,4 +63,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
         return False
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), sig)
+    if is_shell(parent) and (grandparent := parent_of(parent)) not in (None, 0, 1):
+        threading.Thread(target=_end_with_grandparent, args=(parent, grandparent, sig), daemon=True,
+                         name="die-with-parent").start()
     return True

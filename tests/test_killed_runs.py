@@ -68,7 +68,9 @@ def test_sigkill_to_dvc_repro_ends_the_stage_it_started(tmp_path, tiny_bert):
     tree["teacher"]["epochs"] = 500  # minutes: still training when dvc is killed
     root = init_repo(write_project(tmp_path / "project", tree))
     sh([sys.executable, "-m", "dvc", "repro", "prepare_data"], root)
-    env = {**os.environ, **GIT_IDENTITY, "DVC_NO_ANALYTICS": "1",
+    # SHELL=/bin/sh, as under CI (SHELL unset): dvc runs `sh -c <cmd>`, and dash, unlike bash, does not
+    # exec the command, so the stage's parent is a shell that outlives a killed dvc.
+    env = {**os.environ, **GIT_IDENTITY, "DVC_NO_ANALYTICS": "1", "SHELL": "/bin/sh",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train_teacher"], cwd=root, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -90,14 +92,19 @@ def test_sigkill_to_dvc_repro_ends_the_stage_it_started(tmp_path, tiny_bert):
     assert not (root / "models" / "teacher").exists(), "no output DVC does not track"
 
 
-def test_a_stage_started_by_a_parent_that_dies_ends_with_it(tmp_path):
-    # The parent starts a stage (here a stand-in that would run for a minute) and is SIGKILLed.
+@pytest.mark.parametrize("through_shell", [False, True], ids=["direct", "sh -c"])
+def test_a_stage_started_by_a_parent_that_dies_ends_with_it(tmp_path, through_shell):
+    # The parent starts a stage (here a stand-in that would run for a minute) and is SIGKILLed; through
+    # `sh -c` (dvc with SHELL unset) a dash shell that does not exec sits between them and lives on.
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "__init__.py").write_text((REPO / "stages" / "__init__.py").read_text())
     (tmp_path / "stages" / "sleeper.py").write_text("import time\ntime.sleep(60)\nopen('written', 'w').write('x')\n")
+    command = [sys.executable, "-m", "stages.sleeper"]
+    if through_shell:
+        command = ["/bin/sh", "-c", " ".join(command)]
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import subprocess, sys, time
-        child = subprocess.Popen([sys.executable, "-m", "stages.sleeper"], cwd={str(tmp_path)!r},
+        child = subprocess.Popen({command!r}, cwd={str(tmp_path)!r},
                                  env={{"PYTHONPATH": {str(REPO)!r} + ":" + {str(tmp_path)!r}}})
         print(child.pid, flush=True)
         time.sleep(120)
