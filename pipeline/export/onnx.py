@@ -62,6 +62,10 @@ def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1) -> ort
     options.inter_op_num_threads = inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel took ~59 us on a
+    # (1, 30, 384) input where LayerNormalization + Add take ~12 (ORT 1.32; docs/performance.md): the
+    # fusion cost the pruned INT8 student a fifth of its latency. The unfused pair computes the same.
+    options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
     return options
 
 
