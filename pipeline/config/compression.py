@@ -64,7 +64,7 @@ class ExportOnnxConfig(Section):
     # `fused`: ONNX Runtime's transformer optimizer fuses attention first (BERT-like graphs only;
     # skipped elsewhere); `unfused`: the exported graph as it is.
     int8_variants: list[Literal["fused", "unfused"]] = Field(["fused", "unfused"], min_length=1)
-    int8_timing: ShortLatency = ShortLatency()
+    int8_timing: ShortLatency = ShortLatency(rounds=5)  # more rounds than a trial: two models alternate
     # Static INT8: at most this many training texts calibrate the activation ranges, with this method.
     calibration_texts: int = Field(256, ge=1)
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
