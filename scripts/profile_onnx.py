@@ -43,8 +43,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
-from pipeline.export.onnx import MODEL_FILE, OnnxClassifier, session_options
+from pipeline.export.onnx import MODEL_FILE, TOKENIZER_FILE, OnnxClassifier, session_options
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "financial_news_sentiment.csv"
 KERNEL_SUFFIX = "_kernel_time"
@@ -121,9 +122,9 @@ def print_floor(model_dirs: list[Path], texts: list[str]) -> None:
     int8_peak, fp32_peak = gemm_peak(True), gemm_peak(False)
     print(f"one core: INT8 GEMM {int8_peak / 1e9:.0f} GMAC/s, fp32 GEMM {fp32_peak / 1e9:.0f} GMAC/s "
           "(ONNX Runtime MatMulInteger / MatMul, 256x1024x1024, best of 5)")
-    for model_dir in model_dirs:
-        classifier = OnnxClassifier.load(model_dir, intra_op_threads=1)
-        tokens = int(np.median([len(classifier.feed([text])["input_ids"][0]) for text in texts]))
+    for model_dir in model_dirs:  # any model directory with config.json and tokenizer.json (PyTorch ones too)
+        tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        tokens = int(np.median([len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]))
         macs = encoder_macs(json.loads((model_dir / "config.json").read_text()), tokens)
         print(f"{model_dir}: {macs / 1e6:.1f} M multiply-adds at {tokens} tokens (the texts' median); floor "
               f"{macs / int8_peak * 1e3:.3f} ms at the INT8 rate, {macs / fp32_peak * 1e3:.3f} ms at the fp32 rate")
