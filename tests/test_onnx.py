@@ -496,6 +496,12 @@ def test_attention_fuses_with_each_layers_own_heads_when_heads_are_pruned(projec
     ops = {node.op_type for node in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node}
     assert "QAttention" in ops, "dynamic INT8 quantizes the fused attention"
     assert OnnxClassifier.load(tmp_path / "int8").logits(texts).shape == reference.shape
+    # The fallback can measure the fused graph's nodes (its embedding node reads int32 ids).
+    feeds = [OnnxClassifier.load(tmp_path / "fused").feed(texts[:4])]
+    errors = onnx_export.node_errors(
+        tmp_path / "fused" / "model.onnx", tmp_path / "int8" / "model.onnx", feeds, quantization_operators(True), []
+    )
+    assert {"Attention", "EmbedLayerNormalization"} <= {name.rsplit("_", 1)[0] for name in errors}
 
 
 def test_attention_fuses_in_an_unpruned_tiny_bert(tiny_bert, tmp_path):

@@ -333,7 +333,15 @@ def node_errors(
         n for n in fp32.graph.node
         if n.op_type in operators and n.name not in skip and n.output[0] in in_int8 and weights & set(n.input)
     ]
-    names = sorted({n.output[0] for n in nodes} | {n.input[0] for n in nodes if n.input[0] in in_int8 and n.input[0] not in constants})
+    # Only float activations are compared: a fused graph's EmbedLayerNormalization reads int32 token ids
+    # (a tensor of unknown type counts as float: the unfused export records no intermediate types).
+    types = {value.name: value.type.tensor_type.elem_type for value in fp32.graph.value_info}
+    activations = {
+        n.input[0] for n in nodes
+        if n.input[0] in in_int8 and n.input[0] not in constants
+        and types.get(n.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+    }
+    names = sorted({n.output[0] for n in nodes} | activations)
     if not names:
         return {}
     reference, quantized = _intermediates(fp32, names, feeds), _intermediates(int8, names, feeds)
