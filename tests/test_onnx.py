@@ -530,7 +530,7 @@ def test_fusion_that_does_not_apply_writes_nothing(tmp_path):
         (["fused", "unfused"], ["fused", "unfused"], {"fused": 0.6, "unfused": 0.8}, "fused"),
         (["fused", "unfused"], ["fused", "unfused"], {"fused": 0.9, "unfused": 0.8}, "unfused"),
         (["fused", "unfused"], ["unfused"], {}, "unfused"),  # the faster-looking one failed its gates
-        (["fused", "unfused"], [], {}, "fused"),  # none passes: the first, whose test gate then fails
+        (["fused", "unfused"], [], {}, "fused"),  # none passes: the first, for the test-split gate to judge
         (["unfused"], ["unfused"], {}, "unfused"),
     ],
 )

@@ -206,8 +206,8 @@ def fuse_attention(fp32_dir: Path, out_dir: Path) -> dict[str, int]:
 
 def choose_int8_variant(built: list[str], passing: list[str], p50_ms: dict[str, float]) -> str:
     """The INT8 variant to keep: of those passing their validation gates, the fastest by p50 (the first
-    listed on a tie, or when they were not timed); when none passes, the first built, whose gate on
-    the judged split then fails the stage with its reasons."""
+    listed on a tie, or when they were not timed); when none passes, the first built, which the gate
+    on the judged split then judges as any INT8 model."""
     if not passing:
         return built[0]
     return min(passing, key=lambda name: p50_ms.get(name, 0.0))
