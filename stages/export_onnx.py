@@ -13,8 +13,10 @@ test split, the gates are judged on validation instead (Prepared.judged_split)."
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from pipeline import tracking
 from pipeline.config import Params
 from pipeline.data.labels import decide
 from pipeline.data.prepared import Prepared, load_prepared
-from pipeline.errors import GateError
+from pipeline.errors import ConfigError, GateError
 from pipeline.evaluation.family import EXCLUDED_FILE
 from pipeline.evaluation.metrics import macro_f1
 from pipeline.evaluation.model_card import write_export_cards
@@ -34,8 +36,10 @@ from pipeline.evaluation.record import INFO_FILE, ModelRecord, evaluate_record
 from pipeline.export.onnx import OnnxClassifier, onnx_size_mb
 from pipeline.export.onnx_export import (
     calibration_sample,
+    choose_int8_variant,
     export_fp32,
     fp32_parity_failures,
+    fuse_attention,
     int8_parity_failures,
     logit_parity,
     quantization_operators,
@@ -166,6 +170,74 @@ def exclude(member: str, directory: Path, failures: list[str], split: str) -> st
     return reason
 
 
+def dynamic_int8_variants(
+    scratch: Path, reference: tuple[Any, ...], isa: str, operators: list[str]
+) -> dict[str, Any]:
+    """Build each of export_onnx.int8_variants in `scratch` (dynamic INT8, with the accuracy-aware
+    fallback on validation), time those passing their validation gates side by side, and choose one
+    (`choose_int8_variant`). Returns what the INT8 record keeps as details.variant, plus the chosen
+    model's "directory"."""
+    fp32, fp32_dir, *_, prepared, params = reference
+    cfg = params.export_onnx
+    texts = prepared.texts("validation")
+    candidates: dict[str, dict[str, Any]] = {}
+    built: dict[str, Path] = {}
+    for name in cfg.int8_variants:
+        source = fp32_dir
+        if name == "fused":
+            source = scratch / "fused_fp32"
+            fused = fuse_attention(fp32_dir, source)
+            if not fused:
+                log.info("INT8 variant 'fused' skipped: ONNX Runtime's transformer optimizer fused no attention here")
+                candidates[name] = {"skipped": "not applied, no attention fused (not a BERT-like graph)"}
+                continue
+            candidates[name] = {"fused_operators": fused}
+        out = built[name] = scratch / name
+        quantize = functools.partial(quantize_int8, source, out, isa, cfg.per_channel, cfg.quantize_embeddings)
+        fallback = quantize_with_fallback(
+            quantize, source, texts, validation_gate(f"student ONNX INT8 ({name})", *reference),
+            operators, cfg.fallback_rounds, cfg.fallback_nodes_per_round,
+        )
+        candidates.setdefault(name, {})["fallback"] = fallback
+    if not built:  # only `fused` asked for, on a graph it does not apply to: the plain export it is
+        raise ConfigError(
+            "export_onnx.int8_variants: the only variant asked for, 'fused', does not apply to this architecture "
+            "(no attention fused); add 'unfused'"
+        )
+    passing = [name for name in built if not candidates[name]["fallback"]["rounds"][-1]["validation_failures"]]
+    timing: dict[str, Any] = {}
+    if len(passing) > 1:
+        timing = time_variants({name: built[name] for name in passing}, texts, params)
+        for name in passing:
+            candidates[name]["p50_ms"] = timing["p50_ms"][name]
+    chosen = choose_int8_variant(list(built), passing, timing.get("p50_ms", {}))
+    log.info("student ONNX INT8: kept variant %r of %s (passing on validation: %s; p50 ms: %s)",
+             chosen, list(built), passing, timing.get("p50_ms", "not timed"))
+    return {"chosen": chosen, "candidates": candidates, "timing": timing, "directory": str(built[chosen])}
+
+
+def time_variants(directories: dict[str, Path], texts: list[str], params: Params) -> dict[str, Any]:
+    """Batch-1, one-thread p50 of each INT8 variant, side by side in one interleaved run (the search's
+    short benchmark harness), with the machine's load average.
+
+    Not under the benchmark lock (`quiet_machine`): the choice compares models alternated within one
+    run, which a busy machine slows alike, and waiting for the lock would stall the export behind
+    any other benchmark on the machine."""
+    from pipeline.evaluation.family import OnnxInt8Member
+    from pipeline.evaluation.latency import load_average, one_thread_latency
+
+    cfg = params.export_onnx.int8_timing
+    members = [OnnxInt8Member(name, directory) for name, directory in directories.items()]
+    before = load_average()
+    timing = one_thread_latency(
+        members, texts, params.task.max_length, cfg.min_runs, cfg.min_seconds, cfg.warmup_runs, cfg.rounds
+    )
+    return {
+        "p50_ms": {name: round(result["p50"], 4) for name, result in timing.items()},
+        "texts": "validation", "threads": 1, "batch_size": 1, "load_average": before,
+    }
+
+
 def run(params: Params) -> dict[str, Any]:
     """Read paths.pruned and paths.teacher; write paths.onnx_student/{fp32,int8,int8_static} (the INT8
     directories export_onnx.quantization asks for) and paths.onnx_teacher."""
@@ -189,15 +261,15 @@ def run(params: Params) -> dict[str, Any]:
 
         if cfg.quantization in ("dynamic", "both"):
             int8_dir = student_tmp / "int8"
-            fallback = quantize_with_fallback(
-                lambda kept: quantize_int8(fp32_dir, int8_dir, isa, cfg.per_channel, cfg.quantize_embeddings, kept),
-                fp32_dir, prepared.texts("validation"), validation_gate("student ONNX INT8", *reference),
-                operators, cfg.fallback_rounds, cfg.fallback_nodes_per_round,
-            )
+            with tempfile.TemporaryDirectory(dir=student_tmp.parent) as scratch:
+                variant = dynamic_int8_variants(Path(scratch), reference, isa, operators)
+                shutil.move(variant.pop("directory"), int8_dir)  # the chosen variant; the others go with scratch
+            fused = variant["chosen"] == "fused"
             metrics["student_onnx_int8"], int8_failures = gate_int8(
                 "student_onnx_int8", "student ONNX INT8", int8_dir, *reference,
-                details={"precision": "int8 (ONNX Runtime dynamic quantization)", "isa": isa,
-                         "per_channel": cfg.per_channel, "quantized_operators": operators, "fallback": fallback},
+                details={"precision": "int8 (ONNX Runtime dynamic quantization" + (", attention fused)" if fused else ")"),
+                         "isa": isa, "per_channel": cfg.per_channel, "quantized_operators": operators,
+                         "fallback": variant["candidates"][variant["chosen"]]["fallback"], "variant": variant},
             )
             if int8_failures:
                 excluded["student_onnx_int8"] = exclude("student_onnx_int8", int8_dir, int8_failures, prepared.judged_split)

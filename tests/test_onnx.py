@@ -33,9 +33,11 @@ from pipeline.export import onnx_export
 from pipeline.export.onnx import OnnxClassifier, check_onnx_file, create_session
 from pipeline.export.onnx_export import (
     calibration_sample,
+    choose_int8_variant,
     detect_isa,
     export_fp32,
     fp32_parity_failures,
+    fuse_attention,
     int8_parity_failures,
     logit_parity,
     quantization_operators,
@@ -46,7 +48,7 @@ from pipeline.io import OUTPUT_MARKER, write_json
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
 from scripts.tiny_project import read_tiny_texts
 from stages import benchmark, export_onnx, quantize, report
-from tests.helpers import copy_project
+from tests.helpers import copy_project, export_tiny_classifier
 
 FFN_WIDTH = 48  # the tiny teacher's is 64
 
@@ -469,6 +471,86 @@ def test_optimum_and_transformers_load_an_exported_directory_with_its_card(proje
     onnx_classifier = OnnxClassifier.load(directory)
     expected = [onnx_classifier.label_names[i] for i in onnx_classifier.decide(onnx_classifier.logits(texts))]
     assert [answer["label"] for answer in classify(texts)] == expected
+
+
+# --------------------------------------------------------------------------- fusion and INT8 variants
+
+
+def attention_heads(model_path: Path) -> list[int]:
+    graph = onnx.load(str(model_path)).graph
+    return [next(a.i for a in node.attribute if a.name == "num_heads") for node in graph.node if node.op_type == "Attention"]
+
+
+def test_attention_fuses_with_each_layers_own_heads_when_heads_are_pruned(project, exported, tmp_path):
+    """The stand-in student keeps 1 of 2 heads in layer 0 (attention narrower than the hidden size) and
+    both in layer 1: each fused Attention gets its layer's count, and the fused graph computes what the
+    exported one does, padded batches included."""
+    fp32_dir = project.path(project.paths.onnx_student) / "fp32"
+    fused = fuse_attention(fp32_dir, tmp_path / "fused")
+    assert fused["Attention"] == 2 and attention_heads(tmp_path / "fused" / "model.onnx") == [1, 2]
+    assert "SkipLayerNormalization" not in fused, "its CPU kernel is slower than Add + LayerNormalization"
+    texts = [row["text"] for row in load_split(project.path(project.paths.prepared), "validation")]
+    reference = OnnxClassifier.load(fp32_dir).logits(texts, batch_size=4)  # batches of unequal lengths: padding
+    assert np.abs(OnnxClassifier.load(tmp_path / "fused").logits(texts, batch_size=4) - reference).max() <= 1e-4
+    quantize_int8(tmp_path / "fused", tmp_path / "int8", "avx2", per_channel=True, quantize_embeddings=True)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node}
+    assert "QAttention" in ops, "dynamic INT8 quantizes the fused attention"
+    assert OnnxClassifier.load(tmp_path / "int8").logits(texts).shape == reference.shape
+    # The fallback can measure the fused graph's nodes (its embedding node reads int32 ids).
+    feeds = [OnnxClassifier.load(tmp_path / "fused").feed(texts[:4])]
+    errors = onnx_export.node_errors(
+        tmp_path / "fused" / "model.onnx", tmp_path / "int8" / "model.onnx", feeds, quantization_operators(True), []
+    )
+    assert {"Attention", "EmbedLayerNormalization"} <= {name.rsplit("_", 1)[0] for name in errors}
+
+
+def test_attention_fuses_in_an_unpruned_tiny_bert(tiny_bert, tmp_path):
+    fp32_dir = export_tiny_classifier(tiny_bert, tmp_path, ["negative", "neutral", "positive"])
+    assert fuse_attention(fp32_dir, tmp_path / "fused")["Attention"] == 2
+    assert attention_heads(tmp_path / "fused" / "model.onnx") == [2, 2]
+    texts = read_tiny_texts()[:12]
+    reference = OnnxClassifier.load(fp32_dir).logits(texts, batch_size=5)
+    assert np.abs(OnnxClassifier.load(tmp_path / "fused").logits(texts, batch_size=5) - reference).max() <= 1e-4
+
+
+def test_fusion_that_does_not_apply_writes_nothing(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    (tmp_path / "fp32").mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "fp32" / "model.onnx"))
+    assert fuse_attention(tmp_path / "fp32", tmp_path / "fused") == {}
+    assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.parametrize(
+    ("built", "passing", "p50", "chosen"),
+    [
+        (["fused", "unfused"], ["fused", "unfused"], {"fused": 0.6, "unfused": 0.8}, "fused"),
+        (["fused", "unfused"], ["fused", "unfused"], {"fused": 0.9, "unfused": 0.8}, "unfused"),
+        (["fused", "unfused"], ["unfused"], {}, "unfused"),  # the faster-looking one failed its gates
+        (["fused", "unfused"], [], {}, "fused"),  # none passes: the first, for the test-split gate to judge
+        (["unfused"], ["unfused"], {}, "unfused"),
+    ],
+)
+def test_the_fastest_passing_variant_is_kept(built, passing, p50, chosen):
+    assert choose_int8_variant(built, passing, p50) == chosen
+
+
+def test_the_export_records_the_int8_variant_it_kept(project, exported):
+    student = project.path(project.paths.onnx_student)
+    variant = ModelRecord.read(student / "int8").details["variant"]
+    candidates = variant["candidates"]
+    assert list(candidates) == ["fused", "unfused"] and candidates["fused"]["fused_operators"]["Attention"] == 2
+    passing = [name for name, c in candidates.items() if not c["fallback"]["rounds"][-1]["validation_failures"]]
+    assert variant["chosen"] == choose_int8_variant(list(candidates), passing, variant["timing"].get("p50_ms", {}))
+    if len(passing) > 1:  # timed side by side, with the load average beside the figures
+        assert set(variant["timing"]["p50_ms"]) == set(passing) and variant["timing"]["threads"] == 1
+    ops = {node.op_type for node in onnx.load(str(student / "int8" / "model.onnx")).graph.node}
+    assert ("QAttention" in ops) == (variant["chosen"] == "fused")
+    assert "| INT8 variant | " + variant["chosen"] in (student / "int8" / "README.md").read_text()
+    assert not list(student.parent.glob("tmp*")), "the variants' scratch directory is gone"
 
 
 # --------------------------------------------------------------------------- quantize (torch INT8)

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from pipeline.config.base import Paths, Section, TrainingBudget
+from pipeline.config.base import Paths, Section, ShortLatency, TrainingBudget
 from pipeline.config.compression import ExportOnnxConfig, PruneConfig, QuantizeConfig, RecoveryConfig
 from pipeline.config.data import DEMO_PATH, DataConfig, TaskConfig, TransferConfig
 from pipeline.config.evaluation import BenchmarkConfig, EvaluationConfig, ReportConfig, SLAConfig
@@ -40,7 +40,6 @@ from pipeline.config.search import (
     SearchBudget,
     SearchConfig,
     SearchGoals,
-    SearchLatency,
     SearchSpace,
 )
 from pipeline.config.students import DistillIntermediateConfig, DistillVanillaConfig, KDTerms, StudentConfig
@@ -52,7 +51,7 @@ __all__ = [
     "BenchmarkConfig", "Choices", "ConfigError", "DataConfig", "DistillIntermediateConfig", "DistillVanillaConfig",
     "EvaluationConfig", "ExportOnnxConfig", "FlowConfig", "KDTerms", "Params", "Paths", "PruneConfig",
     "QuantizeConfig", "Range", "RecoveryConfig", "ReportConfig", "SLAConfig", "Scalar", "SearchBudget",
-    "SearchConfig", "SearchGoals", "SearchLatency", "SearchSpace", "Section", "StudentConfig", "TaskConfig",
+    "SearchConfig", "SearchGoals", "SearchSpace", "Section", "ShortLatency", "StudentConfig", "TaskConfig",
     "TeacherConfig", "TrackingConfig", "TrainingBudget", "TransferConfig", "VerifyTeacherConfig",
     "load_params", "params_from_dict", "parse_override",
 ]

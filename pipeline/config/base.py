@@ -30,6 +30,16 @@ class Paths(Section):
     checkpoints: str = ".cache/checkpoints"
 
 
+class ShortLatency(Section):
+    """A short benchmark run, side by side when several models are timed (batch 1, 1 thread,
+    validation texts): a search trial's, or the export's choice between INT8 variants."""
+
+    min_runs: int = Field(100, ge=1)
+    min_seconds: float = Field(2.0, ge=0)
+    warmup_runs: int = Field(10, ge=0)
+    rounds: int = Field(2, ge=1)
+
+
 class TrainingBudget(Section):
     epochs: float = Field(4, gt=0, le=1000)
     learning_rate: float = Field(2e-4, gt=0, le=1)

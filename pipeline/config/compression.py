@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from pipeline.config.base import Section, TrainingBudget
+from pipeline.config.base import Section, ShortLatency, TrainingBudget
 from pipeline.config.students import KDTerms
 
 
@@ -59,6 +59,12 @@ class ExportOnnxConfig(Section):
     quantize_embeddings: bool = True
     # INT8 scheme: dynamic (activations quantized per call), static (QDQ, calibrated ranges) or both.
     quantization: Literal["dynamic", "static", "both"] = "dynamic"
+    # Dynamic INT8: the graph variants built, each gated on validation; of those passing, the one
+    # fastest in a short side-by-side timing (batch 1, 1 thread, validation texts) is student_onnx_int8.
+    # `fused`: ONNX Runtime's transformer optimizer fuses attention first (BERT-like graphs only;
+    # skipped elsewhere); `unfused`: the exported graph as it is.
+    int8_variants: list[Literal["fused", "unfused"]] = Field(["fused", "unfused"], min_length=1)
+    int8_timing: ShortLatency = ShortLatency(rounds=5)  # more rounds than a trial: two models alternate
     # Static INT8: at most this many training texts calibrate the activation ranges, with this method.
     calibration_texts: int = Field(256, ge=1)
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
@@ -70,3 +76,10 @@ class ExportOnnxConfig(Section):
     min_int8_label_agreement: float = Field(0.98, ge=0, le=1)
     max_int8_f1_drop: float = Field(0.01, ge=0, le=1)
     export_teacher: bool = True
+
+    @field_validator("int8_variants")
+    @classmethod
+    def _distinct(cls, variants: list[str]) -> list[str]:
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"lists a variant twice: {variants}")
+        return variants

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
-from pipeline.config.base import Section
+from pipeline.config.base import Section, ShortLatency
 
 Scalar = bool | int | float | str
 
@@ -120,15 +120,6 @@ class SearchBudget(Section):
     minutes: float = Field(15, gt=0)  # wall clock of one invocation
 
 
-class SearchLatency(Section):
-    """The short benchmark run of each trial (batch 1, 1 thread, validation texts)."""
-
-    min_runs: int = Field(100, ge=1)
-    min_seconds: float = Field(2.0, ge=0)
-    warmup_runs: int = Field(10, ge=0)
-    rounds: int = Field(2, ge=1)
-
-
 class SearchConfig(Section):
     goals: SearchGoals = SearchGoals()
     budget: SearchBudget = SearchBudget()
@@ -139,5 +130,5 @@ class SearchConfig(Section):
     sampler: Literal["tpe", "nsga2"] = "tpe"
     jobs: int = Field(1, ge=1, le=64)  # worker processes sharing the study
     study: str | None = None  # Optuna study name; null: derived from the params that shape the trials
-    latency: SearchLatency = SearchLatency()
+    latency: ShortLatency = ShortLatency()  # each trial's
     space: SearchSpace = SearchSpace()

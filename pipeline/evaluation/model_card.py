@@ -24,6 +24,28 @@ def _f(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+VARIANTS = {
+    "fused": "attention fused by ONNX Runtime's transformer optimizer, then dynamic INT8",
+    "unfused": "the exported graph, dynamic INT8",
+}
+
+
+def _variant(variant: dict[str, Any]) -> str:
+    """Which INT8 variant the export kept, and why (export_onnx.int8_variants)."""
+    chosen, candidates = variant["chosen"], variant.get("candidates", {})
+    timed = {name: c["p50_ms"] for name, c in candidates.items() if "p50_ms" in c}
+    text = f"{chosen} ({VARIANTS.get(chosen, chosen)})"
+    if len(timed) > 1:
+        load = (variant.get("timing", {}).get("load_average") or [None])[0]
+        return text + ": the fastest passing the gates on validation, p50 " + ", ".join(
+            f"{name} {ms:.3f} ms" for name, ms in timed.items()
+        ) + f" (batch 1, 1 thread, timed at export, load average {_f(load, 1)})"
+    for name, candidate in candidates.items():
+        if name != chosen:
+            text += f"; {name}: {candidate.get('skipped') or 'failed the gates on validation'}"
+    return text
+
+
 def _architecture(config: dict[str, Any]) -> str:
     parts = [config.get("model_type", "unknown architecture")]
     for key, what in (("num_hidden_layers", "layers"), ("hidden_size", "hidden size")):
@@ -112,6 +134,7 @@ def render_card(
         f"| size of model.onnx | {_f(info.get('size_mb'), 2)} MB |",
         f"| precision | {info.get('precision', 'fp32')}"
         + (f", quantized for {info['isa']}" if info.get("isa") else "") + " |",
+        *([f"| INT8 variant | {_variant(info['variant'])} |"] if info.get("variant") else []),
         f"| max sequence length | {info.get('max_length', '?')} tokens (longer texts are truncated) |",
         f"| ONNX opset / ONNX Runtime | {info.get('opset', '?')} / {info.get('onnxruntime', '?')} |",
         "",
@@ -189,6 +212,11 @@ def render_card(
             "- Multi-label decisions use the per-label thresholds in config.json (`label_thresholds`); "
             "`pipeline.export.predict` and the MLflow model apply them, the transformers pipeline does not "
             "(it returns scores: compare each with its label's threshold)."
+        )
+    if info.get("variant", {}).get("chosen") == "fused":
+        lines.append(
+            "- The fused graph uses ONNX Runtime's own operators (QAttention, EmbedLayerNormalization): it "
+            "runs in ONNX Runtime only, not in other ONNX runtimes."
         )
     if info.get("isa"):
         lines.append(

@@ -111,7 +111,8 @@ def export_fp32(source_dir: Path, out_dir: Path, opset: int, max_length: int) ->
 @contextlib.contextmanager
 def _root_log_level(level: int) -> Iterator[None]:
     """ONNX Runtime's quantizer logs an INFO line per tensor on the root logger ("quantization
-    parameters not specified": expected without calibration); keep them out of the stage's log."""
+    parameters not specified": expected without calibration), its transformer optimizer warnings that
+    are expected here; keep them out of the stage's log."""
     root = logging.getLogger()
     previous = root.level
     root.setLevel(max(level, previous))
@@ -151,6 +152,65 @@ def quantize_int8(
     path = out_dir / MODEL_FILE
     check_onnx_file(path)
     return path
+
+
+def copy_serving_files(source_dir: Path, out_dir: Path) -> None:
+    """The config and tokenizer files of `source_dir` into `out_dir`: a directory that serves on its own."""
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for source in source_dir.iterdir():
+        if source.is_file() and not source.name.startswith(MODEL_FILE) and source.name != "checkpoint_info.json":
+            shutil.copy2(source, out_dir / source.name)
+
+
+# --------------------------------------------------------------------------- fusion before INT8
+
+
+def fuse_attention(fp32_dir: Path, out_dir: Path) -> dict[str, int]:
+    """ONNX Runtime's transformer optimizer (BERT fusions) on `fp32_dir`/model.onnx, written to `out_dir`
+    with the config and tokenizer; returns how many of each fused operator it made, or {} (nothing
+    written) when no attention fused: the architecture's graph is not BERT-like.
+
+    The fused Attention (one QKV MatMul, softmax and mask inside one kernel) is what dynamic INT8 then
+    quantizes as QAttention: a third fewer kernels to dispatch and fewer activation quantizations."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    # SkipLayerNormalization's CPU kernel is slower than the Add + LayerNormalization it replaces
+    # (pipeline.export.onnx.session_options, docs/performance.md).
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+    # num_heads and hidden_size 0: read per layer from each attention's Reshape, so head-pruned layers
+    # fuse with their own head count (their attention is narrower than the hidden size). The optimizer
+    # warns (its loggers inherit the root's level) that the detected width differs from the weights'
+    # rows, which is what head pruning does.
+    with _root_log_level(logging.ERROR):
+        model = optimize_model(
+            str(fp32_dir / MODEL_FILE), model_type="bert", num_heads=0, hidden_size=0, optimization_options=options
+        )
+    fused = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
+    if not fused.get("Attention"):
+        return {}
+    copy_serving_files(fp32_dir, out_dir)
+    # The quantizer needs the type of every tensor; ONNX's shape inference stops at the contrib
+    # operators the fusion made, ORT's symbolic shape inference knows them.
+    inferred = SymbolicShapeInference.infer_shapes(model.model, auto_merge=True)
+    external = onnx_size_mb(fp32_dir) * 1e6 >= PROTOBUF_LIMIT_BYTES
+    onnx.save(inferred, str(out_dir / MODEL_FILE), save_as_external_data=external)
+    check_onnx_file(out_dir / MODEL_FILE)
+    return fused
+
+
+def choose_int8_variant(built: list[str], passing: list[str], p50_ms: dict[str, float]) -> str:
+    """The INT8 variant to keep: of those passing their validation gates, the fastest by p50 (the first
+    listed on a tie, or when they were not timed); when none passes, the first built, which the gate
+    on the judged split then judges as any INT8 model."""
+    if not passing:
+        return built[0]
+    return min(passing, key=lambda name: p50_ms.get(name, 0.0))
 
 
 # --------------------------------------------------------------------------- static INT8
@@ -194,7 +254,6 @@ def quantize_int8_static(
     """ONNX Runtime static INT8 (QDQ) of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer):
     activation ranges calibrated on `calibration_texts` with `method`, data types for `isa` as optimum
     chooses them for dynamic INT8; `nodes_to_exclude` stay fp32."""
-    import shutil
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
@@ -209,10 +268,7 @@ def quantize_int8_static(
         raise ConfigError("static INT8 needs calibration texts, and the training split is empty; re-run prepare_data")
     config = getattr(AutoQuantizationConfig, isa)(is_static=True, per_channel=per_channel)
     external = onnx_size_mb(fp32_dir) * 1e6 >= PROTOBUF_LIMIT_BYTES
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for source in fp32_dir.iterdir():  # config and tokenizer files: the directory serves on its own
-        if source.is_file() and not source.name.startswith(MODEL_FILE) and source.name != "checkpoint_info.json":
-            shutil.copy2(source, out_dir / source.name)
+    copy_serving_files(fp32_dir, out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
         # ORT's recommended pre-processing: shapes inferred and the graph optimized, so the quantizer
         # sees the fused graph ORT runs.
@@ -277,7 +333,15 @@ def node_errors(
         n for n in fp32.graph.node
         if n.op_type in operators and n.name not in skip and n.output[0] in in_int8 and weights & set(n.input)
     ]
-    names = sorted({n.output[0] for n in nodes} | {n.input[0] for n in nodes if n.input[0] in in_int8 and n.input[0] not in constants})
+    # Only float activations are compared: a fused graph's EmbedLayerNormalization reads int32 token ids
+    # (a tensor of unknown type counts as float: the unfused export records no intermediate types).
+    types = {value.name: value.type.tensor_type.elem_type for value in fp32.graph.value_info}
+    activations = {
+        n.input[0] for n in nodes
+        if n.input[0] in in_int8 and n.input[0] not in constants
+        and types.get(n.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+    }
+    names = sorted({n.output[0] for n in nodes} | activations)
     if not names:
         return {}
     reference, quantized = _intermediates(fp32, names, feeds), _intermediates(int8, names, feeds)
