@@ -134,7 +134,8 @@ def hand_made_family(tmp_path, onnx_dir):
             validation={"macro_f1": f1 - 0.01},
         )
         record.write(member.path)
-        timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5} for t in ("1", "2")}
+        timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5, "runs": 40,
+                      "p50_ci95": [latency * 0.99, latency * 1.01], "stopped": "stable"} for t in ("1", "2")}
         entries.append({"name": member.name, "format": member.format, "precision": member.precision,
                         "servable": member.servable,
                         "size_mb": size, "num_parameters": record.num_parameters, "latency_ms": timing,
@@ -145,7 +146,8 @@ def hand_made_family(tmp_path, onnx_dir):
             entries[-1]["all_cores_throughput"] = all_cores_layouts(2, 1800 / latency, sessions)
     benchmark = {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1"},
                  "settings": {"thread_counts": ["1", "2"], "test_sentences": 10, "max_length": 32, "min_runs": 5,
-                              "min_seconds": 0, "rounds": 1, "throughput_batch_size": 4},
+                              "rel_ci": 0.02, "min_rounds": 1, "max_runs": 50, "max_seconds": 1.0,
+                              "throughput_batch_size": 4},
                  "reference": "teacher", "members": entries}
     path = params.path(params.paths.benchmark)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +183,7 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     assert "- student_onnx_int8: use one session with 2 threads (2000/s; 2 sessions with 1 thread each: 1667/s)." in markdown
     assert "- student_onnx_int8_static: use 2 sessions with 1 thread each (1909/s; one session with 2 threads: 1636/s)" in markdown
     assert "- student_pruned:" not in markdown, "torch members have no side-by-side sessions"
+    assert "Runs per member at 1 thread, model only (the p50's 95% interval): teacher 40 (+-1.0%)" in markdown
     assert int8["serving_layout"] == "one_session_n_threads" and int8["throughput_all_cores_sessions"] == pytest.approx(1500 / 0.9)
     for name in ("pareto.png", "loss_curves.png"):
         assert (reports / name).stat().st_size > 10_000

@@ -60,6 +60,10 @@ def family_table(benchmark: dict[str, Any], records: dict[str, ModelRecord]) -> 
             "latency_ms_p50": entry["latency_ms"][one]["p50"],
             "latency_ms_p95": entry["latency_ms"][one]["p95"],
             "latency_ms_p99": entry["latency_ms"][one]["p99"],
+            # How long the benchmark timed it: runs, the p50's 95% interval, why it stopped.
+            "latency_runs": entry["latency_ms"][one]["runs"],
+            "latency_p50_ci95": entry["latency_ms"][one].get("p50_ci95"),
+            "latency_stopped": entry["latency_ms"][one].get("stopped"),
             "latency_ms_p50_all_cores": entry["latency_ms"][many]["p50"],
             "e2e_latency_ms_p50": entry["e2e_latency_ms"][one]["p50"],
             "throughput_b32": entry["throughput_per_second"][one],
@@ -176,13 +180,17 @@ def comparison_markdown(
             f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['machine']}); "
             f"torch {machine.get('torch', 'n/a')}, onnxruntime {machine['onnxruntime']}, Python {machine['python']}.",
             f"Latency: batch 1 on {settings['test_sentences']} real test sentences (max length "
-            f"{settings['max_length']}), model only, {threads[0]} thread, at least {settings['min_runs']} runs and "
-            f"{settings['min_seconds']} s per member after warm-up, members interleaved over {settings['rounds']} "
-            f"rounds. `e2e` includes tokenization. Throughput: batch {settings['throughput_batch_size']}, "
-            f"{threads[0]} thread. Speedup and compression are ratios against the PyTorch fp32 teacher of the "
-            "same run. Peak RSS: each member in its own process. Bold: best in column.",
+            f"{settings['max_length']}), model only, {threads[0]} thread, after warm-up; the members interleaved in "
+            f"rounds (a new random order each), each timed until its p50's 95% interval is within "
+            f"+-{settings['rel_ci']:.0%} of it (at least {settings['min_runs']} runs over {settings['min_rounds']} "
+            f"rounds; at most {settings['max_runs']} runs or {settings['max_seconds']:g} s: the runs each member "
+            f"needed are below the table). `e2e` includes tokenization. Throughput: batch "
+            f"{settings['throughput_batch_size']}, {threads[0]} thread. Speedup and compression are ratios against "
+            "the PyTorch fp32 teacher of the same run. Peak RSS: each member in its own process. Bold: best in column.",
             "",
             markdown_table(rows),
+            "",
+            runs_line(rows),
             "",
             f"Pareto front (test macro-F1 vs p50 latency): {', '.join(front)}.",
             "",
@@ -196,6 +204,17 @@ def comparison_markdown(
             *serving_layout_lines(rows, settings, machine["cores"]),
         ]
     )
+
+
+def runs_line(rows: list[dict[str, Any]]) -> str:
+    """How many timed runs each member needed at 1 thread (model only) and how close its p50 got."""
+    def one(row: dict[str, Any]) -> str:
+        low, high = row.get("latency_p50_ci95") or (None, None)
+        precision = f"+-{(high - low) / 2 / row['latency_ms_p50']:.1%}" if low is not None else "no interval"
+        capped = "" if row.get("latency_stopped") in ("stable", None) else f", stopped at {row['latency_stopped']}"
+        return f"{row['name']} {row.get('latency_runs')} ({precision}{capped})"
+
+    return "Runs per member at 1 thread, model only (the p50's 95% interval): " + ", ".join(map(one, rows)) + "."
 
 
 LAYOUT_NAMES = {ONE_SESSION: "one session with {n} threads", SESSIONS: "{n} sessions with 1 thread each"}
