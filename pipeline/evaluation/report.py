@@ -8,8 +8,10 @@ import io
 from typing import Any
 
 from pipeline.config.evaluation import SLAConfig
+from pipeline.config.search import SearchGoals
 from pipeline.evaluation.latency import ONE_SESSION, SESSIONS
 from pipeline.evaluation.record import ModelRecord
+from pipeline.orchestration.search.goals import Outcome, closest, shortfalls
 
 # Columns of family.json, in table order, with how to pick the best value of each.
 COLUMNS: list[tuple[str, str, str | None]] = [
@@ -130,6 +132,50 @@ def pick_champion(rows: list[dict[str, Any]], sla: SLAConfig) -> tuple[dict[str,
     )
 
 
+def search_command(sla: SLAConfig) -> str:
+    """The `make search` that looks for a member meeting this SLA: its goals are the SLA's axes."""
+    return (f'make search SEARCH_ARGS="search.goals.min_retention={sla.min_f1_retention:g} '
+            f'search.goals.max_latency_ms={sla.max_latency_ms:g}"')
+
+
+def closest_member(rows: list[dict[str, Any]], sla: SLAConfig) -> dict[str, Any] | None:
+    """The servable member closest to the SLA when none meets it, as the search picks its closest
+    trial (smallest sum of shortfalls relative to each goal): its name, its distance to each goal (0
+    when met), the same in words, and the command that searches for a member meeting the SLA. None
+    when nothing servable was benchmarked."""
+    goals = SearchGoals(min_retention=sla.min_f1_retention, max_latency_ms=sla.max_latency_ms, max_size_mb=None)
+    servable = [row for row in rows if row["servable"]]
+    outcomes = [
+        Outcome(number=i, state="COMPLETE", retention=row["validation_f1_retention"] or 0.0,
+                latency_ms=row["latency_ms_p50"], size_mb=row["size_mb"])
+        for i, row in enumerate(servable)
+    ]
+    nearest = closest(outcomes, goals).get("overall")
+    if nearest is None:
+        return None
+    gaps = shortfalls(outcomes[nearest["trial"]], goals)
+    return {
+        "member": servable[nearest["trial"]]["name"],
+        "distance": {"min_f1_retention": gaps["min_retention"], "max_latency_ms": gaps["max_latency_ms"]},
+        "gaps": nearest["gaps"],
+        "command": search_command(sla),
+    }
+
+
+def no_champion_message(near: dict[str, Any] | None, sla: SLAConfig) -> str:
+    """What the report, its MLflow run and `make serve` say when no member meets the SLA."""
+    lines = [f"No servable member meets the SLA (p50 <= {sla.max_latency_ms:g} ms at 1 thread, validation F1 "
+             f"retention >= {sla.min_f1_retention:g}): no champion was registered."]
+    if near is None:
+        return "\n".join([*lines, "No servable member was benchmarked: export the ONNX models (dvc repro export_onnx)."])
+    return "\n".join([
+        *lines,
+        f"Closest: {near['member']} (validation {'; '.join(near['gaps'])}).",
+        "A compression search with the SLA as its goals may close the gap:",
+        f"  {near['command']}",
+    ])
+
+
 def _format(key: str, value: Any) -> str:
     if value is None:
         return "n/a"
@@ -168,8 +214,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def comparison_markdown(
-    rows: list[dict[str, Any]], benchmark: dict[str, Any], front: list[str], champion_note: str, sla: SLAConfig
+    rows: list[dict[str, Any]], benchmark: dict[str, Any], front: list[str], champion_note: str, sla: SLAConfig,
+    no_champion: str | None = None,
 ) -> str:
+    """The report page; `no_champion`: the closest-member message when no member meets the SLA."""
     machine = benchmark["machine"]
     settings = benchmark["settings"]
     threads = settings["thread_counts"]
@@ -197,6 +245,7 @@ def comparison_markdown(
             f"SLA: p50 <= {sla.max_latency_ms} ms at 1 thread, F1 retention >= {sla.min_f1_retention}. "
             f"Champion: {champion_note}.",
             "",
+            *([f"```\n{no_champion}\n```", ""] if no_champion else []),
             f"All cores ({threads[-1]} threads), p50 ms: "
             + ", ".join(f"{row['name']} {row['latency_ms_p50_all_cores']:.2f}" for row in rows)
             + ".",
