@@ -22,7 +22,9 @@ import pytest
 
 from pipeline.errors import DataError
 from pipeline.export.predict import main as predict
+from pipeline.export.serve import main as serve
 from pipeline.export.serving import SERVING_MODULES, log_pyfunc
+from scripts.tiny_project import REPO
 from tests.helpers import export_tiny_classifier
 
 LABELS = ["negative", "neutral", "positive"]
@@ -143,6 +145,21 @@ def test_an_empty_list_is_refused(loaded):
         loaded.predict([])
 
 
+def test_serve_with_no_champion_exits_1_with_the_reports_account(tmp_path, capsys):
+    """`make serve` before any champion: the report's closest-member message, not an MLflow error."""
+    params = tmp_path / "params.yaml"
+    params.write_text("report:\n  registered_model_name: serve-test-none\n")
+    assert serve(["--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert "error: serve: nothing is registered as serve-test-none@champion" in err and "(make run)" in err
+    message = "No servable member meets the SLA ...\nClosest: student_onnx_int8 (...)\n  make search SEARCH_ARGS=\"...\""
+    (tmp_path / "reports" / "metrics").mkdir(parents=True)
+    (tmp_path / "reports" / "metrics" / "report.json").write_text(json.dumps({"no_champion": {"message": message}}))
+    mlflow.MlflowClient().create_registered_model("serve-test-none")  # registered, but no version is the champion
+    assert serve(["--params", str(params)]) == 1
+    assert capsys.readouterr().err.endswith(f"@champion in {os.environ['MLFLOW_TRACKING_URI']}.\n{message}\n")
+
+
 # --------------------------------------------------------------------------- servers (slow)
 
 
@@ -207,8 +224,10 @@ def test_served_champion_answers_like_predict_and_shows_in_the_tracking_server(m
 
     port = free_port()
     serve_log = tmp_path / "serve.log"
-    server = start([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
-                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], tmp_path, serve_log)
+    (tmp_path / "params.yaml").write_text(f"report:\n  registered_model_name: {name}\n")
+    # As `make serve` starts it (from the project, for this checkout's code).
+    server = start([sys.executable, "-m", "pipeline.export.serve", "--params", str(tmp_path / "params.yaml"),
+                    "--port", str(port)], REPO, serve_log)
     try:
         wait_until_up(server, f"http://127.0.0.1:{port}/ping", serve_log)
         url = f"http://127.0.0.1:{port}/invocations"
