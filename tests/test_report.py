@@ -24,6 +24,7 @@ from pipeline.evaluation.report import (
     pareto_front,
     pick_champion,
 )
+from scripts.first_screen import first_screen
 from stages import report
 from tests.helpers import export_tiny_classifier
 
@@ -256,3 +257,24 @@ def test_report_stage_without_a_champion_says_which_member_is_closest(tmp_path, 
     with pytest.raises(mlflow.exceptions.MlflowException):
         mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
 
+
+def test_the_first_screen_shows_the_key_rows_and_how_to_serve_the_champion():
+    def full(name, latency, f1, fmt="onnx", **flags):
+        return {**row(name, latency, f1, fmt), "speedup_vs_teacher": 60 / latency, "champion": False,
+                "closest_to_sla": False, **flags}
+
+    rows = [full("teacher", 60, 0.95, "torch"), full("student_onnx_int8", 1.0, 0.94, champion=True),
+            full("student_int8_torch", 0.8, 0.90, "torch"), full("student_onnx_fp32", 2.0, 0.94)]
+    registered = {"champion": {"member": "student_onnx_int8", "registered_model_name": "fincompress-sentiment",
+                               "registry_version": 3}}
+    screen = first_screen(rows, registered, 5002, "reports/comparison.md")
+    assert len(screen.splitlines()) <= 15
+    assert [line.split()[0] for line in screen.splitlines()[3:6]] == ["teacher", "student_onnx_int8", "student_int8_torch"]
+    assert "60.00     1.0x" in screen and "champion" in screen.splitlines()[4] and "fastest" in screen.splitlines()[5]
+    assert "registered as fincompress-sentiment version 3, alias champion" in screen and "make serve" in screen
+    assert "curl -s http://127.0.0.1:5002/invocations" in screen and "student_onnx_fp32" not in screen
+
+    rows[1].update(champion=False, closest_to_sla=True)
+    message = "No servable member meets the SLA ...\nClosest: student_onnx_int8 (...)"
+    screen = first_screen(rows, {"no_champion": {"message": message}}, 5001, "reports/comparison.md")
+    assert "closest to the SLA" in screen.splitlines()[4] and screen.endswith(message) and "curl" not in screen
