@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--champion", default="student_onnx_int8", help="the member whose speedup must hold")
     parser.add_argument("--out", type=Path, help="also write every run's figures here (JSON)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # rounds, phases
     params = load_params(args.params)
     cfg = params.benchmark
     texts = [row["text"] for row in load_split(params.path(params.paths.prepared), "test")]

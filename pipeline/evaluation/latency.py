@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,6 +300,13 @@ def run_benchmark(
     timings = [(t, False) for t in settings] + [(1, True)]
     workers: list[Worker] = []
     rng = np.random.default_rng(seed)
+    began = time.perf_counter()
+
+    def phase(name: str) -> None:  # where the benchmark's time goes, in the log
+        nonlocal began
+        log.info("benchmark: %s in %.1f s", name, time.perf_counter() - began)
+        began = time.perf_counter()
+
     try:
         # Load every member at once (timing starts only when all are ready).
         # Members that can run as side-by-side sessions are also timed on every core both ways:
@@ -310,12 +318,14 @@ def run_benchmark(
             workers.append(Worker.spawn(member, texts, max_length, loaded))
         for worker in workers:
             worker.loaded()
+        phase(f"{len(workers)} workers started and loaded")
         tasks = len(workers) * len(timings) + len(workers) * len(settings) + len(parallel)
         task = progress.add_task("benchmark", total=tasks) if progress else None
         samples, stopped = interleaved_latency(
             workers, len(texts), timings, stopping, warmup_runs, rng,
             (lambda text: progress.update(task, advance=1, description=text)) if progress else None,
         )
+        phase("latency")
         throughput: dict[tuple[str, int], float] = {}
         for index in rng.permutation(len(workers)):
             worker = workers[index]
@@ -325,6 +335,7 @@ def run_benchmark(
                 )["per_second"]
                 if progress:
                     progress.update(task, advance=1, description=f"throughput: {worker.name}")
+        phase("throughput")
 
         def stats(name: str, threads: int, end_to_end: bool) -> dict[str, Any]:
             key = (name, threads, end_to_end)
@@ -350,6 +361,7 @@ def run_benchmark(
             results[worker.name]["all_cores_throughput"] = all_cores_layouts(cores, one_session, sessions)
             if progress:
                 progress.update(task, advance=1, description=f"all-core layouts: {worker.name}")
+        phase("all-core layouts")
         return results
     finally:
         for worker in workers:
