@@ -3,11 +3,12 @@
 Every family member runs in a worker process of its own (so its peak resident memory is its own
 and an ONNX member never imports torch). The parent keeps all workers alive and interleaves them:
 each round visits the members in a fresh random order and asks each for a slice of its timed runs,
-so drift in machine load hits every member alike. Thread counts are set for torch
-(`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count) alike. Members
-that can run side by side (ONNX) are also timed on all N cores in both serving layouts: one session
-with N intra-op threads, and N one-thread sessions running at once (threads of the worker process:
-ONNX Runtime releases the GIL while it runs).
+so drift in machine load hits every member alike; a member leaves the rounds once its median is
+stable (`Stopping`): each is timed as long as its p50 needs, not a fixed amount. Thread counts are
+set for torch (`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count)
+alike. Members that can run side by side (ONNX) are also timed on all N cores in both serving layouts:
+one session with N intra-op threads, and N one-thread sessions running at once (threads of the
+worker process: ONNX Runtime releases the GIL while it runs).
 
 The workers (pipeline/evaluation/latency_worker.py) answer one JSON command per line. This module
 imports neither torch nor transformers at module level.
