@@ -234,7 +234,9 @@ def comparison_markdown(
             f"rounds; at most {settings['max_runs']} runs or {settings['max_seconds']:g} s: the runs each member "
             f"needed are below the table). `e2e` includes tokenization. Throughput: batch "
             f"{settings['throughput_batch_size']}, {threads[0]} thread. Speedup and compression are ratios against "
-            "the PyTorch fp32 teacher of the same run. Peak RSS: each member in its own process. Bold: best in column.",
+            "the PyTorch fp32 teacher of the same run. Peak RSS: the high-water mark (VmHWM) of the member's own "
+            "worker process, a fresh one that loaded only what the member needs (no torch for ONNX members), "
+            "after its timing. Bold: best in column.",
             "",
             markdown_table(rows),
             "",
