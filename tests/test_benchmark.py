@@ -23,6 +23,7 @@ from pipeline.evaluation.family import (
 )
 from pipeline.evaluation.latency import (
     Stopping,
+    interleaved_latency,
     median_interval,
     percentiles,
     relative_half_width,
@@ -70,6 +71,27 @@ def test_a_timing_stops_once_its_median_is_stable_or_at_a_cap():
     assert fixed.reason(noisy[:10], rounds=1) is None and fixed.reason(noisy[:10], rounds=2) == "fixed"
     with pytest.raises(ValueError, match="max_runs or max_seconds"):
         Stopping(min_runs=10, min_rounds=2, round_seconds=0.0, rel_ci=0.02)
+
+
+class FakeWorker:
+    """A loaded member answering `latency` with made-up samples: steady ones, or noisy ones."""
+
+    def __init__(self, name: str, noisy: bool, seed: int) -> None:
+        self.name, self.noisy, self.rng, self.visits = name, noisy, np.random.default_rng(seed), []
+
+    def ask(self, op: str, runs: int, **command) -> dict:
+        self.visits.append(command["threads"])
+        spread = 1.0 if self.noisy else 0.01
+        return {"samples": list(self.rng.lognormal(0, spread, runs))}
+
+
+def test_a_stable_member_stays_in_the_rounds_until_every_member_of_its_setting_is_done():
+    steady, noisy = FakeWorker("steady", noisy=False, seed=0), FakeWorker("noisy", noisy=True, seed=1)
+    stopping = Stopping(min_runs=10, min_rounds=2, round_seconds=0.0, rel_ci=0.02, max_runs=100)
+    samples, stopped = interleaved_latency([steady, noisy], 5, [(1, False)], stopping, 0, np.random.default_rng(0))
+    assert stopped == {("steady", 1, False): "stable", ("noisy", 1, False): "max_runs"}
+    # 5 runs a round: the noisy member is capped after 20 rounds, and the steady one is visited in each.
+    assert len(samples[("noisy", 1, False)]) == 100 and len(steady.visits) == len(noisy.visits) == 20
 
 
 # --------------------------------------------------------------------------- member kinds

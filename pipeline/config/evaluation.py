@@ -14,15 +14,16 @@ class EvaluationConfig(Section):
 
 
 class BenchmarkConfig(Section):
-    # Timing is split into rounds; each round visits the members in a fresh random order. A member (per
-    # thread setting and mode) leaves the rounds once its p50's 95% interval is within rel_ci of the p50,
-    # with at least min_runs calls over min_rounds rounds, or at max_runs calls or max_seconds of calls.
+    # Timing is split into rounds; each round visits the members in a fresh random order. A member's
+    # timing (per thread setting and mode) is done once its p50's 95% interval is within rel_ci of the
+    # p50, with at least min_runs calls over min_rounds rounds, or at max_runs calls or max_seconds of
+    # calls; a setting's rounds end when all its timings are done.
     rel_ci: float = Field(0.02, gt=0, lt=1)
     min_runs: int = Field(50, ge=1)
     min_rounds: int = Field(3, ge=1)
     max_runs: int = Field(5000, ge=1)
     max_seconds: float = Field(5.0, gt=0)
-    round_seconds: float = Field(0.2, ge=0)  # each visit times at least this long (and min_runs / min_rounds calls)
+    round_seconds: float = Field(0.05, ge=0)  # each visit times at least this long (and min_runs / min_rounds calls)
     warmup_runs: int = Field(10, ge=0)
     # Thread settings to measure; 0 means every core of this machine.
     threads: list[int] = [1, 0]

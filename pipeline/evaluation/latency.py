@@ -3,8 +3,9 @@
 Every family member runs in a worker process of its own (so its peak resident memory is its own
 and an ONNX member never imports torch). The parent keeps all workers alive and interleaves them:
 each round visits the members in a fresh random order and asks each for a slice of its timed runs,
-so drift in machine load hits every member alike; a member leaves the rounds once its median is
-stable (`Stopping`): each is timed as long as its p50 needs, not a fixed amount. Thread counts are
+so drift in machine load hits every member alike. The rounds of a thread setting end once every
+member's median there is stable or capped (`Stopping`): as long as the slowest member's p50 needs,
+not a fixed amount, with short slices for the fast members. Thread counts are
 set for torch (`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count)
 alike. Members that can run side by side (ONNX) are also timed on all N cores in both serving layouts:
 one session with N intra-op threads, and N one-thread sessions running at once (threads of the
@@ -223,23 +224,32 @@ def timing_stats(samples_ms: list[float], stopped: str) -> dict[str, Any]:
     return {**percentiles(samples_ms), "p50_ci95": list(interval) if interval else None, "stopped": stopped}
 
 
+CAPS = ("max_runs", "max_seconds")
+
+
 def interleaved_latency(
     workers: list[Worker], texts: int, timings: list[tuple[int, bool]], stopping: Stopping, warmup_runs: int,
     rng: np.random.Generator, advance: Callable[[str], None] | None = None,
 ) -> tuple[dict[Timing, list[float]], dict[Timing, str]]:
     """Batch-1 latency samples per (member, threads, end_to_end) of loaded workers, for each of
-    `timings` (threads, end_to_end), and why each stopped. Each round visits the members in a new random
-    order, so a slow spell of the machine hits all of them alike; a timing leaves the rounds once
-    `stopping` says so, the others go on."""
+    `timings` (threads, end_to_end), and why each stopped.
+
+    Each round visits the members in a new random order, so a slow spell of the machine hits all of
+    them alike. A setting's rounds end once every member's timing there is done (`stopping`: stable
+    or capped); until then a member whose p50 is already stable keeps its short slice in every round,
+    so all medians of a setting span the same stretch of time (a member timed only in the first
+    rounds would be compared with one timed later, under another load). A capped member stops."""
     samples: dict[Timing, list[float]] = {(w.name, t, e2e): [] for w in workers for t, e2e in timings}
-    stopped: dict[Timing, str] = {}
+    stopped: dict[Timing, str] = {}  # the first reason each timing was done
+    capped: set[Timing] = set()  # at a cap: no more visits
+    finished: set[tuple[int, bool]] = set()  # settings whose every timing is done
     rounds = 0
-    while len(stopped) < len(samples):
+    while len(finished) < len(timings):
         for index in rng.permutation(len(workers)):
             worker = workers[index]
             for threads, end_to_end in timings:
                 key = (worker.name, threads, end_to_end)
-                if key in stopped:
+                if (threads, end_to_end) in finished or key in capped:
                     continue
                 answer = worker.ask(
                     op="latency", threads=threads, runs=stopping.round_runs, seconds=stopping.round_seconds,
@@ -248,12 +258,16 @@ def interleaved_latency(
                 samples[key].extend(answer["samples"])
         rounds += 1
         for key, values in samples.items():
-            if key not in stopped and (reason := stopping.reason(values, rounds)):
+            reason = stopping.reason(values, rounds)
+            if reason and key not in stopped:
                 stopped[key] = reason
                 if advance:
                     advance(f"round {rounds}: {key[0]} done")
+            if reason in CAPS:  # also a stable timing kept in the rounds for its setting
+                capped.add(key)
+        finished |= {setting for setting in timings if all((w.name, *setting) in stopped for w in workers)}
         # A line per round too: a progress bar does not show in a log file or under DVC.
-        log.info("benchmark round %d done: %d of %d timings finished", rounds, len(stopped), len(samples))
+        log.info("benchmark round %d done: %d of %d timings done", rounds, len(stopped), len(samples))
     return samples, stopped
 
 
