@@ -69,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: serve: nothing is registered as {name}@{ALIAS} in {uri}.\n{why_no_champion(params, name)}",
               file=sys.stderr)
         return 1
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    bin_dir = Path(sys.executable).parent
+    mlflow_cli = str(bin_dir / "mlflow")
     command = [mlflow_cli, "models", "serve", "-m", f"models:/{name}@{ALIAS}", "--env-manager", "local",
                "-h", args.host, "-p", str(args.port)]
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    # mlflow starts `uvicorn` by name: this environment's, also when the venv is not activated.
+    os.environ["PATH"] = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
     os.execv(mlflow_cli, command)  # replaces this process: the server gets its signals directly
     return 0  # not reached
 
