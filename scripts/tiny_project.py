@@ -177,8 +177,8 @@ def tiny_params_tree(tiny_bert: Path, data_path: str = "data/tiny.csv") -> dict[
     tree["student"].update(num_layers=1, epochs=2, learning_rate=3e-3, **budget)
     tree["prune"].update(importance_batches=2, vocab_keep_top=5)
     tree["prune"]["recovery"].update(epochs=1, learning_rate=1e-3, **budget)
-    tree["benchmark"].update(min_runs=5, min_seconds=0.0, warmup_runs=1, rounds=2, throughput_batches=1,
-                             throughput_batch_size=4)
+    tree["benchmark"].update(min_runs=5, min_rounds=2, max_runs=20, max_seconds=1.0, round_seconds=0.0, warmup_runs=1,
+                             throughput_batches=1, throughput_batch_size=4)
     tree["export_onnx"]["int8_timing"].update(min_runs=5, min_seconds=0.0, warmup_runs=1, rounds=1)
     tree["evaluation"]["bootstrap_samples"] = 50
     tree["report"]["sla"].update(max_latency_ms=1000.0, min_f1_retention=0.0)

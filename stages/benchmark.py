@@ -9,12 +9,14 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import Params
+from pipeline.config.evaluation import BenchmarkConfig
 from pipeline.data.prepared import load_split
 from pipeline.errors import ModelError
 from pipeline.evaluation.family import REFERENCE, Member, family
 from pipeline.evaluation.latency import (
     ONE_SESSION,
     SESSIONS,
+    Stopping,
     machine_info,
     quiet_machine,
     run_benchmark,
@@ -41,6 +43,13 @@ def present_members(params: Params) -> list[Member]:
     return members
 
 
+def stopping(cfg: BenchmarkConfig) -> Stopping:
+    return Stopping(
+        min_runs=cfg.min_runs, min_rounds=cfg.min_rounds, round_seconds=cfg.round_seconds, rel_ci=cfg.rel_ci,
+        max_runs=cfg.max_runs, max_seconds=cfg.max_seconds,
+    )
+
+
 def run(params: Params) -> dict[str, Any]:
     """Time every member found under params.paths; write paths.benchmark."""
     cfg = params.benchmark
@@ -53,10 +62,8 @@ def run(params: Params) -> dict[str, Any]:
             texts,
             params.task.max_length,
             cfg.threads,
-            cfg.min_runs,
-            cfg.min_seconds,
+            stopping(cfg),
             cfg.warmup_runs,
-            cfg.rounds,
             cfg.throughput_batch_size,
             cfg.throughput_batches,
             cfg.seed,
@@ -102,6 +109,7 @@ def run(params: Params) -> dict[str, Any]:
         for t in settings:
             metrics[f"{entry['name']}.latency_ms_p50_t{t}"] = entry["latency_ms"][t]["p50"]
             metrics[f"{entry['name']}.speedup_t{t}"] = entry["speedup_vs_teacher"][t]
+            metrics[f"{entry['name']}.latency_runs_t{t}"] = entry["latency_ms"][t]["runs"]
         metrics[f"{entry['name']}.peak_rss_mb"] = entry["peak_rss_mb"]
         if "all_cores_throughput" in entry:
             layouts = entry["all_cores_throughput"]

@@ -83,13 +83,16 @@ def run(params: Params) -> dict[str, Any]:
     front = report.pareto_front(rows)
     sla = params.report.sla
     champion, note = report.pick_champion(rows, sla)
+    near = report.closest_member(rows, sla) if champion is None else None
+    no_champion = report.no_champion_message(near, sla) if champion is None else None
     for row in rows:
         row["pareto_optimal"] = row["name"] in front
         row["champion"] = champion is not None and row["name"] == champion["name"]
+        row["closest_to_sla"] = near is not None and row["name"] == near["member"]
 
     out = params.path(params.paths.reports)
     write_json(out / "family.json", rows + [{"name": name, "excluded": reason} for name, reason in excluded.items()])
-    write_text_atomic(out / "comparison.md", report.comparison_markdown(rows, benchmark, front, note, sla, excluded))
+    write_text_atomic(out / "comparison.md", report.comparison_markdown(rows, benchmark, front, note, sla, excluded, no_champion))
     write_text_atomic(out / "comparison.csv", report.comparison_csv(rows))
     curves = {name: params.path(params.paths.curves) / f"{name}.csv" for name in CURVES}
     plots.pareto_plot(rows, front, out / "pareto.png", sla, champion["name"] if champion else None)
@@ -98,6 +101,10 @@ def run(params: Params) -> dict[str, Any]:
         tracking.log_artifact(out / name, "report")
     log_for_review(rows, out)
 
+    # The run says what came of the SLA, also when nothing was registered (the message is in
+    # report/comparison.md too).
+    mlflow.set_tags({"champion": champion["name"] if champion else "", "closest_member": near["member"] if near else "",
+                     "no_champion": no_champion or ""})
     parent_tags = mlflow.active_run().data.tags
     for row in rows:
         tags = {key: parent_tags.get(key, "") for key in ("git_commit", "data_hash", "pipeline_run")}
@@ -117,8 +124,13 @@ def run(params: Params) -> dict[str, Any]:
     }
     metrics["pareto_front_size"] = len(front)
     metrics["excluded_members"] = len(excluded)
-    if champion is not None:
-        metrics["champion"] = {key: champion[key] for key in ("test_macro_f1", "latency_ms_p50", "size_mb")}
+    if champion is None:
+        # What `make serve` and the end of `make run` print (they read this file, nothing is recomputed).
+        metrics["no_champion"] = {"message": no_champion, "closest": near}
+        log.warning("%s", no_champion)
+    else:
+        metrics["champion"] = {"member": champion["name"],
+                               **{key: champion[key] for key in ("test_macro_f1", "latency_ms_p50", "size_mb")}}
         if params.report.register_champion:
             card = card_for(params, champion["name"], latency=champion, machine=benchmark.get("machine"))
             version = register_champion(
@@ -126,7 +138,8 @@ def run(params: Params) -> dict[str, Any]:
             )
             log.info("registered %s as %s version %s, alias 'champion'", champion["name"],
                      params.report.registered_model_name, version)
-            metrics["champion"]["registry_version"] = int(version)
+            metrics["champion"].update(registered_model_name=params.report.registered_model_name,
+                                       registry_version=int(version))
     log.info("champion: %s", note)
     return metrics
 

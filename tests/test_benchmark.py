@@ -21,7 +21,14 @@ from pipeline.evaluation.family import (
     TorchMember,
     family,
 )
-from pipeline.evaluation.latency import percentiles, thread_settings
+from pipeline.evaluation.latency import (
+    Stopping,
+    interleaved_latency,
+    median_interval,
+    percentiles,
+    relative_half_width,
+    thread_settings,
+)
 from pipeline.export.onnx import OnnxClassifier
 from pipeline.export.onnx_export import export_fp32, quantize_int8, quantize_int8_static
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
@@ -35,8 +42,56 @@ MAX_LENGTH = 32
 def test_percentiles_and_thread_settings():
     stats = percentiles([float(v) for v in range(1, 101)])
     assert stats["p50"] == pytest.approx(50.5) and stats["p99"] == pytest.approx(99.01) and stats["runs"] == 100
-    settings = thread_settings([1, 0, 1])  # 0 means every core; duplicates collapse
-    assert settings[0] == 1 and (os.cpu_count() or 1) in settings and len(settings) == len(set(settings))
+    settings = thread_settings([0, 1, 1])  # 0 means every core; duplicates collapse; 1 thread first
+    assert settings[0] == 1 and settings[-1] == (os.cpu_count() or 1) and len(settings) == len(set(settings))
+
+
+def test_the_median_interval_narrows_with_more_runs():
+    rng = np.random.default_rng(0)
+    few, many = rng.lognormal(0, 0.2, 30), rng.lognormal(0, 0.2, 3000)
+    low, high = median_interval(list(many))
+    assert low < np.median(many) < high
+    assert relative_half_width(list(many)) < relative_half_width(list(few)) < 0.2
+    assert median_interval([1.0]) is None and relative_half_width([1.0]) == float("inf")
+
+
+def test_a_timing_stops_once_its_median_is_stable_or_at_a_cap():
+    rng = np.random.default_rng(0)
+    steady = list(rng.normal(10, 0.1, 60))  # p50 interval about +-0.3%
+    noisy = list(rng.lognormal(np.log(10), 1.0, 60))  # about +-30%
+    stopping = Stopping(min_runs=50, min_rounds=3, round_seconds=0.0, rel_ci=0.02, max_runs=200, max_seconds=5.0)
+    assert stopping.round_runs == 17
+    assert stopping.reason(steady, rounds=3) == "stable"
+    assert stopping.reason(steady, rounds=2) is None, "not before min_rounds"
+    assert stopping.reason(steady[:40], rounds=3) is None, "not before min_runs"
+    assert stopping.reason(noisy, rounds=3) is None, "a noisy median goes on ..."
+    assert stopping.reason(noisy * 4, rounds=9) == "max_runs", "... up to max_runs"
+    assert stopping.reason([100.0] * 60, rounds=3) == "max_seconds", "6 s of 100 ms calls is over the 5 s cap"
+    fixed = Stopping(min_runs=10, min_rounds=2, round_seconds=0.0)  # the search's short run: no stability test
+    assert fixed.reason(noisy[:10], rounds=1) is None and fixed.reason(noisy[:10], rounds=2) == "fixed"
+    with pytest.raises(ValueError, match="max_runs or max_seconds"):
+        Stopping(min_runs=10, min_rounds=2, round_seconds=0.0, rel_ci=0.02)
+
+
+class FakeWorker:
+    """A loaded member answering `latency` with made-up samples: steady ones, or noisy ones."""
+
+    def __init__(self, name: str, noisy: bool, seed: int) -> None:
+        self.name, self.noisy, self.rng, self.visits = name, noisy, np.random.default_rng(seed), []
+
+    def ask(self, op: str, runs: int, **command) -> dict:
+        self.visits.append(command["threads"])
+        spread = 1.0 if self.noisy else 0.01
+        return {"samples": list(self.rng.lognormal(0, spread, runs))}
+
+
+def test_a_stable_member_stays_in_the_rounds_until_every_member_of_its_setting_is_done():
+    steady, noisy = FakeWorker("steady", noisy=False, seed=0), FakeWorker("noisy", noisy=True, seed=1)
+    stopping = Stopping(min_runs=10, min_rounds=2, round_seconds=0.0, rel_ci=0.02, max_runs=100)
+    samples, stopped = interleaved_latency([steady, noisy], 5, [(1, False)], stopping, 0, np.random.default_rng(0))
+    assert stopped == {("steady", 1, False): "stable", ("noisy", 1, False): "max_runs"}
+    # 5 runs a round: the noisy member is capped after 20 rounds, and the steady one is visited in each.
+    assert len(samples[("noisy", 1, False)]) == 100 and len(steady.visits) == len(noisy.visits) == 20
 
 
 # --------------------------------------------------------------------------- member kinds
@@ -186,12 +241,20 @@ def test_benchmark_on_the_tiny_family(trained_project, tmp_path):
     members = {entry["name"]: entry for entry in result["members"]}
     assert set(members) == {"teacher", "teacher_onnx", "student_pruned", "student_int8_torch"}
     assert result["machine"]["cores"] >= 1 and result["settings"]["test_sentences"] == 15
+    cfg = params.benchmark
     for entry in members.values():
-        for setting in result["settings"]["thread_counts"]:
-            stats = entry["latency_ms"][setting]
+        timings = [entry["latency_ms"][setting] for setting in result["settings"]["thread_counts"]]
+        assert list(entry["e2e_latency_ms"]) == ["1"], "end to end at 1 thread only"
+        for stats in [*timings, entry["e2e_latency_ms"]["1"]]:
             assert 0 < stats["p50"] <= stats["p95"] <= stats["p99"]
-            assert stats["runs"] >= params.benchmark.min_runs
-            assert entry["e2e_latency_ms"][setting]["runs"] >= params.benchmark.min_runs
+            # Each timing records how many runs it took and why it stopped.
+            assert stats["stopped"] in ("stable", "max_runs", "max_seconds")
+            assert stats["runs"] >= (cfg.min_runs if stats["stopped"] != "max_seconds" else 1)
+            assert stats["runs"] <= cfg.max_runs + cfg.min_runs  # a round may end a little past the cap
+            if stats["p50_ci95"] or stats["stopped"] != "max_seconds":  # a busy machine may leave too few runs
+                low, high = stats["p50_ci95"]
+                assert low <= stats["p50"] <= high
+        for setting in result["settings"]["thread_counts"]:
             assert entry["throughput_per_second"][setting] > 0
         assert entry["peak_rss_mb"] > 10
     # Sizes are the weight files alone: the INT8 weights are smaller than the same model's fp32 ones.

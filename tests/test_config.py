@@ -39,6 +39,8 @@ def write(tmp_path, tree):
         ({"prune": {"heads_ratio": 1.0}}, "prune.heads_ratio", "less than 1"),
         ({"prune": {"ffn_ratio": -0.1}}, "prune.ffn_ratio", "greater than or equal to 0"),
         ({"benchmark": {"threads": [0]}}, "benchmark.threads", "must include 1"),
+        ({"benchmark": {"min_runs": 100, "max_runs": 50}}, "benchmark", "must not exceed max_runs"),
+        ({"benchmark": {"rel_ci": 0}}, "benchmark.rel_ci", "greater than 0"),
         ({"colour": {}}, "colour", "unknown key"),
         ({"tracking": {"experiment": ""}}, "tracking.experiment", "at least 1 character"),
         ({"report": {"registered_model_name": "  "}}, "report.registered_model_name", "should match pattern"),

@@ -17,7 +17,14 @@ from pipeline.evaluation.latency import all_cores_layouts
 from pipeline.evaluation.metrics import bootstrap_ci
 from pipeline.evaluation.plots import label_members, loss_columns, read_curve
 from pipeline.evaluation.record import ModelRecord
-from pipeline.evaluation.report import markdown_table, pareto_front, pick_champion
+from pipeline.evaluation.report import (
+    closest_member,
+    markdown_table,
+    no_champion_message,
+    pareto_front,
+    pick_champion,
+)
+from scripts.first_screen import first_screen
 from stages import report
 from tests.helpers import export_tiny_classifier
 
@@ -85,6 +92,21 @@ def test_no_champion_says_why():
     assert champion is None and "no servable member was benchmarked" in note
 
 
+def test_the_closest_member_to_the_sla_and_the_search_that_may_close_the_gap():
+    # onnx_fast misses retention by 0.05 / 0.95 (5%); onnx_slow misses latency by 8 / 2 (400%).
+    rows = [row("teacher", 60, 0.95, "torch"), row("torch_fast", 0.5, 0.95, "torch"),
+            row("onnx_slow", 10, 0.95), row("onnx_fast", 0.8, 0.95, validation=0.9)]
+    sla = SLAConfig(max_latency_ms=2, min_f1_retention=1.0)
+    near = closest_member(rows, sla)
+    assert near["member"] == "onnx_fast", "torch_fast is not servable"
+    assert near["distance"] == {"min_f1_retention": pytest.approx(1 - 0.9 / 0.95), "max_latency_ms": 0.0}
+    message = no_champion_message(near, sla)
+    assert "Closest: onnx_fast (validation retention 0.947, 0.053 short of 1; p50 0.800 ms, meets 2 ms)" in message
+    assert message.endswith('make search SEARCH_ARGS="search.goals.min_retention=1 search.goals.max_latency_ms=2"')
+    assert closest_member(rows[:2], sla) is None
+    assert "export the ONNX models" in no_champion_message(None, sla)
+
+
 def test_loss_curves_draw_every_loss_column(tmp_path):
     path = tmp_path / "curve.csv"
     path.write_text("step,loss_total,loss_ce,loss_contrastive,train_loss,eval_macro_f1\n1,1.0,0.6,0.4,,0.8\n"
@@ -111,8 +133,9 @@ def onnx_dir(tiny_bert, tmp_path_factory):
     return export_tiny_classifier(tiny_bert, tmp_path_factory.mktemp("report_onnx"), LABELS)
 
 
-def hand_made_family(tmp_path, onnx_dir):
-    params = params_from_dict({"report": {"sla": {"max_latency_ms": 5.0, "min_f1_retention": 0.9}}}, root=tmp_path)
+def hand_made_family(tmp_path, onnx_dir, report_params=None):
+    report_params = report_params or {"sla": {"max_latency_ms": 5.0, "min_f1_retention": 0.9}}
+    params = params_from_dict({"report": report_params}, root=tmp_path)
     figures = {  # name: (test F1, p50 ms, size MB)
         "teacher": (0.95, 60.0, 90.0), "teacher_onnx": (0.95, 40.0, 90.0), "student_baseline": (0.88, 9.0, 69.0),
         "student_vanilla": (0.90, 9.1, 69.0), "student_intermediate": (0.92, 9.2, 69.0),
@@ -134,7 +157,8 @@ def hand_made_family(tmp_path, onnx_dir):
             validation={"macro_f1": f1 - 0.01},
         )
         record.write(member.path)
-        timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5} for t in ("1", "2")}
+        timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5, "runs": 40,
+                      "p50_ci95": [latency * 0.99, latency * 1.01], "stopped": "stable"} for t in ("1", "2")}
         entries.append({"name": member.name, "format": member.format, "precision": member.precision,
                         "servable": member.servable,
                         "size_mb": size, "num_parameters": record.num_parameters, "latency_ms": timing,
@@ -145,7 +169,8 @@ def hand_made_family(tmp_path, onnx_dir):
             entries[-1]["all_cores_throughput"] = all_cores_layouts(2, 1800 / latency, sessions)
     benchmark = {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1"},
                  "settings": {"thread_counts": ["1", "2"], "test_sentences": 10, "max_length": 32, "min_runs": 5,
-                              "min_seconds": 0, "rounds": 1, "throughput_batch_size": 4},
+                              "rel_ci": 0.02, "min_rounds": 1, "max_runs": 50, "max_seconds": 1.0,
+                              "throughput_batch_size": 4},
                  "reference": "teacher", "members": entries}
     path = params.path(params.paths.benchmark)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +206,7 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     assert "- student_onnx_int8: use one session with 2 threads (2000/s; 2 sessions with 1 thread each: 1667/s)." in markdown
     assert "- student_onnx_int8_static: use 2 sessions with 1 thread each (1909/s; one session with 2 threads: 1636/s)" in markdown
     assert "- student_pruned:" not in markdown, "torch members have no side-by-side sessions"
+    assert "Runs per member at 1 thread, model only (the p50's 95% interval): teacher 40 (+-1.0%)" in markdown
     assert int8["serving_layout"] == "one_session_n_threads" and int8["throughput_all_cores_sessions"] == pytest.approx(1500 / 0.9)
     for name in ("pareto.png", "loss_curves.png"):
         assert (reports / name).stat().st_size > 10_000
@@ -208,3 +234,47 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     children = mlflow.search_runs(experiment_names=[params.tracking.experiment],
                                   filter_string="tags.stage = 'report' AND tags.family_member = 'student_pruned'")
     assert "metrics.latency_ms_p50" in children.columns and children["metrics.latency_ms_p50"].iloc[0] == 5.0
+
+
+def test_report_stage_without_a_champion_says_which_member_is_closest(tmp_path, onnx_dir):
+    name = "report-test-no-champion"
+    params = hand_made_family(tmp_path, onnx_dir, {"sla": {"max_latency_ms": 0.5, "min_f1_retention": 0.99},
+                                                   "registered_model_name": name})
+    metrics = report.STAGE.execute(params)
+    reports = params.path(params.paths.reports)
+    # student_onnx_int8: p50 0.9 ms (0.4 over 0.5, 80%), retention 0.905 / 0.94 (2.7% short of 0.99).
+    message = metrics["no_champion"]["message"]
+    assert metrics["no_champion"]["closest"]["member"] == "student_onnx_int8" and "champion" not in metrics
+    assert "Closest: student_onnx_int8" in message and "p50 0.900 ms, 0.400 ms over 0.5 ms" in message
+    assert 'search.goals.min_retention=0.99 search.goals.max_latency_ms=0.5"' in message
+    assert message in (reports / "comparison.md").read_text()
+    rows = json.loads((reports / "family.json").read_text())
+    assert [r["name"] for r in rows if r["closest_to_sla"]] == ["student_onnx_int8"]
+    assert not any(r["champion"] for r in rows)
+    run = mlflow.search_runs(experiment_names=[params.tracking.experiment], order_by=["start_time DESC"],
+                             filter_string="tags.stage = 'report' AND tags.family_member = ''").iloc[0]
+    assert run["tags.closest_member"] == "student_onnx_int8" and run["tags.no_champion"] == message
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+
+
+def test_the_first_screen_shows_the_key_rows_and_how_to_serve_the_champion():
+    def full(name, latency, f1, fmt="onnx", **flags):
+        return {**row(name, latency, f1, fmt), "speedup_vs_teacher": 60 / latency, "champion": False,
+                "closest_to_sla": False, **flags}
+
+    rows = [full("teacher", 60, 0.95, "torch"), full("student_onnx_int8", 1.0, 0.94, champion=True),
+            full("student_int8_torch", 0.8, 0.90, "torch"), full("student_onnx_fp32", 2.0, 0.94)]
+    registered = {"champion": {"member": "student_onnx_int8", "registered_model_name": "fincompress-sentiment",
+                               "registry_version": 3}}
+    screen = first_screen(rows, registered, 5002, "reports/comparison.md")
+    assert len(screen.splitlines()) <= 15
+    assert [line.split()[0] for line in screen.splitlines()[3:6]] == ["teacher", "student_onnx_int8", "student_int8_torch"]
+    assert "60.00     1.0x" in screen and "champion" in screen.splitlines()[4] and "fastest" in screen.splitlines()[5]
+    assert "registered as fincompress-sentiment version 3, alias champion" in screen and "make serve" in screen
+    assert "curl -s http://127.0.0.1:5002/invocations" in screen and "student_onnx_fp32" not in screen
+
+    rows[1].update(champion=False, closest_to_sla=True)
+    message = "No servable member meets the SLA ...\nClosest: student_onnx_int8 (...)"
+    screen = first_screen(rows, {"no_champion": {"message": message}}, 5001, "reports/comparison.md")
+    assert "closest to the SLA" in screen.splitlines()[4] and screen.endswith(message) and "curl" not in screen

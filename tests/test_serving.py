@@ -23,7 +23,9 @@ import pytest
 
 from pipeline.errors import DataError
 from pipeline.export.predict import main as predict
+from pipeline.export.serve import main as serve
 from pipeline.export.serving import ACCEPTED_SHAPES, SERVING_MODULES, log_pyfunc
+from scripts.tiny_project import REPO
 from tests.helpers import export_tiny_classifier
 
 LABELS = ["negative", "neutral", "positive"]
@@ -165,6 +167,21 @@ def test_every_accepted_shape_answers_one_prediction_per_text_in_order(loaded, s
 def test_a_bare_string_is_one_text(loaded):
     answer = loaded.predict(TEXTS[0])
     assert list(answer["text"]) == [TEXTS[0].strip()]
+
+
+def test_serve_with_no_champion_exits_1_with_the_reports_account(tmp_path, capsys):
+    """`make serve` before any champion: the report's closest-member message, not an MLflow error."""
+    params = tmp_path / "params.yaml"
+    params.write_text("report:\n  registered_model_name: serve-test-none\n")
+    assert serve(["--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert "error: serve: nothing is registered as serve-test-none@champion" in err and "(make run)" in err
+    message = "No servable member meets the SLA ...\nClosest: student_onnx_int8 (...)\n  make search SEARCH_ARGS=\"...\""
+    (tmp_path / "reports" / "metrics").mkdir(parents=True)
+    (tmp_path / "reports" / "metrics" / "report.json").write_text(json.dumps({"no_champion": {"message": message}}))
+    mlflow.MlflowClient().create_registered_model("serve-test-none")  # registered, but no version is the champion
+    assert serve(["--params", str(params)]) == 1
+    assert capsys.readouterr().err.endswith(f"@champion in {os.environ['MLFLOW_TRACKING_URI']}.\n{message}\n")
 
 
 # --------------------------------------------------------------------------- servers (slow)

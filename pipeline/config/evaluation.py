@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import Section
 
@@ -14,12 +14,17 @@ class EvaluationConfig(Section):
 
 
 class BenchmarkConfig(Section):
-    # Each member is timed over at least min_runs calls and at least min_seconds, after warm-up.
-    min_runs: int = Field(200, ge=1)
-    min_seconds: float = Field(5.0, ge=0)
-    warmup_runs: int = Field(20, ge=0)
-    # Timing is split into rounds; each round visits the members in a fresh random order.
-    rounds: int = Field(5, ge=1)
+    # Timing is split into rounds; each round visits the members in a fresh random order. A member's
+    # timing (per thread setting and mode) is done once its p50's 95% interval is within rel_ci of the
+    # p50, with at least min_runs calls over min_rounds rounds, or at max_runs calls or max_seconds of
+    # calls; a setting's rounds end when all its timings are done.
+    rel_ci: float = Field(0.02, gt=0, lt=1)
+    min_runs: int = Field(50, ge=1)
+    min_rounds: int = Field(3, ge=1)
+    max_runs: int = Field(5000, ge=1)
+    max_seconds: float = Field(5.0, gt=0)
+    round_seconds: float = Field(0.05, ge=0)  # each visit times at least this long (and min_runs / min_rounds calls)
+    warmup_runs: int = Field(10, ge=0)
     # Thread settings to measure; 0 means every core of this machine.
     threads: list[int] = [1, 0]
     throughput_batch_size: int = Field(32, ge=1)
@@ -34,6 +39,12 @@ class BenchmarkConfig(Section):
         if 1 not in value:
             raise ValueError("thread counts must include 1: the report's latency columns are at 1 thread")
         return value
+
+    @model_validator(mode="after")
+    def _runs(self) -> BenchmarkConfig:
+        if self.min_runs > self.max_runs:
+            raise ValueError(f"min_runs ({self.min_runs}) must not exceed max_runs ({self.max_runs})")
+        return self
 
 
 class SLAConfig(Section):

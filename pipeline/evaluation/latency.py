@@ -3,11 +3,13 @@
 Every family member runs in a worker process of its own (so its peak resident memory is its own
 and an ONNX member never imports torch). The parent keeps all workers alive and interleaves them:
 each round visits the members in a fresh random order and asks each for a slice of its timed runs,
-so drift in machine load hits every member alike. Thread counts are set for torch
-(`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count) alike. Members
-that can run side by side (ONNX) are also timed on all N cores in both serving layouts: one session
-with N intra-op threads, and N one-thread sessions running at once (threads of the worker process:
-ONNX Runtime releases the GIL while it runs).
+so drift in machine load hits every member alike. The rounds of a thread setting end once every
+member's median there is stable or capped (`Stopping`): as long as the slowest member's p50 needs,
+not a fixed amount, with short slices for the fast members. Thread counts are
+set for torch (`torch.set_num_threads`) and ONNX Runtime (one session per intra-op thread count)
+alike. Members that can run side by side (ONNX) are also timed on all N cores in both serving layouts:
+one session with N intra-op threads, and N one-thread sessions running at once (threads of the
+worker process: ONNX Runtime releases the GIL while it runs).
 
 The workers (pipeline/evaluation/latency_worker.py) answer one JSON command per line. This module
 imports neither torch nor transformers at module level.
@@ -24,6 +26,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +47,9 @@ def all_cores() -> int:
 
 
 def thread_settings(threads: list[int]) -> list[int]:
-    """Params thread counts with 0 meaning every core, de-duplicated, in order."""
-    resolved: list[int] = []
-    for count in threads:
-        count = count or all_cores()
-        if count not in resolved:
-            resolved.append(count)
-    return resolved
+    """Params thread counts with 0 meaning every core, de-duplicated, ascending: 1 thread (which params
+    require) comes first and all cores last, as the report reads them."""
+    return sorted({count or all_cores() for count in threads})
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -156,29 +155,120 @@ class Worker:
                 self.process.kill()
 
 
+Timing = tuple[str, int, bool]  # (member, threads, end_to_end)
+
+
+def median_interval(samples_ms: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median from order statistics (scipy's quantile_test): what
+    a bootstrap of the median estimates, exact and without resampling. None with too few samples."""
+    from scipy.stats import quantile_test
+
+    if len(samples_ms) < 2:
+        return None
+    values = np.asarray(samples_ms)
+    interval = quantile_test(values, q=float(np.median(values)), p=0.5).confidence_interval(confidence)
+    if not (math.isfinite(interval.low) and math.isfinite(interval.high)):
+        return None
+    return float(interval.low), float(interval.high)
+
+
+def relative_half_width(samples_ms: list[float]) -> float:
+    """Half the width of the median's 95% interval relative to the median (inf with too few samples)."""
+    interval = median_interval(samples_ms)
+    if interval is None:
+        return math.inf
+    return (interval[1] - interval[0]) / 2 / float(np.median(samples_ms))
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """How long one member is timed at one setting (a thread count, model only or end to end).
+
+    Every round visits it once for at least `round_runs` calls and `round_seconds`. It stops after the
+    round in which it has at least `min_runs` calls over `min_rounds` rounds and its p50's 95% interval
+    is within `rel_ci` of the p50 ("stable"; `rel_ci` None: a fixed `min_rounds` rounds), or holds
+    `max_runs` calls or `max_seconds` of timed calls (the caps, for a member too noisy to settle).
+    """
+
+    min_runs: int
+    min_rounds: int
+    round_seconds: float
+    rel_ci: float | None = None
+    max_runs: int | None = None
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rel_ci is not None and self.max_runs is None and self.max_seconds is None:
+            raise ValueError("a stability test needs max_runs or max_seconds: a noisy member might never settle")
+
+    @property
+    def round_runs(self) -> int:
+        return math.ceil(self.min_runs / self.min_rounds)
+
+    def reason(self, samples_ms: list[float], rounds: int) -> str | None:
+        """Why timing stops after `rounds` rounds with these samples, or None to go on."""
+        if self.max_runs is not None and len(samples_ms) >= self.max_runs:
+            return "max_runs"
+        if self.max_seconds is not None and sum(samples_ms) >= self.max_seconds * 1000:
+            return "max_seconds"
+        if rounds < self.min_rounds or len(samples_ms) < self.min_runs:
+            return None
+        if self.rel_ci is None:
+            return "fixed"
+        return "stable" if relative_half_width(samples_ms) <= self.rel_ci else None
+
+
+def timing_stats(samples_ms: list[float], stopped: str) -> dict[str, Any]:
+    """Percentiles of one timing, its p50's 95% interval and why it stopped."""
+    interval = median_interval(samples_ms)
+    return {**percentiles(samples_ms), "p50_ci95": list(interval) if interval else None, "stopped": stopped}
+
+
+CAPS = ("max_runs", "max_seconds")
+
+
 def interleaved_latency(
-    workers: list[Worker], texts: int, settings: list[int], modes: tuple[bool, ...], rounds: int, runs_per_round: int,
-    seconds_per_round: float, warmup_runs: int, rng: np.random.Generator, advance: Callable[[str], None] | None = None,
-) -> dict[tuple[str, int, bool], list[float]]:
-    """Batch-1 latency samples per (member, threads, end_to_end) of loaded workers: in each round every
-    member in a new random order, so a slow spell of the machine hits all of them alike."""
-    samples: dict[tuple[str, int, bool], list[float]] = {}
-    for round_index in range(rounds):
+    workers: list[Worker], texts: int, timings: list[tuple[int, bool]], stopping: Stopping, warmup_runs: int,
+    rng: np.random.Generator, advance: Callable[[str], None] | None = None,
+) -> tuple[dict[Timing, list[float]], dict[Timing, str]]:
+    """Batch-1 latency samples per (member, threads, end_to_end) of loaded workers, for each of
+    `timings` (threads, end_to_end), and why each stopped.
+
+    Each round visits the members in a new random order, so a slow spell of the machine hits all of
+    them alike. A setting's rounds end once every member's timing there is done (`stopping`: stable
+    or capped); until then a member whose p50 is already stable keeps its short slice in every round,
+    so all medians of a setting span the same stretch of time (a member timed only in the first
+    rounds would be compared with one timed later, under another load). A capped member stops."""
+    samples: dict[Timing, list[float]] = {(w.name, t, e2e): [] for w in workers for t, e2e in timings}
+    stopped: dict[Timing, str] = {}  # the first reason each timing was done
+    capped: set[Timing] = set()  # at a cap: no more visits
+    finished: set[tuple[int, bool]] = set()  # settings whose every timing is done
+    rounds = 0
+    while len(finished) < len(timings):
         for index in rng.permutation(len(workers)):
             worker = workers[index]
-            for threads in settings:
-                for end_to_end in modes:
-                    start = int(rng.integers(0, texts))
-                    answer = worker.ask(
-                        op="latency", threads=threads, runs=runs_per_round, seconds=seconds_per_round,
-                        warmup=warmup_runs if round_index == 0 else 2, end_to_end=end_to_end, start=start,
-                    )
-                    samples.setdefault((worker.name, threads, end_to_end), []).extend(answer["samples"])
-                    if advance:
-                        advance(f"round {round_index + 1}/{rounds}: {worker.name}")
+            for threads, end_to_end in timings:
+                key = (worker.name, threads, end_to_end)
+                if (threads, end_to_end) in finished or key in capped:
+                    continue
+                answer = worker.ask(
+                    op="latency", threads=threads, runs=stopping.round_runs, seconds=stopping.round_seconds,
+                    warmup=warmup_runs if rounds == 0 else 2, end_to_end=end_to_end, start=int(rng.integers(0, texts)),
+                )
+                samples[key].extend(answer["samples"])
+        rounds += 1
+        for key, values in samples.items():
+            reason = stopping.reason(values, rounds)
+            if reason and key not in stopped:
+                stopped[key] = reason
+                if advance:
+                    advance(f"round {rounds}: {key[0]} done")
+            if reason in CAPS:  # also a stable timing kept in the rounds for its setting
+                capped.add(key)
+        finished |= {setting for setting in timings if all((w.name, *setting) in stopped for w in workers)}
         # A line per round too: a progress bar does not show in a log file or under DVC.
-        log.info("benchmark round %d/%d done", round_index + 1, rounds)
-    return samples
+        log.info("benchmark round %d done: %d of %d timings done", rounds, len(stopped), len(samples))
+    return samples, stopped
 
 
 def one_thread_latency(
@@ -186,16 +276,16 @@ def one_thread_latency(
     warmup_runs: int, rounds: int, seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Model-only batch-1 latency percentiles (ms) at 1 thread of each member, interleaved in one run:
-    the short measurement of a search (no throughput, no end-to-end timing)."""
+    the short measurement of a search (a fixed number of rounds; no throughput, no end-to-end timing)."""
     workers: list[Worker] = []
     try:
         for member in members:
             workers.append(Worker.spawn(member, texts, max_length, [1]))
         for worker in workers:
             worker.loaded()
-        samples = interleaved_latency(
-            workers, len(texts), [1], (False,), rounds, math.ceil(min_runs / rounds), min_seconds / rounds,
-            warmup_runs, np.random.default_rng(seed),
+        stopping = Stopping(min_runs=min_runs, min_rounds=rounds, round_seconds=min_seconds / rounds)
+        samples, _ = interleaved_latency(
+            workers, len(texts), [(1, False)], stopping, warmup_runs, np.random.default_rng(seed)
         )
         return {worker.name: percentiles(samples[(worker.name, 1, False)]) for worker in workers}
     finally:
@@ -208,23 +298,30 @@ def run_benchmark(
     texts: list[str],
     max_length: int,
     threads: list[int],
-    min_runs: int,
-    min_seconds: float,
+    stopping: Stopping,
     warmup_runs: int,
-    rounds: int,
     throughput_batch_size: int,
     throughput_batches: int,
     seed: int = 0,
     progress: Any = None,
 ) -> dict[str, dict[str, Any]]:
-    """Time every member; returns per member its latency percentiles per thread
-    count (model only and end to end), throughput per thread count and peak RSS; members that can run
-    side-by-side sessions also get their all-core throughput in both serving layouts."""
+    """Time every member; returns per member its model-only latency percentiles per thread count and
+    its end-to-end ones at 1 thread (each with its p50 interval and why its timing stopped), throughput
+    per thread count and peak RSS; members that can run side-by-side sessions also get their all-core
+    throughput in both serving layouts."""
     settings = thread_settings(threads)
+    # End to end (tokenization included) at 1 thread only: the report shows no other, and the
+    # tokenizer's cost does not depend on the model's thread count.
+    timings = [(t, False) for t in settings] + [(1, True)]
     workers: list[Worker] = []
     rng = np.random.default_rng(seed)
-    runs_per_round = math.ceil(min_runs / rounds)
-    seconds_per_round = min_seconds / rounds
+    began = time.perf_counter()
+
+    def phase(name: str) -> None:  # where the benchmark's time goes, in the log
+        nonlocal began
+        log.info("benchmark: %s in %.1f s", name, time.perf_counter() - began)
+        began = time.perf_counter()
+
     try:
         # Load every member at once (timing starts only when all are ready).
         # Members that can run as side-by-side sessions are also timed on every core both ways:
@@ -236,12 +333,14 @@ def run_benchmark(
             workers.append(Worker.spawn(member, texts, max_length, loaded))
         for worker in workers:
             worker.loaded()
-        tasks = len(workers) * rounds * len(settings) * 2 + len(workers) * len(settings) + len(parallel)
+        phase(f"{len(workers)} workers started and loaded")
+        tasks = len(workers) * len(timings) + len(workers) * len(settings) + len(parallel)
         task = progress.add_task("benchmark", total=tasks) if progress else None
-        samples = interleaved_latency(
-            workers, len(texts), settings, (False, True), rounds, runs_per_round, seconds_per_round, warmup_runs, rng,
+        samples, stopped = interleaved_latency(
+            workers, len(texts), timings, stopping, warmup_runs, rng,
             (lambda text: progress.update(task, advance=1, description=text)) if progress else None,
         )
+        phase("latency")
         throughput: dict[tuple[str, int], float] = {}
         for index in rng.permutation(len(workers)):
             worker = workers[index]
@@ -251,11 +350,17 @@ def run_benchmark(
                 )["per_second"]
                 if progress:
                     progress.update(task, advance=1, description=f"throughput: {worker.name}")
+        phase("throughput")
+
+        def stats(name: str, threads: int, end_to_end: bool) -> dict[str, Any]:
+            key = (name, threads, end_to_end)
+            return timing_stats(samples[key], stopped[key])
+
         results = {}
         for worker in workers:
             results[worker.name] = {
-                "latency_ms": {str(t): percentiles(samples[(worker.name, t, False)]) for t in settings},
-                "e2e_latency_ms": {str(t): percentiles(samples[(worker.name, t, True)]) for t in settings},
+                "latency_ms": {str(t): stats(worker.name, t, False) for t in settings},
+                "e2e_latency_ms": {"1": stats(worker.name, 1, True)},
                 "throughput_per_second": {str(t): throughput[(worker.name, t)] for t in settings},
                 # Before the side-by-side copies are loaded: the peak of the member as served alone.
                 "peak_rss_mb": worker.ask(op="rss")["peak_rss_mb"],
@@ -271,6 +376,7 @@ def run_benchmark(
             results[worker.name]["all_cores_throughput"] = all_cores_layouts(cores, one_session, sessions)
             if progress:
                 progress.update(task, advance=1, description=f"all-core layouts: {worker.name}")
+        phase("all-core layouts")
         return results
     finally:
         for worker in workers:

@@ -8,8 +8,10 @@ import io
 from typing import Any
 
 from pipeline.config.evaluation import SLAConfig
+from pipeline.config.search import SearchGoals
 from pipeline.evaluation.latency import ONE_SESSION, SESSIONS
 from pipeline.evaluation.record import ModelRecord
+from pipeline.orchestration.search.goals import Outcome, closest, shortfalls
 
 # Columns of family.json, in table order, with how to pick the best value of each.
 COLUMNS: list[tuple[str, str, str | None]] = [
@@ -60,6 +62,10 @@ def family_table(benchmark: dict[str, Any], records: dict[str, ModelRecord]) -> 
             "latency_ms_p50": entry["latency_ms"][one]["p50"],
             "latency_ms_p95": entry["latency_ms"][one]["p95"],
             "latency_ms_p99": entry["latency_ms"][one]["p99"],
+            # How long the benchmark timed it: runs, the p50's 95% interval, why it stopped.
+            "latency_runs": entry["latency_ms"][one]["runs"],
+            "latency_p50_ci95": entry["latency_ms"][one].get("p50_ci95"),
+            "latency_stopped": entry["latency_ms"][one].get("stopped"),
             "latency_ms_p50_all_cores": entry["latency_ms"][many]["p50"],
             "e2e_latency_ms_p50": entry["e2e_latency_ms"][one]["p50"],
             "throughput_b32": entry["throughput_per_second"][one],
@@ -126,6 +132,50 @@ def pick_champion(rows: list[dict[str, Any]], sla: SLAConfig) -> tuple[dict[str,
     )
 
 
+def search_command(sla: SLAConfig) -> str:
+    """The `make search` that looks for a member meeting this SLA: its goals are the SLA's axes."""
+    return (f'make search SEARCH_ARGS="search.goals.min_retention={sla.min_f1_retention:g} '
+            f'search.goals.max_latency_ms={sla.max_latency_ms:g}"')
+
+
+def closest_member(rows: list[dict[str, Any]], sla: SLAConfig) -> dict[str, Any] | None:
+    """The servable member closest to the SLA when none meets it, as the search picks its closest
+    trial (smallest sum of shortfalls relative to each goal): its name, its distance to each goal (0
+    when met), the same in words, and the command that searches for a member meeting the SLA. None
+    when nothing servable was benchmarked."""
+    goals = SearchGoals(min_retention=sla.min_f1_retention, max_latency_ms=sla.max_latency_ms, max_size_mb=None)
+    servable = [row for row in rows if row["servable"]]
+    outcomes = [
+        Outcome(number=i, state="COMPLETE", retention=row["validation_f1_retention"] or 0.0,
+                latency_ms=row["latency_ms_p50"], size_mb=row["size_mb"])
+        for i, row in enumerate(servable)
+    ]
+    nearest = closest(outcomes, goals).get("overall")
+    if nearest is None:
+        return None
+    gaps = shortfalls(outcomes[nearest["trial"]], goals)
+    return {
+        "member": servable[nearest["trial"]]["name"],
+        "distance": {"min_f1_retention": gaps["min_retention"], "max_latency_ms": gaps["max_latency_ms"]},
+        "gaps": nearest["gaps"],
+        "command": search_command(sla),
+    }
+
+
+def no_champion_message(near: dict[str, Any] | None, sla: SLAConfig) -> str:
+    """What the report, its MLflow run and `make serve` say when no member meets the SLA."""
+    lines = [f"No servable member meets the SLA (p50 <= {sla.max_latency_ms:g} ms at 1 thread, validation F1 "
+             f"retention >= {sla.min_f1_retention:g}): no champion was registered."]
+    if near is None:
+        return "\n".join([*lines, "No servable member was benchmarked: export the ONNX models (dvc repro export_onnx)."])
+    return "\n".join([
+        *lines,
+        f"Closest: {near['member']} (validation {'; '.join(near['gaps'])}).",
+        "A compression search with the SLA as its goals may close the gap:",
+        f"  {near['command']}",
+    ])
+
+
 def _format(key: str, value: Any) -> str:
     if value is None:
         return "n/a"
@@ -166,8 +216,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def comparison_markdown(
     rows: list[dict[str, Any]], benchmark: dict[str, Any], front: list[str], champion_note: str, sla: SLAConfig,
     excluded: dict[str, str] | None = None,
+    no_champion: str | None = None,
 ) -> str:
-    """The comparison page; `excluded` are the members left out with their reason, listed under the table."""
+    """The comparison page; `excluded` are the members left out with their reason, listed under the table;
+    `no_champion`: the closest-member message when no member meets the SLA."""
     machine = benchmark["machine"]
     settings = benchmark["settings"]
     threads = settings["thread_counts"]
@@ -178,13 +230,19 @@ def comparison_markdown(
             f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['machine']}); "
             f"torch {machine.get('torch', 'n/a')}, onnxruntime {machine['onnxruntime']}, Python {machine['python']}.",
             f"Latency: batch 1 on {settings['test_sentences']} real test sentences (max length "
-            f"{settings['max_length']}), model only, {threads[0]} thread, at least {settings['min_runs']} runs and "
-            f"{settings['min_seconds']} s per member after warm-up, members interleaved over {settings['rounds']} "
-            f"rounds. `e2e` includes tokenization. Throughput: batch {settings['throughput_batch_size']}, "
-            f"{threads[0]} thread. Speedup and compression are ratios against the PyTorch fp32 teacher of the "
-            "same run. Peak RSS: each member in its own process. Bold: best in column.",
+            f"{settings['max_length']}), model only, {threads[0]} thread, after warm-up; the members interleaved in "
+            f"rounds (a new random order each), each timed until its p50's 95% interval is within "
+            f"+-{settings['rel_ci']:.0%} of it (at least {settings['min_runs']} runs over {settings['min_rounds']} "
+            f"rounds; at most {settings['max_runs']} runs or {settings['max_seconds']:g} s: the runs each member "
+            f"needed are below the table). `e2e` includes tokenization. Throughput: batch "
+            f"{settings['throughput_batch_size']}, {threads[0]} thread. Speedup and compression are ratios against "
+            "the PyTorch fp32 teacher of the same run. Peak RSS: the high-water mark (VmHWM) of the member's own "
+            "worker process, a fresh one that loaded only what the member needs (no torch for ONNX members), "
+            "after its timing. Bold: best in column.",
             "",
             markdown_table(rows),
+            "",
+            runs_line(rows),
             "",
             *[f"Left out: {name} {reason}." for name, reason in (excluded or {}).items()],
             *([""] if excluded else []),
@@ -193,6 +251,7 @@ def comparison_markdown(
             f"SLA: p50 <= {sla.max_latency_ms} ms at 1 thread, F1 retention >= {sla.min_f1_retention}. "
             f"Champion: {champion_note}.",
             "",
+            *([f"```\n{no_champion}\n```", ""] if no_champion else []),
             f"All cores ({threads[-1]} threads), p50 ms: "
             + ", ".join(f"{row['name']} {row['latency_ms_p50_all_cores']:.2f}" for row in rows)
             + ".",
@@ -200,6 +259,17 @@ def comparison_markdown(
             *serving_layout_lines(rows, settings, machine["cores"]),
         ]
     )
+
+
+def runs_line(rows: list[dict[str, Any]]) -> str:
+    """How many timed runs each member needed at 1 thread (model only) and how close its p50 got."""
+    def one(row: dict[str, Any]) -> str:
+        low, high = row.get("latency_p50_ci95") or (None, None)
+        precision = f"+-{(high - low) / 2 / row['latency_ms_p50']:.1%}" if low is not None else "no interval"
+        capped = "" if row.get("latency_stopped") in ("stable", None) else f", stopped at {row['latency_stopped']}"
+        return f"{row['name']} {row.get('latency_runs')} ({precision}{capped})"
+
+    return "Runs per member at 1 thread, model only (the p50's 95% interval): " + ", ".join(map(one, rows)) + "."
 
 
 LAYOUT_NAMES = {ONE_SESSION: "one session with {n} threads", SESSIONS: "{n} sessions with 1 thread each"}
