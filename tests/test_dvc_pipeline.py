@@ -53,7 +53,22 @@ def test_a_change_to_student_kd_code_invalidates_the_students_not_the_teacher(re
         terms.write_text(original)
     assert {"teacher_logits", "student_baseline", "distill_vanilla", "distill_intermediate", "prune"} <= changed
     assert not changed & {"prepare_data", "train_teacher", "verify_teacher"}, changed
+    assert not changed & {"baseline_tfidf", "baseline_static"}, "the reference members do not read student code"
     assert "up to date" in dvc(root, "status").stdout
+
+
+def test_a_change_to_a_reference_members_training_code_rebuilds_that_member_only(repro_project):
+    """Issue 31: tfidf's training code re-runs its stage alone (the benchmark reads its model, whose
+    inference code is pipeline/baselines/classifiers.py), and no student or teacher stage."""
+    root, _ = repro_project
+    fit = root / "pipeline" / "baselines" / "tfidf.py"
+    original = fit.read_text()
+    try:
+        fit.write_text(original + "# a one-line change\n")
+        changed = set(json.loads(dvc(root, "status", "--json").stdout))
+    finally:
+        fit.write_text(original)
+    assert changed == {"baseline_tfidf"}, changed
 
 
 def test_exp_run_with_a_changed_param(repro_project):
