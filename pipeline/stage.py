@@ -109,20 +109,22 @@ class Stage:
     """A DVC stage's wiring, declared once in its module and used by its `main` and by the tests:
     its name (as in dvc.yaml), the family member it writes (an MLflow tag), the params sections
     logged with its run, the paths.* entries it writes (locked for a direct run; its metrics file
-    always counts) and the function that does the work."""
+    always counts), whether it writes a reference member, and the function that does the work."""
 
     name: str
     run: StageFn
     member: str | None = None
     sections: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    reference: bool = False  # it writes a reference member (pipeline/baselines/): its run is tagged reference=true
 
     def execute(self, params: Params) -> dict[str, Any]:
         """Run the stage in its MLflow run and write its metrics file; return the metrics."""
         if not is_main_process():
             return self.run(params)
-        with tracking.stage_run(params, self.name, self.member, self.sections, data_hash(params)):
+        with tracking.stage_run(params, self.name, self.member, self.sections, data_hash(params), self.reference):
             metrics = self.run(params)
+            tracking.log_dataset(params)  # after the run: prepare_data has only now written the data
             tracking.log_metrics(metrics)
             path = metrics_path(params, self.name)
             write_json(path, metrics)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -116,9 +117,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stage_run(
-    params: Params, stage: str, member: str | None, sections: tuple[str, ...], data_hash: str | None
+    params: Params, stage: str, member: str | None, sections: tuple[str, ...], data_hash: str | None,
+    reference: bool = False,
 ) -> Iterator[Any]:
-    """Open the stage's MLflow run; an exception inside marks it FAILED and propagates."""
+    """Open the stage's MLflow run; an exception inside marks it FAILED and propagates. A reference
+    member's run (pipeline/baselines/) is tagged reference=true, the family's reference=false."""
     import mlflow
 
     uri = tracking_uri(params)
@@ -135,6 +138,7 @@ def stage_run(
         "git_commit": commit,
         "data_hash": data_hash or "",
         "pipeline_run": pipeline_run_id(params, commit),
+        "reference": str(reference).lower(),
     }
     with writing(uri, "the stage's run"):
         mark_killed_runs(experiment_id, stage, member)
@@ -188,6 +192,39 @@ def mark_killed_runs(experiment_id: str, stage: str, member: str | None) -> None
         if int(pid) != os.getpid() and not _pid_alive(int(pid)):
             log.info("marking run %s KILLED: its process %s is gone", run.info.run_id, pid)
             client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def log_dataset(params: Params) -> None:
+    """Log the prepared data as the active run's input dataset (MLflow's Dataset column; runs can be
+    filtered by `dataset.name` or `dataset.digest`): named after its source, the digest of the split
+    files (the manifest's content hash), the source file and the rows per split. Nothing when the data
+    is not prepared yet."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    prepared = params.path(params.paths.prepared)
+    try:
+        manifest = json.loads((prepared / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    where = source.get("path") or source.get("name") or source.get("dataset") or str(prepared)
+    local = params.path(where)
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": every local source is one kind
+        warnings.simplefilter("ignore")
+        try:
+            dataset_source = resolve_dataset_source(str(local if local.exists() else where))
+        except Exception:  # a Hub id MLflow does not recognise: point at the prepared splits instead
+            dataset_source = resolve_dataset_source(str(prepared.resolve()))
+    dataset = MetaDataset(dataset_source, name=f"{source.get('type', 'data')}:{Path(where).name}",
+                          digest=manifest.get("content_hash", "")[:12])
+    tags = {"content_hash": manifest.get("content_hash", ""), "task_type": manifest.get("task_type", "single_label")}
+    tags.update({f"rows_{split}": str(info.get("rows")) for split, info in manifest.get("splits", {}).items()})
+    with writing(None, "the run's input dataset"):
+        mlflow.log_input(dataset, context="prepared_splits", tags=tags)
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:

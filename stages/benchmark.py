@@ -81,6 +81,7 @@ def run(params: Params) -> dict[str, Any]:
                 "format": member.format,
                 "precision": member.precision,
                 "servable": member.servable,
+                "alternative": member.alternative,
                 "path": str(member.path.relative_to(params.root)) if member.path.is_relative_to(params.root) else str(member.path),
                 "size_mb": round(member.size_mb(), 3),
                 "num_parameters": ModelRecord.read(member.path).num_parameters,

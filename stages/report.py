@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
+from pipeline.baselines.classifiers import not_built_reason
 from pipeline.config import Params
 from pipeline.errors import ModelError
 from pipeline.evaluation import plots, report
@@ -90,9 +91,15 @@ def run(params: Params) -> dict[str, Any]:
         row["champion"] = champion is not None and row["name"] == champion["name"]
         row["closest_to_sla"] = near is not None and row["name"] == near["member"]
 
+    # The reference members: what the champion buys over the cheapest alternatives (or that it buys nothing).
+    not_built = {
+        member.name: reason for member in members.values() if member.alternative and (reason := not_built_reason(member.path))
+    }
+    verdict = report.alternatives_verdict(rows, champion, sla, not_built)
+
     out = params.path(params.paths.reports)
     write_json(out / "family.json", rows + [{"name": name, "excluded": reason} for name, reason in excluded.items()])
-    write_text_atomic(out / "comparison.md", report.comparison_markdown(rows, benchmark, front, note, sla, excluded, no_champion))
+    write_text_atomic(out / "comparison.md", report.comparison_markdown(rows, benchmark, front, note, sla, excluded, no_champion, verdict))
     write_text_atomic(out / "comparison.csv", report.comparison_csv(rows))
     curves = {name: params.path(params.paths.curves) / f"{name}.csv" for name in CURVES}
     plots.pareto_plot(rows, front, out / "pareto.png", sla, champion["name"] if champion else None)
@@ -110,7 +117,8 @@ def run(params: Params) -> dict[str, Any]:
         tags = {key: parent_tags.get(key, "") for key in ("git_commit", "data_hash", "pipeline_run")}
         with mlflow.start_run(run_name=row["name"], nested=True,
                               tags={**tags, "stage": "report", "family_member": row["name"],
-                                    "format": row["format"], "precision": row["precision"]}):
+                                    "format": row["format"], "precision": row["precision"],
+                                    "reference": str(row.get("alternative", False)).lower()}):
             tracking.log_metrics({key: row[key] for key in COMPARABLE if row.get(key) is not None})
     for name, reason in excluded.items():
         with mlflow.start_run(run_name=name, nested=True, tags={"stage": "report", "family_member": name,
@@ -124,6 +132,14 @@ def run(params: Params) -> dict[str, Any]:
     }
     metrics["pareto_front_size"] = len(front)
     metrics["excluded_members"] = len(excluded)
+    alternative = report.best_alternative(rows)
+    if alternative is not None:
+        metrics["best_alternative"] = {"name": alternative["name"], "test_macro_f1": alternative["test_macro_f1"]}
+        if champion is not None:
+            metrics["best_alternative"]["champion_margin_points"] = 100 * (champion["test_macro_f1"] - alternative["test_macro_f1"])
+            metrics["best_alternative"]["champion_e2e_latency_ratio"] = champion["e2e_latency_ms_p50"] / alternative["e2e_latency_ms_p50"]
+    if verdict:
+        log.info("%s", verdict)
     if champion is None:
         # What `make serve` and the end of `make run` print (they read this file, nothing is recomputed).
         metrics["no_champion"] = {"message": no_champion, "closest": near}

@@ -134,7 +134,7 @@ def test_the_family_labels_and_the_worker_registry(tmp_path):
     assert labels["student_onnx_int8"] == ("onnx", "int8", True)
     assert labels["student_onnx_int8_static"] == ("onnx", "int8", True)
     assert [m.name for m in members if m.servable] == [
-        "teacher_onnx", "student_onnx_fp32", "student_onnx_int8", "student_onnx_int8_static"
+        "teacher_onnx", "student_onnx_fp32", "student_onnx_int8", "student_onnx_int8_static", "tfidf", "static"
     ]
 
 

@@ -40,20 +40,34 @@ def test_second_repro_is_a_no_op(repro_project):
     assert "up to date" in status.stdout
 
 
+def stages_changed_by_a_line(root, module: str) -> set[str]:
+    """The stages `dvc status` lists after a one-line change to `module` (restored afterwards)."""
+    path = root / module
+    original = path.read_text()
+    try:
+        path.write_text(original + "# a one-line change\n")
+        return set(json.loads(dvc(root, "status", "--json").stdout))
+    finally:
+        path.write_text(original)
+
+
 def test_a_change_to_student_kd_code_invalidates_the_students_not_the_teacher(repro_project):
     """Issue 26: a one-line change in the student-only KD terms makes `dvc status` list the students
     and what reads their code downstream, never the teacher's stages (no 14-60 minute re-train)."""
     root, _ = repro_project
-    terms = root / "pipeline" / "kd" / "terms.py"
-    original = terms.read_text()
-    try:
-        terms.write_text(original + "# a one-line change\n")
-        changed = set(json.loads(dvc(root, "status", "--json").stdout))
-    finally:
-        terms.write_text(original)
+    changed = stages_changed_by_a_line(root, "pipeline/kd/terms.py")
     assert {"teacher_logits", "student_baseline", "distill_vanilla", "distill_intermediate", "prune"} <= changed
     assert not changed & {"prepare_data", "train_teacher", "verify_teacher"}, changed
+    assert not changed & {"baseline_tfidf", "baseline_static"}, "the reference members do not read student code"
     assert "up to date" in dvc(root, "status").stdout
+
+
+def test_a_change_to_a_reference_members_training_code_rebuilds_that_member_only(repro_project):
+    """Issue 31: tfidf's training code re-runs its stage alone (the benchmark reads its model, whose
+    inference code is pipeline/baselines/classifiers.py), and no student or teacher stage."""
+    root, _ = repro_project
+    changed = stages_changed_by_a_line(root, "pipeline/baselines/tfidf.py")
+    assert changed == {"baseline_tfidf"}, changed
 
 
 def test_exp_run_with_a_changed_param(repro_project):

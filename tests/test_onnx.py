@@ -347,15 +347,16 @@ def made_up_benchmark(members) -> dict:
     entries = []
     for index, member in enumerate(members):
         latency = 10.0 / (index + 1)
-        timing = {t: {"p50": latency, "p95": latency, "p99": latency} for t in ("1", "2")}
+        timing = {t: {"p50": latency, "p95": latency, "p99": latency, "runs": 5, "p50_ci95": [latency, latency],
+                      "stopped": "stable"} for t in ("1", "2")}
         entries.append({"name": member.name, "format": member.format, "precision": member.precision,
-                        "servable": member.servable, "size_mb": member.size_mb(),
+                        "servable": member.servable, "alternative": member.alternative, "size_mb": member.size_mb(),
                         "num_parameters": ModelRecord.read(member.path).num_parameters, "latency_ms": timing,
                         "e2e_latency_ms": timing, "throughput_per_second": {"1": 1 / latency, "2": 2 / latency},
                         "peak_rss_mb": 100.0, "speedup_vs_teacher": {"1": 10 / latency, "2": 10 / latency}})
     return {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1"},
             "settings": {"thread_counts": ["1", "2"], "test_sentences": 15, "max_length": 32, "min_runs": 5,
-                         "min_seconds": 0, "rounds": 1, "throughput_batch_size": 4},
+                         "rel_ci": 0.02, "min_rounds": 1, "max_runs": 50, "max_seconds": 1.0, "throughput_batch_size": 4},
             "reference": "teacher", "members": entries}
 
 

@@ -142,6 +142,7 @@ def hand_made_family(tmp_path, onnx_dir, report_params=None):
         "student_pruned": (0.92, 5.0, 25.0), "student_int8_torch": (0.91, 4.0, 12.0),
         "student_onnx_fp32": (0.92, 2.0, 25.0), "student_onnx_int8": (0.915, 0.9, 6.5),
         "student_onnx_int8_static": (0.915, 1.1, 6.6),
+        "tfidf": (0.85, 2.5, 1.1), "static": (0.80, 0.2, 2.3),  # the reference members
     }
     entries = []
     for member in family(params):
@@ -160,7 +161,7 @@ def hand_made_family(tmp_path, onnx_dir, report_params=None):
         timing = {t: {"p50": latency / (2 if t == "2" else 1), "p95": latency * 1.2, "p99": latency * 1.5, "runs": 40,
                       "p50_ci95": [latency * 0.99, latency * 1.01], "stopped": "stable"} for t in ("1", "2")}
         entries.append({"name": member.name, "format": member.format, "precision": member.precision,
-                        "servable": member.servable,
+                        "servable": member.servable, "alternative": member.alternative,
                         "size_mb": size, "num_parameters": record.num_parameters, "latency_ms": timing,
                         "e2e_latency_ms": timing, "throughput_per_second": {"1": 1000 / latency, "2": 1800 / latency},
                         "peak_rss_mb": 100 + size, "speedup_vs_teacher": {"1": 60 / latency, "2": 60 / latency}})
@@ -192,7 +193,7 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     metrics = report.STAGE.execute(params)
     reports = params.path(params.paths.reports)
     rows = json.loads((reports / "family.json").read_text())
-    assert [r["name"] for r in rows][0] == "teacher" and len(rows) == 10
+    assert [r["name"] for r in rows][0] == "teacher" and len(rows) == 12
     required = {"name", "format", "precision", "num_parameters", "size_mb", "test_macro_f1", "test_macro_f1_ci95",
                 "test_accuracy", "f1_retention", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
                 "e2e_latency_ms_p50", "throughput_b32", "speedup_vs_teacher", "compression_vs_teacher", "peak_rss_mb"}
@@ -202,11 +203,17 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     assert int8["validation_f1_retention"] == pytest.approx(0.905 / 0.94)
     assert int8["compression_vs_teacher"] == pytest.approx(90 / 6.5)
     markdown = (reports / "comparison.md").read_text()
-    assert "Test CPU" in markdown and "**0.900**" in markdown and "student_onnx_int8" in markdown
+    assert "Test CPU" in markdown and "**0.200**" in markdown and "student_onnx_int8" in markdown  # static: the fastest
     assert "- student_onnx_int8: use one session with 2 threads (2000/s; 2 sessions with 1 thread each: 1667/s)." in markdown
     assert "- student_onnx_int8_static: use 2 sessions with 1 thread each (1909/s; one session with 2 threads: 1636/s)" in markdown
     assert "- student_pruned:" not in markdown, "torch members have no side-by-side sessions"
     assert "Runs per member at 1 thread, model only (the p50's 95% interval): teacher 40 (+-1.0%)" in markdown
+    # The reference members: marked in the table, and what the champion buys over the best of them.
+    assert "| tfidf (reference) |" in markdown and "| static (reference) |" in markdown
+    assert ("The champion is +6.5 points of test macro-F1 over the best alternative, tfidf (0.850), at 0.36x its "
+            "latency (end-to-end p50 0.90 vs 2.50 ms, 1 thread).") in markdown
+    assert metrics["best_alternative"]["name"] == "tfidf"
+    assert metrics["best_alternative"]["champion_margin_points"] == pytest.approx(6.5)
     assert int8["serving_layout"] == "one_session_n_threads" and int8["throughput_all_cores_sessions"] == pytest.approx(1500 / 0.9)
     for name in ("pareto.png", "loss_curves.png"):
         assert (reports / name).stat().st_size > 10_000
@@ -234,6 +241,10 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     children = mlflow.search_runs(experiment_names=[params.tracking.experiment],
                                   filter_string="tags.stage = 'report' AND tags.family_member = 'student_pruned'")
     assert "metrics.latency_ms_p50" in children.columns and children["metrics.latency_ms_p50"].iloc[0] == 5.0
+    assert children["tags.reference"].iloc[0] == "false"
+    tfidf = mlflow.search_runs(experiment_names=[params.tracking.experiment],
+                               filter_string="tags.stage = 'report' AND tags.reference = 'true'")
+    assert set(tfidf["tags.family_member"]) == {"tfidf", "static"}
 
 
 def test_report_stage_without_a_champion_says_which_member_is_closest(tmp_path, onnx_dir):

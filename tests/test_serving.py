@@ -25,7 +25,6 @@ from pipeline.errors import DataError
 from pipeline.export.predict import main as predict
 from pipeline.export.serve import main as serve
 from pipeline.export.serving import ACCEPTED_SHAPES, SERVING_MODULES, log_pyfunc
-from scripts.tiny_project import REPO
 from tests.helpers import export_tiny_classifier
 
 LABELS = ["negative", "neutral", "positive"]

@@ -26,6 +26,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from pipeline.config.base import Paths, Section, ShortLatency, TrainingBudget
+from pipeline.config.baselines import BaselinesConfig, StaticBaselineConfig, TfidfBaselineConfig
 from pipeline.config.compression import ExportOnnxConfig, PruneConfig, QuantizeConfig, RecoveryConfig
 from pipeline.config.data import DEMO_PATH, DataConfig, TaskConfig, TransferConfig
 from pipeline.config.evaluation import BenchmarkConfig, EvaluationConfig, ReportConfig, SLAConfig
@@ -48,11 +49,12 @@ from pipeline.errors import ConfigError
 
 __all__ = [
     "CATEGORICAL_DIMENSIONS", "DEFAULT_PARAMS_FILE", "DEMO_PATH", "INTEGER_DIMENSIONS", "KD_METHODS",
-    "BenchmarkConfig", "Choices", "ConfigError", "DataConfig", "DistillIntermediateConfig", "DistillVanillaConfig",
+    "BaselinesConfig", "BenchmarkConfig", "Choices", "ConfigError", "DataConfig", "DistillIntermediateConfig", "DistillVanillaConfig",
     "EvaluationConfig", "ExportOnnxConfig", "FlowConfig", "KDTerms", "Params", "Paths", "PruneConfig",
     "QuantizeConfig", "Range", "RecoveryConfig", "ReportConfig", "SLAConfig", "Scalar", "SearchBudget",
-    "SearchConfig", "SearchGoals", "SearchSpace", "Section", "ShortLatency", "StudentConfig", "TaskConfig",
-    "TeacherConfig", "TrackingConfig", "TrainingBudget", "TransferConfig", "VerifyTeacherConfig",
+    "SearchConfig", "SearchGoals", "SearchSpace", "Section", "ShortLatency", "StaticBaselineConfig", "StudentConfig",
+    "TaskConfig", "TeacherConfig", "TfidfBaselineConfig", "TrackingConfig", "TrainingBudget", "TransferConfig",
+    "VerifyTeacherConfig",
     "load_params", "params_from_dict", "parse_override",
 ]
 
@@ -72,6 +74,7 @@ class Params(Section):
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     export_onnx: ExportOnnxConfig = ExportOnnxConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     report: ReportConfig = ReportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()

@@ -20,6 +20,9 @@ class Paths(Section):
     quantized: str = "models/student_int8_torch"
     onnx_student: str = "models/student_onnx"
     onnx_teacher: str = "models/teacher_onnx"
+    # The reference members (stages baseline_tfidf, baseline_static).
+    baseline_tfidf: str = "models/baseline_tfidf"
+    baseline_static: str = "models/baseline_static"
     # The verified teacher's logits on the train split and the transfer texts (stage teacher_logits).
     teacher_logits: str = "models/teacher_logits"
     metrics: str = "reports/metrics"

@@ -1,13 +1,14 @@
 """The model family: every member the pipeline builds, where it lives and how it runs.
 
-Each kind of member (PyTorch fp32, PyTorch INT8, ONNX fp32, ONNX INT8 dynamic and static) is one small class that knows
+Each kind of member (PyTorch fp32, PyTorch INT8, ONNX fp32, ONNX INT8 dynamic and static, and the tfidf and
+static reference members) is one small class that knows
 which files are its weights, its format and precision labels, whether it can be registered and served
 as the champion, and how to load itself into a benchmark worker. The benchmark and the champion
 choice ask the member; they never branch on its kind. Adding a backend is one subclass here (it
 registers itself in `MEMBER_KINDS` under its `kind`) plus its line in `family`.
 
-This module imports neither torch nor transformers at module level: ONNX members load into
-torch-free processes.
+This module imports neither torch nor transformers at module level: ONNX and reference members load
+into torch-free processes.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.baselines.classifiers import StaticClassifier, TfidfClassifier
 from pipeline.config import Params
 
-REFERENCE = "teacher"
+REFERENCE = "teacher"  # the member speedups and retention are ratios against
 # Written by export_onnx in place of a member that failed its parity gate: the member is left out.
 EXCLUDED_FILE = "EXCLUDED.json"
 
@@ -107,6 +109,25 @@ class OnnxRunnable(Runnable):
         return [OnnxRunnable(self.model_dir, [1]) for _ in range(count)]
 
 
+class AlternativeRunnable(Runnable):
+    """A reference member (pipeline/baselines/): one call takes texts to logits, since its featurizing
+    (TF-IDF n-grams, static token lookup) is its model. Its model-only time is its end-to-end time."""
+
+    def __init__(self, classifier: Any) -> None:
+        self.classifier = classifier
+
+    def feed(self, texts: list[str]) -> list[str]:
+        return texts
+
+    def run(self, feed: list[str]) -> np.ndarray:
+        return self.classifier.logits(feed)
+
+    def use_threads(self, threads: int) -> None:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)  # numpy's and scikit-learn's BLAS and OpenMP pools, from now on
+
+
 # --------------------------------------------------------------------------- member kinds
 
 
@@ -128,6 +149,9 @@ class Member(ABC):
     weights_file: ClassVar[str]  # the file that must exist for the member to be there
     servable: ClassVar[bool] = False  # can be registered and served as the champion
     parallel_sessions: ClassVar[bool] = False  # can run as N one-thread copies side by side (Runnable.one_thread_copies)
+    # A reference member: a cheap alternative to the whole family (pipeline/baselines/), measured beside
+    # it. Not to be confused with REFERENCE, the teacher every ratio is taken against.
+    alternative: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -221,8 +245,45 @@ class OnnxInt8StaticMember(OnnxMember):
     precision = "int8"
 
 
+class TfidfMember(Member):
+    """The `tfidf` reference member: TF-IDF n-grams + a linear classifier (scikit-learn, no torch)."""
+
+    kind = "tfidf"
+    format = "sklearn"
+    precision = "fp32"
+    weights_file = TfidfClassifier.weight_files[0]
+    servable = True  # served by the predict command and the MLflow pyfunc like an ONNX model
+    alternative = True
+
+    def weight_files(self) -> list[Path]:
+        return [self.path / name for name in TfidfClassifier.weight_files] if self.is_present() else []
+
+    @classmethod
+    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
+        return AlternativeRunnable(TfidfClassifier.load(model_dir))
+
+
+class StaticMember(Member):
+    """The `static` reference member: model2vec static embeddings of the teacher + a linear head (numpy)."""
+
+    kind = "static"
+    format = "model2vec"
+    precision = "fp16"  # model2vec stores the token vectors in float16
+    weights_file = StaticClassifier.weight_files[0]
+    servable = True
+    alternative = True
+
+    def weight_files(self) -> list[Path]:
+        return [self.path / name for name in StaticClassifier.weight_files] if self.is_present() else []
+
+    @classmethod
+    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
+        return AlternativeRunnable(StaticClassifier.load(model_dir))
+
+
 def family(params: Params) -> list[Member]:
-    """Every family member in pipeline order; the PyTorch fp32 teacher (the reference) comes first."""
+    """Every family member in pipeline order; the PyTorch fp32 teacher (the reference) comes first, the
+    reference members (cheap alternatives, not the teacher) last."""
     p = params.paths
     onnx_student = params.path(p.onnx_student)
     return [
@@ -236,4 +297,6 @@ def family(params: Params) -> list[Member]:
         OnnxMember("student_onnx_fp32", onnx_student / "fp32"),
         OnnxInt8Member("student_onnx_int8", onnx_student / "int8"),
         OnnxInt8StaticMember("student_onnx_int8_static", onnx_student / "int8_static"),
+        TfidfMember("tfidf", params.path(p.baseline_tfidf)),
+        StaticMember("static", params.path(p.baseline_static)),
     ]

@@ -1,4 +1,5 @@
-"""Model cards: the README.md of every exported ONNX directory and of the registered champion.
+"""Model cards: the README.md of every exported ONNX directory and of the registered champion (which may be
+a reference member, pipeline/baselines/: its card says what it is instead of how it was exported).
 
 One renderer for both. The export stage writes a card into each exported directory from its
 checkpoint_info.json; latency is not known yet then (the benchmark runs after export), and its card
@@ -117,26 +118,31 @@ def render_card(
     splits = manifest.get("splits", {})
     parity = info.get("parity", {})
     multi = task_type == "multi_label"
+    # A reference member (pipeline/baselines/): a cheap alternative, not an ONNX export of the teacher.
+    reference = info.get("description") if info.get("reference") else None
 
     lines = [
         f"# {member}: FinCompress model card",
         "",
         f"A {'multi-label' if multi else 'single-label'} text classifier over {len(names)} classes "
-        f"({', '.join(names)}): the `{member}` member of a FinCompress model family, exported to ONNX.",
+        f"({', '.join(names)}): the `{member}` member of a FinCompress model family, "
+        + (f"a reference member: {reference}." if reference else "exported to ONNX."),
         "",
         "## The model",
         "",
         "| | |",
         "|---|---|",
-        f"| family member | `{member}` (built from `{info.get('source', '?')}`) |",
-        f"| architecture | {_architecture(config)} |",
-        f"| parameters | {info.get('num_parameters', 0):,} (of the PyTorch model it was exported from) |",
-        f"| size of model.onnx | {_f(info.get('size_mb'), 2)} MB |",
+        f"| family member | `{member}` (built from `{info.get('source') or 'the training split'}`) |",
+        f"| architecture | {reference or _architecture(config)} |",
+        f"| parameters | {info.get('num_parameters', 0):,} "
+        + ("(its weights) |" if reference else "(of the PyTorch model it was exported from) |"),
+        f"| size of {'its weight files' if reference else 'model.onnx'} | {_f(info.get('size_mb'), 2)} MB |",
         f"| precision | {info.get('precision', 'fp32')}"
         + (f", quantized for {info['isa']}" if info.get("isa") else "") + " |",
         *([f"| INT8 variant | {_variant(info['variant'])} |"] if info.get("variant") else []),
-        f"| max sequence length | {info.get('max_length', '?')} tokens (longer texts are truncated) |",
-        f"| ONNX opset / ONNX Runtime | {info.get('opset', '?')} / {info.get('onnxruntime', '?')} |",
+        f"| max sequence length | {info.get('max_length')} tokens (longer texts are truncated) |" if info.get("max_length")
+        else "| max sequence length | none: every word counts |",
+        *([] if reference else [f"| ONNX opset / ONNX Runtime | {info.get('opset', '?')} / {info.get('onnxruntime', '?')} |"]),
         "",
         "## Evaluation data",
         "",
@@ -157,13 +163,15 @@ def render_card(
         "|---|---|",
         *(f"| {name} | {_f(score)} |" for name, score in per_class.items()),
         "",
-        "## Parity with the model it was exported from",
-        "",
-        f"Over the test split, against {parity.get('reference', '?')}: max |logit difference| "
-        f"{_f(parity.get('max_abs_logit_diff'), 6)}, label agreement {_f(parity.get('label_agreement'), 4)} "
-        f"({parity.get('label_mismatches', '?')} of {parity.get('examples', '?')} differ)"
-        + (f", test macro-F1 drop {_f(parity['test_macro_f1_drop'], 4)}" if "test_macro_f1_drop" in parity else "")
-        + ".",
+        *(_chosen_section(info) if reference else [
+            "## Parity with the model it was exported from",
+            "",
+            f"Over the test split, against {parity.get('reference', '?')}: max |logit difference| "
+            f"{_f(parity.get('max_abs_logit_diff'), 6)}, label agreement {_f(parity.get('label_agreement'), 4)} "
+            f"({parity.get('label_mismatches', '?')} of {parity.get('examples', '?')} differ)"
+            + (f", test macro-F1 drop {_f(parity['test_macro_f1_drop'], 4)}" if "test_macro_f1_drop" in parity else "")
+            + ".",
+        ]),
         "",
         "## Latency",
         "",
@@ -171,7 +179,8 @@ def render_card(
         "",
         "## How to use it",
         "",
-        "Command line (ONNX Runtime and `tokenizers` only, no torch):",
+        "Command line (" + ("numpy with scikit-learn or model2vec" if reference else "ONNX Runtime and `tokenizers` only")
+        + ", no torch):",
         "",
         "```bash",
         f'python -m pipeline.export.predict --model {model_dir} --json "Operating profit rose sharply."',
@@ -185,15 +194,17 @@ def render_card(
         'model.predict(pd.DataFrame({"text": ["Operating profit rose sharply."]}))',
         "```",
         "",
-        "optimum and transformers:",
-        "",
-        "```python",
-        "from optimum.onnxruntime import ORTModelForSequenceClassification",
-        "from transformers import AutoTokenizer, pipeline",
-        f'model = ORTModelForSequenceClassification.from_pretrained("{model_dir}")',
-        f'classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("{model_dir}"))',
-        "```",
-        "",
+        *([] if reference else [
+            "optimum and transformers:",
+            "",
+            "```python",
+            "from optimum.onnxruntime import ORTModelForSequenceClassification",
+            "from transformers import AutoTokenizer, pipeline",
+            f'model = ORTModelForSequenceClassification.from_pretrained("{model_dir}")',
+            f'classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("{model_dir}"))',
+            "```",
+            "",
+        ]),
         "## Limitations",
         "",
         f"- Evaluated on {test.get('examples', '?')} test examples only: the 95% interval is "
@@ -225,6 +236,17 @@ def render_card(
     return "\n".join(lines) + "\n"
 
 
+def _chosen_section(info: dict[str, Any]) -> list[str]:
+    """How a reference member's classifier was chosen: its C, by validation macro-F1 (never test)."""
+    scores = info.get("validation_macro_f1_by_C") or {}
+    return [
+        "## How it was chosen",
+        "",
+        f"Trained on the training split; the regularisation C = {info.get('C', '?')} had the best validation "
+        "macro-F1 of " + ", ".join(f"C={c}: {_f(score)}" for c, score in scores.items()) + ".",
+    ]
+
+
 def card_for(
     params: Params, member_name: str, latency: dict[str, Any] | None = None, machine: dict[str, Any] | None = None
 ) -> str:
@@ -236,7 +258,8 @@ def card_for(
     path = member.path.resolve()
     shown_dir = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
     return render_card(
-        member.name, shown_dir, read_json(member.path / INFO_FILE), read_json(member.path / "config.json"),
+        member.name, shown_dir, read_json(member.path / INFO_FILE),
+        read_json(member.path / "config.json") if (member.path / "config.json").is_file() else {},  # tfidf has none
         read_json(params.path(params.paths.prepared) / MANIFEST_FILE),
         read_json(teacher_info_path) if teacher_info_path.is_file() else None,
         params.report.registered_model_name, latency, machine,

@@ -28,9 +28,11 @@ def pareto_plot(
         colour = "tab:orange" if onnx else "tab:blue"
         if row["name"].startswith("teacher"):
             colour = "tab:red"
+        marker = "s" if row["precision"] == "int8" else "o"
+        if row.get("alternative"):  # a reference member: a cheap alternative, not part of the family
+            colour, marker = "tab:gray", "D"
         ax.scatter(row["latency_ms_p50"], row["test_macro_f1"], s=30 + 1500 * row["size_mb"] / largest,
-                   color=colour, alpha=0.45, edgecolors="black", linewidths=0.8,
-                   marker="s" if row["precision"] == "int8" else "o", zorder=3)
+                   color=colour, alpha=0.45, edgecolors="black", linewidths=0.8, marker=marker, zorder=3)
         low, high = row["test_macro_f1_ci95"] or (row["test_macro_f1"],) * 2
         ax.errorbar(row["latency_ms_p50"], row["test_macro_f1"],
                     yerr=[[row["test_macro_f1"] - low], [high - row["test_macro_f1"]]],
@@ -55,6 +57,7 @@ def pareto_plot(
         plt.Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, label="PyTorch student"),
         plt.Line2D([], [], marker="o", linestyle="", color="tab:orange", alpha=0.6, label="ONNX"),
         plt.Line2D([], [], marker="s", linestyle="", color="grey", alpha=0.6, label="INT8 (square)"),
+        plt.Line2D([], [], marker="D", linestyle="", color="tab:gray", alpha=0.6, label="reference (tfidf, static)"),
         plt.Line2D([], [], marker="*", linestyle="", color="gold", markeredgecolor="black", markersize=12,
                    label="champion (SLA)"),
     ]

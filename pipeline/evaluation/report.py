@@ -51,6 +51,7 @@ def family_table(benchmark: dict[str, Any], records: dict[str, ModelRecord]) -> 
             "format": entry["format"],
             "precision": entry["precision"],
             "servable": entry["servable"],  # can be registered and served as the champion
+            "alternative": entry.get("alternative", False),  # a reference member (pipeline/baselines/)
             "num_parameters": entry["num_parameters"],
             "size_mb": entry["size_mb"],
             "test_macro_f1": record.test["macro_f1"],
@@ -142,9 +143,10 @@ def closest_member(rows: list[dict[str, Any]], sla: SLAConfig) -> dict[str, Any]
     """The servable member closest to the SLA when none meets it, as the search picks its closest
     trial (smallest sum of shortfalls relative to each goal): its name, its distance to each goal (0
     when met), the same in words, and the command that searches for a member meeting the SLA. None
-    when nothing servable was benchmarked."""
+    when nothing servable was benchmarked. Reference members are not candidates: no compression search
+    can bring them closer."""
     goals = SearchGoals(min_retention=sla.min_f1_retention, max_latency_ms=sla.max_latency_ms, max_size_mb=None)
-    servable = [row for row in rows if row["servable"]]
+    servable = [row for row in rows if row["servable"] and not row.get("alternative")]
     outcomes = [
         Outcome(number=i, state="COMPLETE", retention=row["validation_f1_retention"] or 0.0,
                 latency_ms=row["latency_ms_p50"], size_mb=row["size_mb"])
@@ -208,15 +210,59 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         cells = []
         for key, _, _ in COLUMNS:
             text = _format(key, row.get(key))
+            if key == "name" and row.get("alternative"):
+                text += " (reference)"
             cells.append(f"**{text}**" if key in best and row.get(key) == best[key] else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def best_alternative(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The reference member with the best test macro-F1 (ties: the faster end to end), or None."""
+    alternatives = [row for row in rows if row.get("alternative")]
+    return max(alternatives, key=lambda r: (r["test_macro_f1"], -r["e2e_latency_ms_p50"]), default=None)
+
+
+def alternatives_verdict(
+    rows: list[dict[str, Any]], champion: dict[str, Any] | None, sla: SLAConfig, not_built: dict[str, str] | None = None
+) -> str | None:
+    """One sentence on what the champion buys over the best reference member (the cheapest alternative),
+    or that it buys nothing; None when no reference member was measured or left out.
+
+    Quality is test macro-F1 in points; latency is end to end (text in, answer out) at batch 1 and 1
+    thread, since a reference member's featurizing is its model: the family's model-only times would
+    leave their tokenizers out and flatter it.
+    """
+    best = best_alternative(rows)
+    skipped = "".join(f" {name} was not built: {reason}." for name, reason in (not_built or {}).items())
+    if best is None:
+        return skipped.strip() or None
+    kept = f"keeps {best['f1_retention']:.1%} of the teacher's test macro-F1"
+    if champion is None:
+        return f"No champion to compare; the best alternative, {best['name']}, {kept} at end-to-end p50 {best['e2e_latency_ms_p50']:.2f} ms.{skipped}"
+    if champion.get("alternative"):
+        return (f"The champion is the reference member {champion['name']}: it {kept.removeprefix('keeps ')} "
+                f"at end-to-end p50 {champion['e2e_latency_ms_p50']:.2f} ms and meets the SLA; the compressed "
+                f"family buys nothing here: ship it.{skipped}")
+    margin = 100 * (champion["test_macro_f1"] - best["test_macro_f1"])
+    ratio = champion["e2e_latency_ms_p50"] / best["e2e_latency_ms_p50"]
+    difference = f"{margin:+.1f} points of test macro-F1 over" if margin >= 0 else f"{-margin:.1f} points of test macro-F1 below"
+    line = (f"The champion is {difference} the best alternative, {best['name']} "
+            f"({best['test_macro_f1']:.3f}), at {ratio:.2f}x its latency (end-to-end p50 "
+            f"{champion['e2e_latency_ms_p50']:.2f} vs {best['e2e_latency_ms_p50']:.2f} ms, 1 thread)")
+    low, high = champion["test_macro_f1_ci95"] or (champion["test_macro_f1"],) * 2
+    if low <= best["test_macro_f1"] <= high:
+        line += f"; {best['name']}'s macro-F1 is inside the champion's 95% interval"
+    if margin <= 0 or best["f1_retention"] >= sla.min_f1_retention:
+        line += f"; {best['name']} {kept} at {1 / ratio:.2g}x the champion's latency: consider shipping it"
+    return line + "." + skipped
 
 
 def comparison_markdown(
     rows: list[dict[str, Any]], benchmark: dict[str, Any], front: list[str], champion_note: str, sla: SLAConfig,
     excluded: dict[str, str] | None = None,
     no_champion: str | None = None,
+    verdict: str | None = None,
 ) -> str:
     """The comparison page; `excluded` are the members left out with their reason, listed under the table;
     `no_champion`: the closest-member message when no member meets the SLA."""
@@ -246,6 +292,7 @@ def comparison_markdown(
             "",
             *[f"Left out: {name} {reason}." for name, reason in (excluded or {}).items()],
             *([""] if excluded else []),
+            *([verdict, ""] if verdict else []),
             f"Pareto front (test macro-F1 vs p50 latency): {', '.join(front)}.",
             "",
             f"SLA: p50 <= {sla.max_latency_ms} ms at 1 thread, F1 retention >= {sla.min_f1_retention}. "

@@ -1,4 +1,4 @@
-"""Classify texts with an exported ONNX model.
+"""Classify texts with an exported ONNX model (or a reference member's directory: pipeline/baselines/).
 
     python -m pipeline.export.predict --model models/student_onnx/int8 "Profit rose." "Sales fell."
     python -m pipeline.export.predict --model models/student_onnx/int8 --file headlines.txt --json
@@ -21,8 +21,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.baselines.classifiers import ReferenceClassifier, is_reference, load_reference
 from pipeline.errors import DataError, FinCompressError, log_file_for, unexpected_error_message
 from pipeline.export.onnx import OnnxClassifier
+
+Classifier = OnnxClassifier | ReferenceClassifier
 
 
 def _int_at_least(minimum: int):
@@ -87,7 +90,16 @@ def read_texts(texts: list[str], file: Path | None) -> list[str]:
     return kept
 
 
-def classify(classifier: OnnxClassifier, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+def load_classifier(model_dir: str | Path, threads: int = 0, threshold: float = 0.5) -> Classifier:
+    """The classifier in `model_dir`: an exported ONNX model, or a reference member (tfidf, static),
+    which answers the same way (`threads` and `threshold` are the ONNX model's; a reference member
+    decides by its own rule)."""
+    if is_reference(Path(model_dir)):
+        return load_reference(Path(model_dir))
+    return OnnxClassifier.load(model_dir, threads, threshold=threshold)
+
+
+def classify(classifier: Classifier, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
     """One record per text, as --json prints it: the text, its `label` (multi-label: its `labels`)
     and every class probability rounded to 6 decimals. The MLflow pyfunc answers with these too."""
     logits = classifier.logits(texts, batch_size)
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         texts = read_texts(args.texts, args.file)
-        classifier = OnnxClassifier.load(args.model, args.threads, threshold=args.threshold)
+        classifier = load_classifier(args.model, args.threads, args.threshold)
         records = classify(classifier, texts, args.batch_size)
     except FinCompressError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -8,7 +8,9 @@ Each row of the answer is what `python -m pipeline.export.predict --json` prints
 `label` (multi-label models: `labels`, every label at or above its threshold from config.json) and
 `probabilities` by class name. The model wraps the exported directory (model.onnx, tokenizer.json,
 config.json) through `OnnxClassifier`, so loading and serving it needs ONNX Runtime, `tokenizers`,
-numpy and pandas, never torch: only the torch-free modules of `pipeline` are shipped with it.
+numpy and pandas, never torch: only the torch-free modules of `pipeline` are shipped with it. A reference
+member (pipeline/baselines/) as the champion is served the same way from its own directory, with its
+libraries (scikit-learn or model2vec) added to the requirements.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.errors import DataError
-from pipeline.export.onnx import OnnxClassifier
-from pipeline.export.predict import classify
+from pipeline.export.predict import classify, load_classifier
 
 MODEL_DIR = "model_dir"  # the pyfunc artifact holding the exported directory
 TEXT_COLUMN = "text"
@@ -38,6 +39,7 @@ TEXT_COLUMN = "text"
 SERVING_MODULES = (
     "__init__.py", "errors.py", "io.py", "data/__init__.py", "data/labels.py",
     "export/__init__.py", "export/onnx.py", "export/predict.py", "export/serving.py",
+    "baselines/__init__.py", "baselines/classifiers.py",  # a reference member as the champion
 )
 # The libraries inference needs; pinned to the versions the model was checked with.
 REQUIREMENTS = ("mlflow", "onnxruntime", "onnx", "tokenizers", "numpy", "pandas")
@@ -128,7 +130,7 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
     """An exported ONNX classifier that takes texts, for `mlflow.pyfunc` and `mlflow models serve`."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.classifier = OnnxClassifier.load(context.artifacts[MODEL_DIR])
+        self.classifier = load_classifier(context.artifacts[MODEL_DIR])
 
     # MLflow hands the input over as a DataFrame (a list of strings too, after the signature check); a
     # DataFrame hint also tells MLflow to take the schema from the signature, not from type hints.
@@ -158,14 +160,16 @@ def serving_code() -> Iterator[Path]:
         yield package
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
+    """REQUIREMENTS and `extra` (a reference member's libraries), pinned to the installed versions."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in REQUIREMENTS]
+    return [f"{name}=={version(name)}" for name in (*REQUIREMENTS, *extra)]
 
 
 def log_pyfunc(model_dir: str | Path, name: str, **log_model_kwargs: Any) -> Any:
-    """Log `model_dir` (an exported ONNX directory) as a text-in pyfunc model in the active run.
+    """Log `model_dir` (an exported ONNX directory, or a reference member's) as a text-in pyfunc model in
+    the active run.
 
     Extra keyword arguments go to `mlflow.pyfunc.log_model` (e.g. registered_model_name, tags).
     Returns its ModelInfo.
@@ -174,7 +178,8 @@ def log_pyfunc(model_dir: str | Path, name: str, **log_model_kwargs: Any) -> Any
 
     model_dir = Path(model_dir)
     example = pd.DataFrame({TEXT_COLUMN: EXAMPLE_TEXTS})
-    output = pd.DataFrame(classify(OnnxClassifier.load(model_dir), EXAMPLE_TEXTS))
+    classifier = load_classifier(model_dir)
+    output = pd.DataFrame(classify(classifier, EXAMPLE_TEXTS))
     # No input schema: MLflow's schema enforcement would reshape the request before the model sees it
     # ([["a", "b"]] became the one text "a") and refuse an empty list in its own words. The model checks
     # the request as sent (texts_from) and answers one prediction per text or a 400 that shows the
@@ -188,6 +193,6 @@ def log_pyfunc(model_dir: str | Path, name: str, **log_model_kwargs: Any) -> Any
             code_paths=[str(package)],
             signature=signature,
             input_example=example,
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(getattr(classifier, "requirements", ())),
             **log_model_kwargs,
         )
