@@ -20,6 +20,8 @@ class Paths(Section):
     quantized: str = "models/student_int8_torch"
     onnx_student: str = "models/student_onnx"
     onnx_teacher: str = "models/teacher_onnx"
+    # New unlabelled texts made from the training and transfer texts (stage augment).
+    augmented: str = "data/augmented"
     # The verified teacher's logits on the train split and the transfer texts (stage teacher_logits).
     teacher_logits: str = "models/teacher_logits"
     metrics: str = "reports/metrics"

@@ -29,14 +29,13 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.data.prepared import Prepared
 from pipeline.errors import DataError
 from pipeline.io import read_json, write_json
 from pipeline.kd.terms import mean_pool
+from pipeline.kd.texts import PARTS, KDTexts
 from pipeline.training import encoding
 from pipeline.training.loss import KDLoss
 
-CACHED_SPLITS = ("train", "transfer")
 INDEX_FILE = "index.json"
 POOLED_SUFFIX = ".pooled.npy"
 POOLED_DTYPE = np.float16
@@ -194,45 +193,48 @@ def check_index(directory: Path, split: str, texts: list[str], max_length: int, 
 
 def kd_train_dataset(
     train: Dataset,
-    prepared: Prepared,
+    texts: KDTexts,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     kd: KDLoss,
     cache_dir: Path,
     teacher_fingerprint: str,
+    parts: tuple[str, ...] = PARTS,
 ) -> Dataset:
-    """What a KD stage trains on: the labelled train split (encoded, in prepared order) and, when the
-    prepared data has transfer texts, those texts with `has_label` 0 (KD terms only). When the terms
-    read only the teacher's logits they come from the cache; terms that read the teacher's internals
-    run it live on the same tokens. The pooled hidden-state term (a student with its own tokenizer)
-    gets its targets from the cache too, as a `teacher_pooled` column. A section without a teacher
-    term (the baseline) gets `train` as is.
+    """What a KD stage trains on: the labelled train split (encoded, in prepared order) and the
+    unlabelled parts among `parts` that have texts (transfer, augmented), with `has_label` 0 (KD
+    terms only). When the terms read only the teacher's logits they come from the cache; terms that
+    read the teacher's internals run it live on the same tokens. The pooled hidden-state term (a
+    student whose tokens do not line up with the teacher's) gets its targets from the cache too, as a
+    `teacher_pooled` column. A section without a teacher term (the baseline) gets `train` as is.
     """
     if not kd.needs_teacher:
         return train
     cached = not kd.needs_internals
     layers = kd.pooled_teacher_layers
 
-    def add_cached(dataset: Dataset, split: str, texts: list[str]) -> Dataset:
-        logits = load(cache_dir, split, texts, max_length, teacher_fingerprint)
+    def add_cached(dataset: Dataset, split: str, split_texts: list[str]) -> Dataset:
+        logits = load(cache_dir, split, split_texts, max_length, teacher_fingerprint)
         dataset = dataset.add_column("teacher_logits", logits.tolist())
         if layers:
-            pooled = load_pooled(cache_dir, split, texts, max_length, teacher_fingerprint, layers)
+            pooled = load_pooled(cache_dir, split, split_texts, max_length, teacher_fingerprint, layers)
             # One flat float32 row per text (Arrow takes 1-D arrays fast; nested lists took seconds).
             dataset = dataset.add_column("teacher_pooled", list(pooled.reshape(len(pooled), -1)))
         return dataset
 
     if cached:
-        train = add_cached(train, "train", prepared.texts("train"))
-    transfer = prepared.transfer_texts()
-    if not transfer:  # no has_label column: the loss is computed exactly as without a transfer set
+        train = add_cached(train, "train", texts.train)
+    unlabelled = {part: read for part, read in texts.read_by(tokenizer, parts).items() if part != "train"}
+    if not unlabelled:  # no has_label column: the loss is computed exactly as without unlabelled texts
         return train
-    extra = encoding.encode_texts(transfer, tokenizer, max_length)
     first = train[0]["labels"]
     placeholder = 0 if isinstance(first, int) else [0] * len(first)
-    extra = extra.add_column("labels", [placeholder] * len(extra))
-    if cached:
-        extra = add_cached(extra, "transfer", transfer)
+    extras = []
+    for part, read in unlabelled.items():
+        extra = encoding.encode_texts(read, tokenizer, max_length)
+        extra = extra.add_column("labels", [placeholder] * len(extra))
+        if cached:  # the cache is keyed by the texts as stored (a part's mask placeholder included)
+            extra = add_cached(extra, part, getattr(texts, part))
+        extras.append(extra.add_column("has_label", [0] * len(extra)))
     train = train.add_column("has_label", [1] * len(train))
-    extra = extra.add_column("has_label", [0] * len(extra))
-    return concatenate_datasets([train, extra.select_columns(train.column_names).cast(train.features)])
+    return concatenate_datasets([train] + [extra.select_columns(train.column_names).cast(train.features) for extra in extras])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,13 @@ class DistillationTrainer(Trainer):
         kd: KDLoss,
         teacher: PreTrainedModel | None = None,
         pos_weight: torch.Tensor | None = None,
+        teacher_inputs: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # The teacher's inputs for a student batch: the same by default; ids mapped into the teacher's
+        # vocabulary for a student whose tokenizer cuts the same pieces under other ids.
+        self.teacher_inputs = teacher_inputs
         if kd.needs_internals and teacher is None:
             raise ValueError("these KD terms read the teacher's hidden states or attentions: pass teacher=")
         self.kd = kd.to(self.args.device)
@@ -92,7 +97,8 @@ class DistillationTrainer(Trainer):
                 if self.teacher is None:
                     raise ValueError("the batch has no teacher_logits column and no teacher was given to compute them")
                 with torch.no_grad():
-                    batch.teacher = self.teacher(**inputs, **wants)
+                    teacher_inputs = self.teacher_inputs(inputs) if self.teacher_inputs else inputs
+                    batch.teacher = self.teacher(**teacher_inputs, **wants)
             teacher_logits = cached if cached is not None else batch.teacher.logits
             batch.teacher_logits = teacher_logits.to(logits.dtype)
         loss, parts = kd(batch)
