@@ -123,7 +123,7 @@ def run(params: Params) -> dict[str, Any]:
             cache_dir=params.path(params.paths.teacher_logits), teacher_fingerprint=fingerprint, budget=recovery,
             scratch=scratch, resume=None,  # a pruned architecture is not resumable mid-way
             max_length=max_length, task_type=task.type, threshold=task.threshold, collator=collator,
-            pos_weight=pos_weight, callbacks=[magnitude] if magnitude else None,
+            pos_weight=pos_weight, callbacks=[magnitude] if magnitude else None, layer_map=layer_map,
             # Magnitude pruning ends at its final sparsity; an earlier "best" epoch would be denser.
             load_best_model_at_end=structured,
         )

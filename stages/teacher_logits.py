@@ -14,9 +14,10 @@ from typing import Any
 from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
 from pipeline.io import atomic_dir
-from pipeline.kd import teacher_logits
-from pipeline.kd.students import init_tokenizer
-from pipeline.kd.texts import load_kd_texts
+from pipeline.kd import teacher_internals, teacher_logits
+from pipeline.kd.layer_map import resolve_layer_map
+from pipeline.kd.students import init_tokenizer, student_layer_count
+from pipeline.kd.texts import ORIGINAL, PARTS, load_kd_texts
 from pipeline.models import load_trained_with_tokenizer, state_fingerprint
 from pipeline.stage import Stage
 
@@ -38,21 +39,42 @@ def run(params: Params) -> dict[str, Any]:
         layers = list(range(teacher.config.num_hidden_layers + 1))
         log.info("student.init=%r: %s; caching the teacher's pooled hidden states of all %d layers",
                  params.student.init, alignment.describe(), len(layers))
+    internal_layers, internal_parts = cached_internals(params, teacher, alignment.token_level)
     metrics: dict[str, Any] = {}
-    outputs = {}
+    outputs, collected = {}, {}
     for part, read in texts.read_by(tokenizer).items():
         start = time.perf_counter()
-        outputs[part] = teacher_logits.compute(teacher, tokenizer, read, max_length, layers)
+        collector = teacher_internals.Collector(internal_layers) if part in internal_parts else None
+        outputs[part] = teacher_logits.compute(teacher, tokenizer, read, max_length, layers, collector)
+        if collector is not None:
+            collected[part] = collector
         metrics[f"{part}_rows"] = len(read)
         metrics[f"{part}_seconds"] = round(time.perf_counter() - start, 1)
     logits = {part: values[0] for part, values in outputs.items()}
     pooled = {part: values[1] for part, values in outputs.items()} if layers else None
     with atomic_dir(params.path(params.paths.teacher_logits)) as tmp:
         teacher_logits.save(tmp, texts.parts(), logits, max_length, state_fingerprint(teacher), pooled, layers)
+        if collected:
+            teacher_internals.save(tmp, collected, {part: teacher_logits.texts_sha256(texts.parts()[part]) for part in collected})
+            metrics["internals_layers"] = len(internal_layers)
+            metrics["internals_mb"] = round(sum(f.stat().st_size for f in tmp.glob("*.hidden.npy")) / 1e6
+                                            + sum(f.stat().st_size for f in tmp.glob("*.attention.npy")) / 1e6, 1)
     metrics.setdefault("transfer_rows", 0)
     if layers:
         metrics["pooled_layers"] = len(layers)
     return metrics
+
+
+def cached_internals(params: Params, teacher: Any, token_level: bool) -> tuple[list[int], tuple[str, ...]]:
+    """The teacher layers and the text parts whose per-token internals distill_intermediate reads
+    from this cache (`teacher_internals: cached`), or none."""
+    cfg = params.distill_intermediate
+    if cfg.teacher_internals != "cached" or not token_level:
+        return [], ()
+    teacher_layers = teacher.config.num_hidden_layers
+    layer_map = resolve_layer_map(cfg.layer_map, student_layer_count(params.student, teacher_layers), teacher_layers)
+    parts = ORIGINAL if cfg.schedule == "two_phase" and cfg.layer_texts == "original" else PARTS
+    return teacher_internals.hidden_layers(layer_map), parts
 
 
 STAGE = Stage("teacher_logits", run, outputs=("teacher_logits",))

@@ -15,11 +15,13 @@ from pipeline.config import DistillIntermediateConfig, params_from_dict
 from pipeline.data import augment
 from pipeline.data.normalize import LeakGuard, normalize
 from pipeline.data.prepared import load_prepared
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.record import ModelRecord
 from pipeline.kd.phases import plan
+from pipeline.kd.teacher_internals import InternalsStore
+from pipeline.kd.teacher_logits import texts_sha256
 from pipeline.kd.terms import build_kd_loss
-from pipeline.kd.texts import KDTexts
+from pipeline.kd.texts import ORIGINAL, KDTexts
 from pipeline.kd.token_map import align
 from pipeline.models import load_tokenizer, load_trained_with_tokenizer
 from scripts.tiny_project import ROBERTA_SPECIALS, make_tiny_bert, read_tiny_texts
@@ -179,15 +181,43 @@ def mapped_project(trained_project, shifted_init, tmp_path_factory):
     tree = params.model_dump(mode="json")
     tree["transfer"].update(path="data/transfer.txt", augment={"enabled": True, "n_per_text": 2, "neighbours": 2})
     tree["student"].update(init=str(shifted_init), epochs=1)
-    tree["distill_intermediate"].update(schedule="two_phase", phase1_epochs=1, layer_texts="original")
-    tree["prune"]["recovery"].update(epochs=1, attention_weight=1.0, schedule="two_phase", phase1_epochs=1)
+    tree["distill_intermediate"].update(schedule="two_phase", phase1_epochs=1, layer_texts="original",
+                                        teacher_internals="cached")
+    tree["prune"]["recovery"].update(epochs=1, attention_weight=1.0, schedule="two_phase", phase1_epochs=1,
+                                     layer_texts="original", teacher_internals="cached")
     tree["tracking"]["experiment"] = "fincompress-token-kd"
     params = params_from_dict(tree, root=root)
     prepare_data.STAGE.execute(params)
     assert augment_stage.STAGE.execute(params)["augment_texts"] > 0
     metrics = teacher_logits.STAGE.execute(params)
     assert "pooled_layers" not in metrics and metrics["augmented_rows"] > 0  # token level: no pooled states
+    assert metrics["internals_layers"] == 2  # the embedding output and layer 2 (a 1-layer student's map of a 2-layer teacher)
     return params
+
+
+def test_cached_internals_are_the_live_teachers(mapped_project, shifted_init):
+    params = mapped_project
+    prepared = load_prepared(params.path(params.paths.prepared))
+    teacher, teacher_tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), prepared.label_names)
+    texts = KDTexts(prepared.texts("train"), prepared.transfer_texts(), [])
+    store = InternalsStore(params.path(params.paths.teacher_logits), texts.parts(ORIGINAL), texts_sha256)
+    assert store.layers == [0, 2] and store.covers([2]) and not store.covers([1, 2])
+    rows = [0, len(texts.train), 5]  # a transfer text among training texts, in another order
+    chosen = [(texts.train + texts.transfer)[row] for row in rows]
+    student_batch = load_tokenizer(str(shifted_init))(chosen, padding=True, return_tensors="pt")
+    cached = store(torch.tensor(rows), student_batch["input_ids"].shape[1])
+    with torch.no_grad():
+        live = teacher(**teacher_tokenizer(chosen, padding=True, return_tensors="pt"), output_hidden_states=True,
+                       output_attentions=True)
+    mask = student_batch["attention_mask"].bool()
+    for layer in (0, 2):
+        torch.testing.assert_close(cached.hidden_states[layer][mask], live.hidden_states[layer][mask], atol=2e-2, rtol=1e-2)
+    for layer in (1,):  # the attention map of layer 2
+        pairs = (mask[:, None, :, None] & mask[:, None, None, :]).expand_as(live.attentions[layer])
+        torch.testing.assert_close(cached.attentions[layer][pairs], live.attentions[layer][pairs], atol=2e-3, rtol=1e-2)
+        assert cached.attentions[layer][~pairs].abs().sum() == 0  # padding is zero (and masked by the terms)
+    with pytest.raises(DataError, match="belong to other texts"):
+        InternalsStore(params.path(params.paths.teacher_logits), {"train": texts.train[::-1]}, texts_sha256)
 
 
 def test_a_mapped_student_distils_token_by_token_in_two_phases(mapped_project):

@@ -66,6 +66,11 @@ class LayerTerms(Section):
     # augmented ones). The teacher runs live for these terms, one pass per text and epoch: on a CPU
     # the many augmented texts are better left to the logit terms, which read the cached logits.
     layer_texts: Literal["all", "original"] = "all"
+    # live: the layer terms run the teacher at every step. cached: stage teacher_logits stores its
+    # per-token hidden states and attention maps of the mapped layers for the layer terms' texts
+    # (float16, pipeline/kd/teacher_internals.py), read instead: the teacher runs once, not once per
+    # epoch. Only for students whose tokens line up with the teacher's (otherwise: pooled states).
+    teacher_internals: Literal["live", "cached"] = "live"
 
 
 class DistillIntermediateConfig(KDTerms, LayerTerms):

@@ -23,6 +23,7 @@ from pipeline.config.base import TrainingBudget
 from pipeline.config.students import KDTerms
 from pipeline.errors import ConfigError
 from pipeline.kd import teacher_logits
+from pipeline.kd.teacher_internals import InternalsStore
 from pipeline.kd.texts import ORIGINAL, PARTS, KDTexts
 from pipeline.kd.token_map import Alignment
 from pipeline.training import results
@@ -41,6 +42,7 @@ class Phase:
     epochs: float
     parts: tuple[str, ...]  # the KD texts it trains on (pipeline/kd/texts.py)
     last: bool  # the phase whose best epoch on validation is kept
+    cached_internals: bool = False  # its layer terms read the teacher_logits cache instead of a live teacher
 
 
 def plan(
@@ -50,13 +52,14 @@ def plan(
     `scale` multiplies every phase's epochs (a pruning step's share of the recovery)."""
     schedule = getattr(section, "schedule", "joint")
     layer_texts = getattr(section, "layer_texts", "all")
+    cached = getattr(section, "teacher_internals", "live") == "cached"
     if schedule == "joint":
         if layer_texts != "all":
             raise ConfigError(
                 f"{key}.layer_texts={layer_texts} needs {key}.schedule=two_phase: in one joint phase every text "
                 "trains every term"
             )
-        return [Phase("joint", build("all"), epochs * scale, PARTS, last=True)]
+        return [Phase("joint", build("all"), epochs * scale, PARTS, last=True, cached_internals=cached)]
     layers = build("layers")
     logits = Phase("logits", build("logits"), epochs * scale, PARTS, last=True)
     if layers is None:
@@ -64,7 +67,7 @@ def plan(
                     "the logit phase alone runs", key)
         return [logits]
     parts = ORIGINAL if layer_texts == "original" else PARTS
-    return [Phase("layers", layers, section.phase1_epochs * scale, parts, last=False), logits]
+    return [Phase("layers", layers, section.phase1_epochs * scale, parts, last=False, cached_internals=cached), logits]
 
 
 @dataclass
@@ -94,6 +97,7 @@ def train_phases(
     task_type: str,
     threshold: float,
     collator: Any,
+    layer_map: list[int] | None = None,
     pos_weight: Any = None,
     callbacks: list[Any] | None = None,
     **overrides: Any,
@@ -106,8 +110,9 @@ def train_phases(
         if not phase.last and resume:
             log.info("phase %s skipped: resuming the last phase from %s", phase.name, resume)
             continue
+        store = cached_store(phase, texts, cache_dir, layer_map) if phase.cached_internals and phase.kd.needs_internals else None
         dataset = teacher_logits.kd_train_dataset(
-            labelled, texts, tokenizer, max_length, phase.kd, cache_dir, teacher_fingerprint, phase.parts,
+            labelled, texts, tokenizer, max_length, phase.kd, cache_dir, teacher_fingerprint, phase.parts, store,
         )
         rows[phase.name] = len(dataset)
         quiet = {} if phase.last else {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
@@ -124,13 +129,26 @@ def train_phases(
             # Tokens that do not line up with the teacher's: only its cached outputs, never its ids.
             teacher=teacher if phase.kd.needs_teacher and alignment.token_level else None,
             teacher_inputs=alignment.teacher_inputs(teacher),
+            teacher_internals=store,
             pos_weight=pos_weight,
             callbacks=callbacks,
         )
-        log.info("phase %s: %s on %d texts for %g epochs", phase.name, ", ".join(t.name for t in phase.kd.terms),
-                 len(dataset), phase.epochs)
+        log.info("phase %s: %s on %d texts for %g epochs%s", phase.name, ", ".join(t.name for t in phase.kd.terms),
+                 len(dataset), phase.epochs, " (the teacher's cached internals)" if store else "")
         seconds += train(trainer, resume if phase.last else None)
         offset = curve[-1]["step"] if curve else 0
         curve += [{**row, "step": row["step"] + offset, "phase": phase.name}
                   for row in results.curve_rows(trainer.state.log_history)]
     return Trained(trainer, seconds, curve, rows)
+
+
+def cached_store(phase: Phase, texts: KDTexts, cache_dir: Path, layer_map: list[int] | None) -> InternalsStore:
+    """The teacher's cached internals for a phase's texts, checked to hold the layers it reads."""
+    store = InternalsStore(cache_dir, texts.parts(phase.parts), teacher_logits.texts_sha256)
+    if layer_map is None or not store.covers(layer_map):
+        raise ConfigError(
+            f"teacher_internals=cached: {cache_dir} holds the teacher's layers {store.layers}, not those of the layer map "
+            f"{layer_map} (plus the embedding output). The teacher_logits stage caches the layers of "
+            "distill_intermediate's map at student.num_layers; set teacher_internals: live for other layers"
+        )
+    return store
