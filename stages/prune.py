@@ -2,9 +2,13 @@
 heads and FFN neurons (optionally over several steps), recover by distillation against the
 teacher after each step, then trim the vocabulary to what the data uses.
 
-A student with its own tokenizer (another than the teacher's) is pruned and trimmed on its own
-tokenizer; its recovery reads the teacher's cached logits and pooled hidden states by text, as its
-distillation did (pipeline/kd/students.py)."""
+The recovery distils as distill_intermediate does: the same texts (labelled, transfer, augmented),
+the same token-level terms and the same schedule (pipeline/kd/phases.py). A student with its own
+tokenizer is pruned and trimmed on its own tokenizer; its recovery maps its ids into the teacher's
+vocabulary when the pieces are the same, or reads the teacher's cached logits and pooled hidden
+states by text, as its distillation did (pipeline/kd/students.py). The pruned student should keep
+its source's validation macro-F1 within prune.max_f1_drop: the stage says so, with the numbers, when
+it does not."""
 
 from __future__ import annotations
 
@@ -18,12 +22,12 @@ from pipeline.compression import pruning
 from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import ConfigError
-from pipeline.evaluation.record import evaluate_and_record
+from pipeline.evaluation.record import ModelRecord, evaluate_and_record
 from pipeline.io import atomic_dir
-from pipeline.kd import teacher_logits
 from pipeline.kd.layer_map import uniform_layer_map
-from pipeline.kd.students import same_tokenizer
+from pipeline.kd.phases import plan, train_phases
 from pipeline.kd.terms import build_kd_loss
+from pipeline.kd.texts import load_kd_texts
 from pipeline.models import (
     count_parameters,
     load_trained_with_tokenizer,
@@ -34,7 +38,6 @@ from pipeline.models import (
 )
 from pipeline.stage import Stage
 from pipeline.training import checkpoints, encoding, loss, results
-from pipeline.training.trainer import DistillationTrainer, compute_metrics_fn, train, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,9 @@ def run(params: Params) -> dict[str, Any]:
     source_dir = params.path(cfg.source)
     teacher, teacher_tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), names)
     student, tokenizer = load_trained_with_tokenizer(source_dir, names)
-    shared = same_tokenizer(teacher_tokenizer, tokenizer, prepared.texts("train"), params.task.max_length)
+    texts = load_kd_texts(prepared, params.transfer.augment, params.path(params.paths.augmented))
+    alignment = texts.align(teacher_tokenizer, tokenizer, params.task.max_length)
+    shared = alignment.kind == "shared"
     student.train()
     params_before = count_parameters(student)
     heads_before = pruning.heads_per_layer(student)
@@ -79,16 +84,18 @@ def run(params: Params) -> dict[str, Any]:
     collator = encoding.Collator(tokenizer)
     recovery = cfg.recovery
     layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    kd = build_kd_loss(
-        recovery, task.type, label_names=names, key="prune.recovery", layer_map=layer_map,
-        hidden_sizes=(student.config.hidden_size, teacher.config.hidden_size), shared_tokenizer=shared,
-    )
-    # Importance is measured on the labelled split; the recovery also learns from the transfer texts.
-    recovery_train = teacher_logits.kd_train_dataset(
-        datasets["train"], prepared, tokenizer, max_length, kd, params.path(params.paths.teacher_logits),
-        state_fingerprint(teacher),
-    )
+
+    def build(part: str):
+        return build_kd_loss(
+            recovery, task.type, label_names=names, key="prune.recovery", layer_map=layer_map,
+            hidden_sizes=(student.config.hidden_size, teacher.config.hidden_size), token_level=alignment.token_level,
+            part=part,
+        )
+
+    # Importance is measured on the labelled split; the recovery also learns from the unlabelled texts.
+    phases = plan(recovery, recovery.epochs, build, "prune.recovery", scale=1 / cfg.steps)
     pos_weight = loss.pos_weight(task, datasets["train"], names)
+    fingerprint = state_fingerprint(teacher)
 
     magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
     removed: dict[int, list[int]] = {}
@@ -110,39 +117,32 @@ def run(params: Params) -> dict[str, Any]:
                 step + 1, cfg.steps, pruning.heads_per_layer(student), width_plan[step], count_parameters(student),
             )
         scratch = params.path(params.paths.checkpoints) / STAGE.name / f"step{step}"
-        trainer = DistillationTrainer(
-            model=student,
-            args=training_arguments(
-                recovery,
-                scratch,
-                num_train_epochs=recovery.epochs / cfg.steps,
-                # Magnitude pruning ends at its final sparsity; an earlier "best" epoch would be denser.
-                load_best_model_at_end=structured,
-            ),
-            train_dataset=recovery_train,
-            eval_dataset=datasets["validation"],
-            data_collator=collator,
-            processing_class=tokenizer,
-            compute_metrics=compute_metrics_fn(task.type, task.threshold),
-            kd=kd,
-            teacher=teacher if shared else None,  # another tokenizer: only the teacher's cached outputs
-            pos_weight=pos_weight,
-            callbacks=[magnitude] if magnitude else None,
+        trained = train_phases(
+            phases, student=student, tokenizer=tokenizer, teacher=teacher, alignment=alignment,
+            labelled=datasets["train"], validation=datasets["validation"], texts=texts,
+            cache_dir=params.path(params.paths.teacher_logits), teacher_fingerprint=fingerprint, budget=recovery,
+            scratch=scratch, resume=None,  # a pruned architecture is not resumable mid-way
+            max_length=max_length, task_type=task.type, threshold=task.threshold, collator=collator,
+            pos_weight=pos_weight, callbacks=[magnitude] if magnitude else None, layer_map=layer_map,
+            # Magnitude pruning ends at its final sparsity; an earlier "best" epoch would be denser.
+            load_best_model_at_end=structured,
         )
-        seconds += train(trainer, None)  # a pruned architecture is not resumable mid-way
+        seconds += trained.seconds
         offset = curve[-1]["step"] if curve else 0
-        curve += [{**row, "step": row["step"] + offset, "prune_step": step + 1}
-                  for row in results.curve_rows(trainer.state.log_history)]
-        checkpoints.finish(trainer, scratch)
+        curve += [{**row, "step": row["step"] + offset, "prune_step": step + 1} for row in trained.curve]
+        checkpoints.finish(trained.trainer, scratch)
     student = student.cpu().eval()
 
-    info: dict[str, Any] = {"method": cfg.method, "source": cfg.source, "tokenizer": "teacher" if shared else "own"}
-    if kd.pooled_teacher_layers:
+    info: dict[str, Any] = {
+        "method": cfg.method, "source": cfg.source, "tokenizer": "teacher" if shared else "own",
+        "token_alignment": alignment.kind,
+        "recovery_phases": {phase.name: [t.name for t in phase.kd.terms] for phase in phases},
+        **{f"{part}_texts": len(part_texts) for part, part_texts in texts.parts().items() if part != "train"},
+    }
+    if any(phase.kd.pooled_teacher_layers for phase in phases):
         info["recovery_hidden_targets"] = "pooled"
-    if kd.skipped:
-        info["recovery_kd_skipped"] = kd.skipped
-    if len(recovery_train) > len(datasets["train"]):
-        info["transfer_texts"] = len(recovery_train) - len(datasets["train"])
+    if phases[-1].kd.skipped:
+        info["recovery_kd_skipped"] = phases[-1].kd.skipped
     if magnitude:
         magnitude.make_permanent()
         info["sparsity_encoder_linear"] = pruning.sparsity(magnitude.modules)
@@ -191,9 +191,13 @@ def run(params: Params) -> dict[str, Any]:
             max_length=max_length, num_parameters=params_after, size_mb=weights_size_mb(tmp),
             thresholds=thresholds, training_seconds=seconds, params={"prune": params.section("prune")}, details=info,
         )
+        drop = source_f1_drop(ModelRecord.read(source_dir), record, cfg.max_f1_drop)
+        record.details.update(drop)
+        record.write(tmp)
 
     metrics = {
         **record.metrics(),
+        **{key: value for key, value in drop.items() if key != "f1_drop_note"},
         "params_before": params_before,
         "parameter_reduction": info["parameter_reduction"],
         "vocab_size": info["vocab_size"],
@@ -208,8 +212,25 @@ def run(params: Params) -> dict[str, Any]:
             metrics[key] = info[key]
     if not shared:
         metrics["shared_tokenizer"] = 0
+        metrics["token_level_kd"] = int(alignment.token_level)
     results.record_curve(curve, params.path(params.paths.curves) / f"{STAGE.name}.csv")
     return metrics
+
+
+def source_f1_drop(source: ModelRecord, pruned: ModelRecord, tolerance: float) -> dict[str, Any]:
+    """How far the pruned student fell below its source on the validation split, and a warning with
+    the numbers when that is more than `tolerance` (prune.max_f1_drop)."""
+    before, after = source.validation["macro_f1"], pruned.validation["macro_f1"]
+    drop = before - after
+    out: dict[str, Any] = {"source_validation_macro_f1": before, "validation_f1_drop": drop, "within_max_f1_drop": int(drop <= tolerance)}
+    if drop > tolerance:
+        out["f1_drop_note"] = (
+            f"the pruned student's validation macro-F1 is {after:.4f}, {drop * 100:.2f} points below its source's "
+            f"{before:.4f}: more than prune.max_f1_drop={tolerance} ({tolerance * 100:.1f} points). Prune less "
+            "(prune.heads_ratio, prune.ffn_ratio), in more steps (prune.steps), or recover longer (prune.recovery.epochs)"
+        )
+        log.warning("%s", out["f1_drop_note"])
+    return out
 
 
 STAGE = Stage("prune", run, member="student_pruned", sections=("prune",),

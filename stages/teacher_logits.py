@@ -1,12 +1,14 @@
-"""The verified teacher's logits on the train split and the transfer texts, computed once on its own
-tokenization; every KD student and the pruning recovery read them instead of recomputing them. When
-`student.init` is a pretrained model with another tokenizer, the same pass also keeps the teacher's
-mean-pooled hidden states of every layer, so students of any depth or layer map (and the search over
-depth) read one cache."""
+"""The verified teacher's logits on every text a KD student learns from (the train split, the
+transfer texts, the augmented texts), computed once on its own tokenization; every KD student and the
+pruning recovery read them instead of recomputing them. When `student.init` is a pretrained model
+whose tokens do not line up with the teacher's (other pieces, pipeline/kd/token_map.py), the same pass
+also keeps the teacher's mean-pooled hidden states of every layer, so students of any depth or layer
+map (and the search over depth) read one cache."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -15,8 +17,10 @@ from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import ModelError
 from pipeline.io import atomic_dir
-from pipeline.kd import teacher_logits
-from pipeline.kd.students import init_tokenizer, same_tokenizer
+from pipeline.kd import teacher_internals, teacher_logits
+from pipeline.kd.layer_map import resolve_layer_map
+from pipeline.kd.students import init_tokenizer, student_layer_count
+from pipeline.kd.texts import ORIGINAL, PARTS, load_kd_texts
 from pipeline.models import load_trained_with_tokenizer, state_fingerprint
 from pipeline.stage import Stage
 
@@ -24,38 +28,64 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Read paths.prepared and paths.teacher; write paths.teacher_logits."""
+    """Read paths.prepared, paths.augmented and paths.teacher; write paths.teacher_logits."""
     prepared = load_prepared(params.path(params.paths.prepared))
     teacher, tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), prepared.label_names)
     max_length = params.task.max_length
-    texts = {"train": prepared.texts("train"), "transfer": prepared.transfer_texts()}
-    texts = {split: values for split, values in texts.items() if values}
-    own = init_tokenizer(params.student)  # None unless student.init is a pretrained model
+    texts = load_kd_texts(prepared, params.transfer.augment, params.path(params.paths.augmented))
+    alignment = texts.align(tokenizer, init_tokenizer(params.student), max_length)
     layers: list[int] = []
-    if own is not None and not same_tokenizer(tokenizer, own, texts["train"], max_length):
+    if not alignment.token_level:
         # Every layer (0: the embedding output), not only those one depth maps to: a hidden-state term
         # of any student depth, layer map or search trial then reads this cache, and the stage need
         # not re-run when they change. Size: texts x (layers + 1) x hidden x 2 bytes (float16).
         layers = list(range(teacher.config.num_hidden_layers + 1))
-        log.info("student.init=%r has its own tokenizer: caching the teacher's pooled hidden states of all %d layers",
-                 params.student.init, len(layers))
-    outputs = {split: teacher_logits.compute(teacher, tokenizer, values, max_length, layers) for split, values in texts.items()}
-    for split, (split_logits, split_pooled) in outputs.items():
-        bad = [what for what, values in (("logits", split_logits), ("pooled hidden states", split_pooled))
+        log.info("student.init=%r: %s; caching the teacher's pooled hidden states of all %d layers",
+                 params.student.init, alignment.describe(), len(layers))
+    internal_layers, internal_parts = cached_internals(params, teacher, alignment.token_level)
+    metrics: dict[str, Any] = {}
+    outputs, collected = {}, {}
+    for part, read in texts.read_by(tokenizer).items():
+        start = time.perf_counter()
+        collector = teacher_internals.Collector(internal_layers) if part in internal_parts else None
+        outputs[part] = teacher_logits.compute(teacher, tokenizer, read, max_length, layers, collector)
+        if collector is not None:
+            collected[part] = collector
+        metrics[f"{part}_rows"] = len(read)
+        metrics[f"{part}_seconds"] = round(time.perf_counter() - start, 1)
+    logits = {part: values[0] for part, values in outputs.items()}
+    pooled = {part: values[1] for part, values in outputs.items()} if layers else None
+    for part, (part_logits, part_pooled) in outputs.items():
+        bad = [what for what, values in (("logits", part_logits), ("pooled hidden states", part_pooled))
                if values is not None and not np.isfinite(values).all()]
         if bad:
             raise ModelError(
                 f"the teacher at {params.paths.teacher} gives non-finite {' and '.join(bad)} (NaN or infinity) for "
-                f"{split} texts: its weights are broken. Retrain it: dvc repro -f train_teacher"
+                f"{part} texts: its weights are broken. Retrain it: dvc repro -f train_teacher"
             )
-    logits = {split: values[0] for split, values in outputs.items()}
-    pooled = {split: values[1] for split, values in outputs.items()} if layers else None
     with atomic_dir(params.path(params.paths.teacher_logits)) as tmp:
-        teacher_logits.save(tmp, texts, logits, max_length, state_fingerprint(teacher), pooled, layers)
-    metrics = {"train_rows": len(texts["train"]), "transfer_rows": len(texts.get("transfer", []))}
+        teacher_logits.save(tmp, texts.parts(), logits, max_length, state_fingerprint(teacher), pooled, layers)
+        if collected:
+            teacher_internals.save(tmp, collected, {part: teacher_logits.texts_sha256(texts.parts()[part]) for part in collected})
+            metrics["internals_layers"] = len(internal_layers)
+            metrics["internals_mb"] = round(sum(f.stat().st_size for f in tmp.glob("*.hidden.npy")) / 1e6
+                                            + sum(f.stat().st_size for f in tmp.glob("*.attention.npy")) / 1e6, 1)
+    metrics.setdefault("transfer_rows", 0)
     if layers:
         metrics["pooled_layers"] = len(layers)
     return metrics
+
+
+def cached_internals(params: Params, teacher: Any, token_level: bool) -> tuple[list[int], tuple[str, ...]]:
+    """The teacher layers and the text parts whose per-token internals distill_intermediate reads
+    from this cache (`teacher_internals: cached`), or none."""
+    cfg = params.distill_intermediate
+    if cfg.teacher_internals != "cached" or not token_level:
+        return [], ()
+    teacher_layers = teacher.config.num_hidden_layers
+    layer_map = resolve_layer_map(cfg.layer_map, student_layer_count(params.student, teacher_layers), teacher_layers)
+    parts = ORIGINAL if cfg.schedule == "two_phase" and cfg.layer_texts == "original" else PARTS
+    return teacher_internals.hidden_layers(layer_map), parts
 
 
 STAGE = Stage("teacher_logits", run, outputs=("teacher_logits",))

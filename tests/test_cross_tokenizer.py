@@ -19,8 +19,10 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.record import ModelRecord
 from pipeline.export.onnx import OnnxClassifier
 from pipeline.kd import teacher_logits as cache
-from pipeline.kd.students import build_student, same_tokenizer, student_tokenizer
+from pipeline.kd.students import build_student, student_tokenizer
 from pipeline.kd.terms import NEEDS_SHARED_TOKENIZER, build_kd_loss, mean_pool, relative_mse
+from pipeline.kd.texts import KDTexts
+from pipeline.kd.token_map import same_tokenizer
 from pipeline.models import (
     load_pretrained_classifier,
     load_tokenizer,
@@ -100,11 +102,13 @@ def test_same_tokenizer_means_same_vocabulary_and_same_ids(trained_project, tiny
     names = prepared.label_names
     same_init = StudentConfig(num_layers=1, init=str(tiny_bert))
     student, _ = build_student(teacher, same_init, names)
-    assert student_tokenizer(same_init, tokenizer, student, texts, 32) == (tokenizer, True)
+    train_only = KDTexts(texts, [], [])
+    shared_tokenizer, alignment = student_tokenizer(same_init, tokenizer, student, train_only, 32)
+    assert shared_tokenizer is tokenizer and alignment.kind == "shared"
     other_init = StudentConfig(num_layers=1, init=str(student_init))
     student, info = build_student(teacher, other_init, names)
-    own, shared = student_tokenizer(other_init, tokenizer, student, texts, 32)
-    assert not shared and own.get_vocab() == vocabulary(student_init) and student.config.hidden_size == 16
+    own, alignment = student_tokenizer(other_init, tokenizer, student, train_only, 32)
+    assert alignment.kind == "pooled" and alignment.texts_cut_differently > 0 and own.get_vocab() == vocabulary(student_init) and student.config.hidden_size == 16
     assert info["init_layers"] == [2]  # evenly spaced layers of the init model, as for the teacher
 
 
@@ -115,7 +119,7 @@ def test_a_student_init_without_a_usable_tokenizer_is_a_clear_error(trained_proj
     cfg = StudentConfig(num_layers=1, init=str(bare))
     student, _ = build_student(teacher, cfg, prepared.label_names)
     with pytest.raises(ConfigError, match=r"student.init='.*bare': its tokenizer could not be loaded"):
-        student_tokenizer(cfg, tokenizer, student, prepared.texts("train"), 32)
+        student_tokenizer(cfg, tokenizer, student, KDTexts(prepared.texts("train"), [], []), 32)
     # A tokenizer with more ids than the init model's embeddings: they do not belong together.
     load_tokenizer(str(trained_project.path(trained_project.paths.teacher))).save_pretrained(bare)
     small = tmp_path / "small"
@@ -126,7 +130,7 @@ def test_a_student_init_without_a_usable_tokenizer_is_a_clear_error(trained_proj
     cfg = StudentConfig(num_layers=1, init=str(small))
     student, _ = build_student(teacher, cfg, prepared.label_names)
     with pytest.raises(ConfigError, match=r"student.init=.*embeddings have only 20 rows"):
-        student_tokenizer(cfg, tokenizer, student, prepared.texts("train"), 32)
+        student_tokenizer(cfg, tokenizer, student, KDTexts(prepared.texts("train"), [], []), 32)
     # A vocabulary for another script: every word of the task is unknown.
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -137,7 +141,7 @@ def test_a_student_init_without_a_usable_tokenizer_is_a_clear_error(trained_proj
     cfg = StudentConfig(num_layers=1, init=str(foreign))
     student, _ = build_student(teacher, cfg, prepared.label_names)
     with pytest.raises(ConfigError, match=r"student.init=.*foreign': its tokenizer cannot encode the task's texts"):
-        student_tokenizer(cfg, tokenizer, student, prepared.texts("train"), 32)
+        student_tokenizer(cfg, tokenizer, student, KDTexts(prepared.texts("train"), [], []), 32)
 
 
 def test_teacher_logits_caches_pooled_states_by_text_only_for_another_tokenizer(trained_project, cross_project):
@@ -171,11 +175,12 @@ def test_a_student_batch_gets_the_teachers_values_for_its_own_texts(cross_projec
     prepared, teacher, teacher_tokenizer = teacher_and_tokenizer(params)
     own = load_tokenizer(str(student_init))
     kd = build_kd_loss(params.distill_intermediate, "single_label", layer_map=[2], hidden_sizes=(16, 32),
-                       shared_tokenizer=False)
+                       token_level=False)
     train = encode_splits(prepared, own, 32)["train"]
     directory, fingerprint = params.path(params.paths.teacher_logits), state_fingerprint(teacher)
-    dataset = cache.kd_train_dataset(train, prepared, own, 32, kd, directory, fingerprint)
-    texts = prepared.texts("train") + prepared.transfer_texts()
+    texts = KDTexts(prepared.texts("train"), prepared.transfer_texts(), [])
+    dataset = cache.kd_train_dataset(train, texts, own, 32, kd, directory, fingerprint)
+    texts = texts.train + texts.transfer
     assert len(dataset) == len(texts) and dataset["has_label"] == [1] * len(train) + [0] * 2
     rows = [3, len(texts) - 1, 0, 7]  # a batch in another order, a transfer text included
     batch = Collator(own)([dataset[i] for i in rows])
@@ -194,7 +199,7 @@ def test_a_student_batch_gets_the_teachers_values_for_its_own_texts(cross_projec
 def test_pooled_term_trains_its_projection_and_skips_attention(trained_project, student_init):
     names = ["negative", "neutral", "positive"]
     section = DistillIntermediateConfig(temperature=2.0, alpha=0.5, hidden_weight=1.0, attention_weight=10.0)
-    kd = build_kd_loss(section, "single_label", layer_map=[2], hidden_sizes=(16, 32), shared_tokenizer=False)
+    kd = build_kd_loss(section, "single_label", layer_map=[2], hidden_sizes=(16, 32), token_level=False)
     assert [term.name for term in kd.terms] == ["ce", "kl", "hidden"] and kd.skipped == {"attention": NEEDS_SHARED_TOKENIZER}
     assert kd.needs_hidden_states and not kd.needs_attentions and not kd.needs_internals and kd.has_projection
     assert kd.pooled_teacher_layers == [0, 2]

@@ -21,6 +21,7 @@ from pipeline.io import check_output_paths
 from pipeline.kd import teacher_logits as cache
 from pipeline.kd.teacher_logits import precompute_teacher_logits
 from pipeline.kd.terms import build_kd_loss
+from pipeline.kd.texts import KDTexts
 from pipeline.models import load_trained_with_tokenizer, predict_logits, state_fingerprint
 from pipeline.training.encoding import Collator, encode_splits
 from pipeline.training.loss import KDBatch
@@ -129,7 +130,8 @@ def transfer_project(trained_project, tmp_path_factory):
     write_transfer(root / "data" / "transfer.txt", transfer_lines(split_texts(params)), "text")
     params = params_from_dict({**params.model_dump(mode="json"), "transfer": {"path": "data/transfer.txt"}}, root=root)
     prepare_data.STAGE.execute(params)
-    assert teacher_logits.STAGE.execute(params) == {"train_rows": len(split_texts(params)["train"]), "transfer_rows": 3}
+    metrics = teacher_logits.STAGE.execute(params)
+    assert (metrics["train_rows"], metrics["transfer_rows"]) == (len(split_texts(params)["train"]), 3)
     return params
 
 
@@ -193,14 +195,14 @@ def test_without_transfer_texts_the_students_train_on_exactly_what_they_did(trai
     train = encode_splits(prepared, tokenizer, params.task.max_length)["train"]
     kd = build_kd_loss(params.distill_vanilla, "single_label")
     used = cache.kd_train_dataset(
-        train, prepared, tokenizer, params.task.max_length, kd, params.path(params.paths.teacher_logits),
+        train, KDTexts(prepared.texts("train"), [], []), tokenizer, params.task.max_length, kd, params.path(params.paths.teacher_logits),
         state_fingerprint(teacher),
     )
     before = precompute_teacher_logits(teacher, train, Collator(tokenizer))  # what students.py did
     assert used.column_names == before.column_names and "has_label" not in used.column_names
     assert used["teacher_logits"] == before["teacher_logits"] and used["input_ids"] == before["input_ids"]
     baseline = build_kd_loss(None, "single_label")
-    assert cache.kd_train_dataset(train, prepared, tokenizer, params.task.max_length, baseline, params.root, "") is train
+    assert cache.kd_train_dataset(train, KDTexts([], [], []), tokenizer, params.task.max_length, baseline, params.root, "") is train
 
 
 @pytest.mark.parametrize("module, out_key", [(distill_vanilla, "student_vanilla"), (distill_intermediate, "student_intermediate")])

@@ -23,6 +23,8 @@ class Paths(Section):
     # The reference members (stages baseline_tfidf, baseline_static).
     baseline_tfidf: str = "models/baseline_tfidf"
     baseline_static: str = "models/baseline_static"
+    # New unlabelled texts made from the training and transfer texts (stage augment).
+    augmented: str = "data/augmented"
     # The verified teacher's logits on the train split and the transfer texts (stage teacher_logits).
     teacher_logits: str = "models/teacher_logits"
     metrics: str = "reports/metrics"

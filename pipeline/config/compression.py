@@ -7,13 +7,15 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from pipeline.config.base import Section, ShortLatency, TrainingBudget
-from pipeline.config.students import KDTerms
+from pipeline.config.students import KDTerms, LayerTerms
 
 
-class RecoveryConfig(TrainingBudget, KDTerms):
+class RecoveryConfig(TrainingBudget, KDTerms, LayerTerms):
+    """The distillation that follows pruning: the same terms and texts as distill_intermediate."""
+
     epochs: float = Field(3, gt=0, le=1000)
     learning_rate: float = Field(1e-4, gt=0, le=1)
-    hidden_weight: float = Field(1.0, ge=0)
+    attention_weight: float = Field(0.0, ge=0)
 
 
 class PruneConfig(Section):
@@ -43,6 +45,9 @@ class PruneConfig(Section):
     vocab: Literal["auto", "none", "corpus"] = "auto"
     vocab_keep_top: int = Field(2000, ge=0)
     recovery: RecoveryConfig = RecoveryConfig()
+    # The pruned student should stay within this much validation macro-F1 of its source; beyond it
+    # the stage says so, with the numbers (it does not fail: the report weighs the member).
+    max_f1_drop: float = Field(0.005, ge=0, le=1)
 
 
 class QuantizeConfig(Section):

@@ -83,6 +83,30 @@ class DataConfig(Section):
         return self
 
 
+class AugmentConfig(Section):
+    """New unlabelled texts made from the training and transfer texts (never validation or test), offline,
+    for the teacher to label (stage augment; pipeline/data/augment.py)."""
+
+    enabled: bool = False
+    # mask: words replaced by the mask token; ngram: a contiguous run of the words; neighbours: words
+    # replaced by a nearest neighbour in the teacher's input-embedding space.
+    methods: list[Literal["mask", "ngram", "neighbours"]] = ["mask", "ngram", "neighbours"]
+    n_per_text: int = Field(4, ge=1, le=100)  # new texts per source text (the methods taken in turn)
+    max_texts: int | None = Field(20000, ge=1)  # at most this many in all; null: no cap
+    mask_ratio: float = Field(0.15, gt=0, le=1)  # mask: share of the eligible words masked
+    replace_ratio: float = Field(0.3, gt=0, le=1)  # neighbours: share of the eligible words replaced
+    neighbours: int = Field(8, ge=1, le=100)  # neighbours: candidates per word (the top k by cosine)
+    ngram_min_ratio: float = Field(0.5, gt=0, lt=1)  # ngram: the run keeps at least this share of the words
+    seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"give one or more distinct methods, got {value}")
+        return value
+
+
 class TransferConfig(Section):
     # Unlabelled in-domain texts the KD students also learn from (teacher soft targets only); null: none.
     path: str | None = None
@@ -91,3 +115,4 @@ class TransferConfig(Section):
     format: Literal["auto", "text", "csv", "jsonl", "phrasebank"] = "auto"
     text_column: str = "text"  # csv/jsonl: the column with the text
     max_texts: int | None = Field(None, ge=1)  # keep at most this many (the first, in file order)
+    augment: AugmentConfig = AugmentConfig()

@@ -51,11 +51,29 @@ class DistillVanillaConfig(KDTerms):
     pass
 
 
-class DistillIntermediateConfig(KDTerms):
+class LayerTerms(Section):
+    """The terms that read the teacher's internals layer by layer, and when they train."""
+
     # Weight of the hidden-state MSE (embedding output included) over mapped layers.
     hidden_weight: float = Field(1.0, ge=0)
     # Weight of the attention-map MSE over mapped layers.
     attention_weight: float = Field(10.0, ge=0)
+    # joint: every term at every step. two_phase (TinyBERT): first the layer terms alone for
+    # phase1_epochs, then the logit terms (soft + hard) for the stage's epochs.
+    schedule: Literal["joint", "two_phase"] = "joint"
+    phase1_epochs: float = Field(3, gt=0, le=1000)
+    # The texts the layer terms see: all (labelled, transfer and augmented) or original (without the
+    # augmented ones). The teacher runs live for these terms, one pass per text and epoch: on a CPU
+    # the many augmented texts are better left to the logit terms, which read the cached logits.
+    layer_texts: Literal["all", "original"] = "all"
+    # live: the layer terms run the teacher at every step. cached: stage teacher_logits stores its
+    # per-token hidden states and attention maps of the mapped layers for the layer terms' texts
+    # (float16, pipeline/kd/teacher_internals.py), read instead: the teacher runs once, not once per
+    # epoch. Only for students whose tokens line up with the teacher's (otherwise: pooled states).
+    teacher_internals: Literal["live", "cached"] = "live"
+
+
+class DistillIntermediateConfig(KDTerms, LayerTerms):
     # `auto`: student layer i (1-based) learns from teacher layer round(i * T / S); or an explicit
     # list with one teacher layer (1-based) per student layer.
     layer_map: Literal["auto"] | list[int] = "auto"

@@ -6,10 +6,13 @@ Building a student (`build_student`) lives here too: layer selection goes throug
 architecture adapter (pipeline/architectures.py).
 
 A pretrained `student.init` whose tokenizer differs from the teacher's (`student_tokenizer`) keeps
-its own tokenizer, and every member made from it (pruned, quantized, ONNX, served) uses it too. Its
-KD then works on texts: the teacher's logits, and for the hidden-state term its mean-pooled hidden
-states, come from the teacher_logits cache (every teacher layer's, so any depth reads the same cache), looked up
-by text; the attention term is skipped and recorded (pipeline/kd/terms.py)."""
+its own tokenizer, and every member made from it (pruned, quantized, ONNX, served) uses it too. When
+that tokenizer cuts every training text into the teacher's pieces under other ids, the ids are mapped
+and KD stays token by token (`mapped`, pipeline/kd/token_map.py); otherwise KD works on texts: the
+teacher's logits and its mean-pooled hidden states come from the teacher_logits cache (every teacher
+layer's, so any depth reads the same cache), looked up by text, and the attention term is skipped and
+recorded (pipeline/kd/terms.py). The schedule of the terms (one joint phase or two) is
+pipeline/kd/phases.py."""
 
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ from pipeline.data.prepared import load_prepared
 from pipeline.errors import ConfigError, ModelError
 from pipeline.kd import teacher_logits
 from pipeline.kd.layer_map import resolve_layer_map, uniform_layer_map
+from pipeline.kd.phases import plan, train_phases
 from pipeline.kd.terms import build_kd_loss
+from pipeline.kd.texts import KDTexts, load_kd_texts
+from pipeline.kd.token_map import TOKENIZER_SAMPLE, Alignment
 from pipeline.models import (
-    RELOAD_PROBE,
     check_max_length,
     load_pretrained_classifier,
     load_tokenizer,
@@ -39,28 +44,8 @@ from pipeline.models import (
     state_fingerprint,
 )
 from pipeline.training import checkpoints, encoding, loss, results
-from pipeline.training.trainer import DistillationTrainer, compute_metrics_fn, train, training_arguments
 
 log = logging.getLogger(__name__)
-
-# How many training texts `same_tokenizer` encodes with both tokenizers (enough to catch another
-# casing, normalisation or splitting rule; cheap for any tokenizer).
-TOKENIZER_SAMPLE = 256
-
-
-def same_tokenizer(
-    first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, texts: list[str], max_length: int
-) -> bool:
-    """True when the two tokenizers have the same vocabulary (token -> id) and give the very same ids
-    for a sample of `texts` (the first TOKENIZER_SAMPLE, and the probe sentences): a student with
-    such a tokenizer can read the teacher's token ids. Another casing or normalisation with the same
-    vocabulary counts as different."""
-    if first.get_vocab() != second.get_vocab():
-        return False
-    sample = list(texts[:TOKENIZER_SAMPLE]) + RELOAD_PROBE
-    encode = {"truncation": True, "max_length": max_length}
-    return first(sample, **encode)["input_ids"] == second(sample, **encode)["input_ids"]
-
 
 def keep_layers(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """A copy of `model` with only the given encoder layers (1-based), in order; how depends on the
@@ -168,21 +153,22 @@ def student_tokenizer(
     cfg: StudentConfig,
     teacher_tokenizer: PreTrainedTokenizerBase,
     student: PreTrainedModel,
-    texts: list[str],
+    texts: KDTexts,
     max_length: int,
-) -> tuple[PreTrainedTokenizerBase, bool]:
-    """The tokenizer the student reads text with, and whether it is the teacher's.
+) -> tuple[PreTrainedTokenizerBase, Alignment]:
+    """The tokenizer the student reads text with, and how its tokens line up with the teacher's.
 
-    A pretrained init with the same tokenizer (same vocabulary, same ids on a sample of `texts`) uses
-    the teacher's, exactly as before; another tokenizer is kept, after checking it can encode the
-    task for this student (a pad token, ids inside its embeddings, not only unknown tokens)."""
+    A pretrained init with the same tokenizer (same vocabulary, same ids on a sample of the texts)
+    uses the teacher's, exactly as before; another tokenizer is kept, after checking it can encode
+    the task for this student (a pad token, ids inside its embeddings, not only unknown tokens)."""
     own = init_tokenizer(cfg)
-    if own is None or same_tokenizer(teacher_tokenizer, own, texts, max_length):
-        return teacher_tokenizer, True
+    alignment = texts.align(teacher_tokenizer, own, max_length)
+    if alignment.kind == "shared":
+        return teacher_tokenizer, alignment
     key = f"student.init={cfg.init!r}"
     if own.pad_token is None:
         raise ConfigError(f"{key}: its tokenizer has no padding token, so texts cannot be batched; pick a model whose tokenizer has one")
-    sample = own(list(texts[:TOKENIZER_SAMPLE]), truncation=True, max_length=max_length)["input_ids"]
+    sample = own(list(texts.train[:TOKENIZER_SAMPLE]), truncation=True, max_length=max_length)["input_ids"]
     ids = [i for row in sample for i in row]
     if max(ids, default=0) >= student.config.vocab_size:
         raise ConfigError(
@@ -194,8 +180,8 @@ def student_tokenizer(
     if not words or all(i == own.unk_token_id for i in words):
         raise ConfigError(f"{key}: its tokenizer cannot encode the task's texts (every token is unknown); pick a model for this language")
     check_max_length(student, max_length, "task.max_length")
-    log.info("%s has its own tokenizer (it differs from the teacher's): KD reads the teacher's cached outputs by text", key)
-    return own, False
+    log.info("%s has its own tokenizer: %s", key, alignment.describe())
+    return own, alignment
 
 
 def train_student(params: Params, stage: str, member: str, out_path: str, terms: KDTerms | None) -> dict[str, Any]:
@@ -207,70 +193,69 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
     student, init_info = build_student(teacher, params.student, names)
     t_cfg, s_cfg = teacher.config, student.config
     max_length = params.task.max_length
-    tokenizer, shared = student_tokenizer(params.student, teacher_tokenizer, student, prepared.texts("train"), max_length)
-    init_info["tokenizer"] = "teacher" if shared else "own"
+    # The baseline learns from the labelled split only: no transfer or augmented texts to read.
+    texts = load_kd_texts(prepared, params.transfer.augment, params.path(params.paths.augmented)) if terms else KDTexts(
+        prepared.texts("train"), [], [])
+    tokenizer, alignment = student_tokenizer(params.student, teacher_tokenizer, student, texts, max_length)
+    init_info["tokenizer"] = "teacher" if alignment.kind == "shared" else "own"
 
     layer_map: list[int] = []
     if terms is not None and getattr(terms, "layer_map", None) is not None:
         layer_map = resolve_layer_map(terms.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-    kd = build_kd_loss(
-        terms, task_type, label_names=names, key=stage, layer_map=layer_map,
-        hidden_sizes=(s_cfg.hidden_size, t_cfg.hidden_size), shared_tokenizer=shared,
-    )
 
+    def build(part: str):
+        return build_kd_loss(
+            terms, task_type, label_names=names, key=stage, layer_map=layer_map,
+            hidden_sizes=(s_cfg.hidden_size, t_cfg.hidden_size), token_level=alignment.token_level, part=part,
+        )
+
+    phases = plan(terms, params.student.epochs, build, stage)
     datasets = encoding.encode_splits(prepared, tokenizer, max_length)
-    collator = encoding.Collator(tokenizer)
     pos_weight = loss.pos_weight(params.task, datasets["train"], names)  # from the labelled texts only
     before = state_fingerprint(teacher)
-    # KD students: the teacher's cached logits, plus the transfer texts (KD only) when there are any.
-    datasets["train"] = teacher_logits.kd_train_dataset(
-        datasets["train"], prepared, tokenizer, max_length, kd, params.path(params.paths.teacher_logits), before,
-    )
-    transfer_rows = len(datasets["train"]) - len(prepared.texts("train"))
     key = checkpoints.fingerprint(
-        stage, params.section("student"), terms.model_dump() if terms else None, prepared.content_hash,
-        before, *([prepared.manifest["transfer"]["sha256"]] if transfer_rows else []),
+        stage, params.section("student"), terms.model_dump() if terms else None, prepared.content_hash, before,
+        *[teacher_logits.texts_sha256(part_texts) for part, part_texts in texts.parts().items() if part != "train"],
     )
     scratch, resume = checkpoints.checkpoint_dir(params, stage, key)
-    trainer = DistillationTrainer(
-        model=student,
-        args=training_arguments(params.student, scratch),
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"],
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics_fn(task_type, params.task.threshold),
-        kd=kd,
-        # A student with its own tokenizer reads only the cache: the teacher never sees its token ids.
-        teacher=teacher if kd.needs_teacher and shared else None,
-        pos_weight=pos_weight,
+    trained = train_phases(
+        phases, student=student, tokenizer=tokenizer, teacher=teacher, alignment=alignment,
+        labelled=datasets["train"], validation=datasets["validation"], texts=texts,
+        cache_dir=params.path(params.paths.teacher_logits), teacher_fingerprint=before, budget=params.student,
+        scratch=scratch, resume=resume, max_length=max_length, task_type=task_type, threshold=params.task.threshold,
+        collator=encoding.Collator(tokenizer), pos_weight=pos_weight, layer_map=layer_map,
     )
-    seconds = train(trainer, resume)
     if state_fingerprint(teacher) != before:  # cannot happen unless the freezing is broken
         raise RuntimeError("the teacher's weights changed during distillation")
+    kd_terms = [term for phase in phases for term in phase.kd.terms]
     record = results.save_trained(
-        trainer, tokenizer, params.path(out_path), prepared, params,
-        member=member, stage=stage, source=params.paths.teacher, training_seconds=seconds,
+        trained.trainer, tokenizer, params.path(out_path), prepared, params,
+        member=member, stage=stage, source=params.paths.teacher, training_seconds=trained.seconds,
         params={"student": params.section("student"), stage: terms.model_dump() if terms else {}},
         details={
             "student": {**init_info, "num_layers": s_cfg.num_hidden_layers, "hidden_size": s_cfg.hidden_size},
             "kd": {
-                "layer_map": layer_map, "projection": kd.has_projection, **(terms.model_dump() if terms else {}),
-                **({"hidden_targets": "pooled"} if kd.pooled_teacher_layers else {}),
-                **({"skipped": kd.skipped} if kd.skipped else {}),
+                "layer_map": layer_map, "projection": any(getattr(t, "projection", None) is not None for t in kd_terms),
+                **(terms.model_dump() if terms else {}),
+                "token_alignment": alignment.kind,
+                "phases": {phase.name: {"terms": [t.name for t in phase.kd.terms], "texts": trained.rows.get(phase.name, 0)}
+                           for phase in phases},
+                **({"hidden_targets": "pooled"} if any(p.kd.pooled_teacher_layers for p in phases) else {}),
+                **({"skipped": phases[-1].kd.skipped} if phases[-1].kd.skipped else {}),
             },
-            **({"transfer_texts": transfer_rows} if transfer_rows else {}),
+            **{f"{part}_texts": len(part_texts) for part, part_texts in texts.parts().items() if part != "train"},
         },
     )
     if record is None:  # not the main process of a distributed run
         return {}
-    results.record_curve(results.curve_rows(trainer.state.log_history), params.path(params.paths.curves) / f"{stage}.csv")
-    checkpoints.finish(trainer, scratch)
-    return {**record.metrics(), **tokenizer_flags(shared, kd.skipped)}
+    results.record_curve(trained.curve, params.path(params.paths.curves) / f"{stage}.csv")
+    checkpoints.finish(trained.trainer, scratch)
+    return {**record.metrics(), **alignment_flags(alignment, phases[-1].kd.skipped),
+            **{f"{part}_texts": len(part_texts) for part, part_texts in texts.parts().items() if part != "train"}}
 
 
-def tokenizer_flags(shared: bool, skipped: dict[str, str]) -> dict[str, int]:
+def alignment_flags(alignment: Alignment, skipped: dict[str, str]) -> dict[str, int]:
     """Stage metrics of a student with its own tokenizer (none for a shared one: its metrics stay as they were)."""
-    if shared:
+    if alignment.kind == "shared":
         return {}
-    return {"shared_tokenizer": 0, **{f"{name}_kd_skipped": 1 for name in skipped}}
+    return {"shared_tokenizer": 0, "token_level_kd": int(alignment.token_level), **{f"{name}_kd_skipped": 1 for name in skipped}}

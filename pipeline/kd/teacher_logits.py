@@ -29,14 +29,14 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.data.prepared import Prepared
 from pipeline.errors import DataError
 from pipeline.io import read_json, sha256_file, write_json
+from pipeline.kd.teacher_internals import Collector, InternalsStore
 from pipeline.kd.terms import mean_pool
+from pipeline.kd.texts import PARTS, KDTexts
 from pipeline.training import encoding
 from pipeline.training.loss import KDLoss
 
-CACHED_SPLITS = ("train", "transfer")
 INDEX_FILE = "index.json"
 POOLED_SUFFIX = ".pooled.npy"
 POOLED_DTYPE = np.float16
@@ -58,35 +58,43 @@ def compute_teacher_logits(teacher: PreTrainedModel, dataset, collator, batch_si
 
 @torch.no_grad()
 def compute_teacher_outputs(
-    teacher: PreTrainedModel, dataset, collator, batch_size: int = 128, pooled_layers: Sequence[int] = ()
+    teacher: PreTrainedModel, dataset, collator, batch_size: int = 128, pooled_layers: Sequence[int] = (),
+    internals: Collector | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's logits (float32) for every example, in dataset order, and, when `pooled_layers`
     are given (0: the embedding output), its mean-pooled hidden states of those layers
-    [examples, layers, hidden] (float32), from the same forward pass. Batches are formed from
-    examples sorted by length (little padding: about half the work on short texts of mixed length;
-    padding never changes an example's outputs), and the rows are put back in dataset order."""
+    [examples, layers, hidden] (float32), from the same forward pass; `internals` collects its
+    per-token hidden states and attention maps too (in batch order: `internals.order` puts them back).
+    Batches are formed from examples sorted by length (little padding: about half the work on short
+    texts of mixed length; padding never changes an example's outputs), and the rows are put back in
+    dataset order."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     teacher.eval()
     device = next(teacher.parameters()).device
-    columns = [c for c in dataset.column_names if c not in ("labels", "teacher_logits", "teacher_pooled", "has_label")]
+    columns = [c for c in dataset.column_names if c not in ("labels", *encoding.EXTRA_FLOAT_COLUMNS, encoding.ROW_COLUMN)]
     lengths = [len(ids) for ids in dataset["input_ids"]]
     by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
     loader = DataLoader(dataset.select_columns(columns).select(by_length), batch_size=batch_size, collate_fn=collator)
     chunks, pooled_chunks = [], []
     for batch in tqdm(loader, desc="teacher outputs", unit="batch", leave=False):
         batch = {key: value.to(device) for key, value in batch.items()}
-        if not pooled_layers:
+        if not pooled_layers and internals is None:
             chunks.append(teacher(**batch).logits.float().cpu())
             continue
-        outputs = teacher(**batch, output_hidden_states=True)
+        outputs = teacher(**batch, output_hidden_states=True, output_attentions=internals is not None)
         chunks.append(outputs.logits.float().cpu())
         mask = batch["attention_mask"]
-        pooled_chunks.append(
-            torch.stack([mean_pool(outputs.hidden_states[layer].float(), mask) for layer in pooled_layers], dim=1).cpu()
-        )
+        if internals is not None:
+            internals.add(outputs, mask)
+        if pooled_layers:
+            pooled_chunks.append(
+                torch.stack([mean_pool(outputs.hidden_states[layer].float(), mask) for layer in pooled_layers], dim=1).cpu()
+            )
     order = torch.tensor(by_length).argsort()  # each row's position in the sorted batches
+    if internals is not None:
+        internals.order = order.tolist()
     return torch.cat(chunks)[order], (torch.cat(pooled_chunks)[order] if pooled_layers else None)
 
 
@@ -104,11 +112,15 @@ def compute(
     texts: list[str],
     max_length: int,
     pooled_layers: Sequence[int] = (),
+    internals: Collector | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The teacher's logits for `texts`, tokenized and batched exactly as the students' training split,
-    and its mean-pooled hidden states of `pooled_layers` (None when no layer is asked for)."""
+    and its mean-pooled hidden states of `pooled_layers` (None when no layer is asked for); `internals`
+    collects its per-token states and maps."""
     dataset = encoding.encode_texts(texts, tokenizer, max_length)
-    logits, pooled = compute_teacher_outputs(teacher, dataset, encoding.Collator(tokenizer), pooled_layers=pooled_layers)
+    logits, pooled = compute_teacher_outputs(
+        teacher, dataset, encoding.Collator(tokenizer), pooled_layers=pooled_layers, internals=internals,
+    )
     return logits.numpy(), (None if pooled is None else pooled.numpy())
 
 
@@ -215,45 +227,57 @@ def check_index(directory: Path, split: str, texts: list[str], max_length: int, 
 
 def kd_train_dataset(
     train: Dataset,
-    prepared: Prepared,
+    texts: KDTexts,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     kd: KDLoss,
     cache_dir: Path,
     teacher_fingerprint: str,
+    parts: tuple[str, ...] = PARTS,
+    internals: InternalsStore | None = None,
 ) -> Dataset:
-    """What a KD stage trains on: the labelled train split (encoded, in prepared order) and, when the
-    prepared data has transfer texts, those texts with `has_label` 0 (KD terms only). When the terms
-    read only the teacher's logits they come from the cache; terms that read the teacher's internals
-    run it live on the same tokens. The pooled hidden-state term (a student with its own tokenizer)
-    gets its targets from the cache too, as a `teacher_pooled` column. A section without a teacher
-    term (the baseline) gets `train` as is.
+    """What a KD stage trains on: the labelled train split (encoded, in prepared order) and the
+    unlabelled parts among `parts` that have texts (transfer, augmented), with `has_label` 0 (KD
+    terms only). When the terms read only the teacher's logits they come from the cache; terms that
+    read the teacher's internals run it live on the same tokens. The pooled hidden-state term (a
+    student whose tokens do not line up with the teacher's) gets its targets from the cache too, as a
+    `teacher_pooled` column. With `internals` (the teacher's cached per-token states of these parts),
+    the terms that read them need no live teacher either: each row gets its `teacher_row` there. A
+    section without a teacher term (the baseline) gets `train` as is.
     """
     if not kd.needs_teacher:
         return train
-    cached = not kd.needs_internals
+    cached = not kd.needs_internals or internals is not None
     layers = kd.pooled_teacher_layers
 
-    def add_cached(dataset: Dataset, split: str, texts: list[str]) -> Dataset:
-        logits = load(cache_dir, split, texts, max_length, teacher_fingerprint)
+    def add_rows(dataset: Dataset, part: str) -> Dataset:
+        if internals is None or not kd.needs_internals:
+            return dataset
+        first = internals.first_row[part]
+        return dataset.add_column("teacher_row", list(range(first, first + len(dataset))))
+
+    def add_cached(dataset: Dataset, split: str, split_texts: list[str]) -> Dataset:
+        logits = load(cache_dir, split, split_texts, max_length, teacher_fingerprint)
         dataset = dataset.add_column("teacher_logits", logits.tolist())
         if layers:
-            pooled = load_pooled(cache_dir, split, texts, max_length, teacher_fingerprint, layers)
+            pooled = load_pooled(cache_dir, split, split_texts, max_length, teacher_fingerprint, layers)
             # One flat float32 row per text (Arrow takes 1-D arrays fast; nested lists took seconds).
             dataset = dataset.add_column("teacher_pooled", list(pooled.reshape(len(pooled), -1)))
         return dataset
 
     if cached:
-        train = add_cached(train, "train", prepared.texts("train"))
-    transfer = prepared.transfer_texts()
-    if not transfer:  # no has_label column: the loss is computed exactly as without a transfer set
+        train = add_rows(add_cached(train, "train", texts.train), "train")
+    unlabelled = {part: read for part, read in texts.read_by(tokenizer, parts).items() if part != "train"}
+    if not unlabelled:  # no has_label column: the loss is computed exactly as without unlabelled texts
         return train
-    extra = encoding.encode_texts(transfer, tokenizer, max_length)
     first = train[0]["labels"]
     placeholder = 0 if isinstance(first, int) else [0] * len(first)
-    extra = extra.add_column("labels", [placeholder] * len(extra))
-    if cached:
-        extra = add_cached(extra, "transfer", transfer)
+    extras = []
+    for part, read in unlabelled.items():
+        extra = encoding.encode_texts(read, tokenizer, max_length)
+        extra = extra.add_column("labels", [placeholder] * len(extra))
+        if cached:  # the cache is keyed by the texts as stored (a part's mask placeholder included)
+            extra = add_rows(add_cached(extra, part, getattr(texts, part)), part)
+        extras.append(extra.add_column("has_label", [0] * len(extra)))
     train = train.add_column("has_label", [1] * len(train))
-    extra = extra.add_column("has_label", [0] * len(extra))
-    return concatenate_datasets([train, extra.select_columns(train.column_names).cast(train.features)])
+    return concatenate_datasets([train] + [extra.select_columns(train.column_names).cast(train.features) for extra in extras])

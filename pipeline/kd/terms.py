@@ -10,7 +10,7 @@ where `soft` is KL(teacher || student) over a softmax (single-label) or the bina
 per-label sigmoids (multi-label, where `label_alpha` may replace alpha label by label). With alpha = 0
 and no other term only the hard-label term is left: the no-KD baseline.
 
-A student with its own tokenizer (`shared_tokenizer=False`) cannot read the teacher's token ids, so
+A student whose tokens do not line up with the teacher's (`token_level=False`) cannot read the teacher's token ids, so
 every teacher signal comes from the `teacher_logits` cache, looked up by text: the logits, and for the
 hidden term the teacher's mean-pooled hidden states of the mapped layers (`PooledHiddenMSE`, matching
 sentence representations instead of token positions). The attention term compares maps token by
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +231,8 @@ class PooledHiddenMSE(KDTerm):
 
 # Why a term is left out when the student's tokenizer differs from the teacher's.
 NEEDS_SHARED_TOKENIZER = (
-    "attention maps are compared token by token, and the student's tokenizer differs from the teacher's"
+    "attention maps are compared token by token, and the student's tokenizer cuts text into other pieces "
+    "than the teacher's"
 )
 
 
@@ -242,15 +244,19 @@ def build_kd_loss(
     key: str = "",
     layer_map: Sequence[int] = (),
     hidden_sizes: tuple[int, int] | None = None,
-    shared_tokenizer: bool = True,
-) -> KDLoss:
+    token_level: bool = True,
+    part: Literal["all", "layers", "logits"] = "all",
+) -> KDLoss | None:
     """The terms a params section enables; None (the teacher, the baseline) is hard labels only.
 
     `key` names the section in error messages, `layer_map` pairs student and teacher layers for the
     hidden and attention terms, `hidden_sizes` (student, teacher) decide whether the hidden term
-    needs a projection. Without a shared tokenizer the hidden term matches pooled sentence states
-    (relative MSE) and the attention term is skipped (logged, and listed in `KDLoss.skipped`). A new term is one
-    `KDTerm` subclass and one line here (in `extra`).
+    needs a projection. When the student's token positions do not line up with the teacher's
+    (`token_level` False, pipeline/kd/token_map.py) the hidden term matches pooled sentence states
+    (relative MSE) and the attention term is skipped (logged, and listed in `KDLoss.skipped`).
+    `part` keeps the layer terms only (hidden, attention: None when there are none) or the logit
+    terms only (hard, soft, relation), for a two-phase schedule. A new term is one `KDTerm` subclass
+    and one line here (in `extra`).
     """
     if section is None:
         return hard_labels_only(task_type)
@@ -264,25 +270,28 @@ def build_kd_loss(
     attention_weight = getattr(section, "attention_weight", 0.0)
     if (hidden_weight > 0 or attention_weight > 0) and not layer_map:
         raise ValueError("the hidden-state and attention terms need a layer_map")
-    extra: list[KDTerm] = []
+    layers: list[KDTerm] = []
     skipped: dict[str, str] = {}
-    if section.relation_weight > 0:
-        extra.append(RelationLoss(section.relation_weight))
-    if hidden_weight > 0 and not shared_tokenizer:
+    if hidden_weight > 0 and not token_level:
         if hidden_sizes is None:
             raise ValueError("the pooled hidden-state term needs hidden_sizes for its projection")
-        extra.append(PooledHiddenMSE(hidden_weight, list(layer_map), nn.Linear(*hidden_sizes)))
+        layers.append(PooledHiddenMSE(hidden_weight, list(layer_map), nn.Linear(*hidden_sizes)))
     elif hidden_weight > 0:
         projection = None
         if hidden_sizes is not None and hidden_sizes[0] != hidden_sizes[1]:
             # TinyBERT: a learned map from the student's hidden space into the teacher's.
             projection = nn.Linear(*hidden_sizes)
-        extra.append(HiddenStateMSE(hidden_weight, list(layer_map), projection))
-    if attention_weight > 0 and not shared_tokenizer:
+        layers.append(HiddenStateMSE(hidden_weight, list(layer_map), projection))
+    if attention_weight > 0 and not token_level:
         skipped["attention"] = NEEDS_SHARED_TOKENIZER
         log.warning("%s.attention_weight=%s: the attention term is skipped: %s", key or "kd", attention_weight, NEEDS_SHARED_TOKENIZER)
     elif attention_weight > 0:
-        extra.append(AttentionMSE(attention_weight, list(layer_map)))
+        layers.append(AttentionMSE(attention_weight, list(layer_map)))
+    if part == "layers":
+        return KDLoss(layers, task_type, skipped) if layers else None
+    extra: list[KDTerm] = [RelationLoss(section.relation_weight)] if section.relation_weight > 0 else []
+    if part == "all":
+        extra += layers
 
     if section.alpha == 0 and not any(term.needs_teacher for term in extra):
         return KDLoss([HardLabelLoss(1.0, task_type), *extra], task_type, skipped)  # no teacher: the baseline

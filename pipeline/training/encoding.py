@@ -16,6 +16,8 @@ from pipeline.data.prepared import Prepared
 # pooled hidden states for a student with its own tokenizer), and `has_label` (0 for a transfer text,
 # whose label is a placeholder the hard-label term must skip).
 EXTRA_FLOAT_COLUMNS = ("teacher_logits", "teacher_pooled", "has_label")
+# A row's place in the teacher's cached per-token internals (pipeline/kd/teacher_internals.py), passed through as an integer.
+ROW_COLUMN = "teacher_row"
 
 
 def encode(
@@ -67,6 +69,9 @@ class Collator:
             for key in EXTRA_FLOAT_COLUMNS
             if key in features[0]
         }
+        rows = [feature.pop(ROW_COLUMN) for feature in features] if ROW_COLUMN in features[0] else None
         batch = self.pad(features)
         batch.update(extra)
+        if rows is not None:
+            batch[ROW_COLUMN] = torch.tensor(rows, dtype=torch.long)
         return batch

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pipeline.data import labels as label_utils
 from pipeline.errors import FinCompressError
 from pipeline.evaluation.metrics import macro_f1
 from pipeline.training import checkpoints
+from pipeline.training.encoding import ROW_COLUMN
 from pipeline.training.loss import KDBatch, KDLoss
 
 # The trainable parameters of the terms (the hidden-state projection), kept beside a resumable checkpoint.
@@ -44,9 +46,16 @@ class DistillationTrainer(Trainer):
         kd: KDLoss,
         teacher: PreTrainedModel | None = None,
         pos_weight: torch.Tensor | None = None,
+        teacher_inputs: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        teacher_internals: Callable[[torch.Tensor, int], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # The teacher's inputs for a student batch: the same by default; ids mapped into the teacher's
+        # vocabulary for a student whose tokenizer cuts the same pieces under other ids.
+        self.teacher_inputs = teacher_inputs
+        # The teacher's cached per-token internals of the batch's rows (`teacher_row`), instead of a live pass.
+        self.teacher_internals = teacher_internals
         if kd.needs_internals and teacher is None:
             raise ValueError("these KD terms read the teacher's hidden states or attentions: pass teacher=")
         self.kd = kd.to(self.args.device)
@@ -73,6 +82,7 @@ class DistillationTrainer(Trainer):
         cached = inputs.pop("teacher_logits", None)
         pooled = inputs.pop("teacher_pooled", None)
         has_label = inputs.pop("has_label", None)
+        rows = inputs.pop(ROW_COLUMN, None)
         kd = self.kd
         training = model.training
         wants = {
@@ -89,11 +99,14 @@ class DistillationTrainer(Trainer):
             has_label=has_label, teacher_pooled=pooled,
         )
         if kd.needs_teacher:
-            if cached is None or kd.needs_internals:
+            if kd.needs_internals and rows is not None and self.teacher_internals is not None:
+                batch.teacher = self.teacher_internals(rows, inputs["input_ids"].shape[1]).to(logits.device)
+            elif cached is None or kd.needs_internals:
                 if self.teacher is None:
                     raise ValueError("the batch has no teacher_logits column and no teacher was given to compute them")
                 with torch.no_grad():
-                    batch.teacher = self.teacher(**inputs, **wants)
+                    teacher_inputs = self.teacher_inputs(inputs) if self.teacher_inputs else inputs
+                    batch.teacher = self.teacher(**teacher_inputs, **wants)
             teacher_logits = cached if cached is not None else batch.teacher.logits
             batch.teacher_logits = teacher_logits.to(logits.dtype)
         loss, parts = kd(batch)
