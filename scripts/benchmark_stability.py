@@ -23,8 +23,8 @@ from typing import Any
 from pipeline.config import DEFAULT_PARAMS_FILE, load_params
 from pipeline.data.prepared import load_split
 from pipeline.evaluation.family import REFERENCE
-from pipeline.evaluation.latency import Stopping, quiet_machine, run_benchmark
-from stages.benchmark import present_members, stopping
+from pipeline.evaluation.latency import Stopping, benchmark_stopping, quiet_machine, run_benchmark
+from stages.benchmark import present_members
 
 FULL_LENGTH = Stopping(min_runs=200, min_rounds=5, round_seconds=1.0)
 FULL_LENGTH_WARMUP = 20
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.champion not in {member.name for member in members}:
         print(f"error: {args.champion} is not in the built family at {params.root}", file=sys.stderr)
         return 1
-    harnesses = {"full": (FULL_LENGTH, FULL_LENGTH_WARMUP), "adaptive": (stopping(cfg), cfg.warmup_runs)}
+    harnesses = {"full": (FULL_LENGTH, FULL_LENGTH_WARMUP), "adaptive": (benchmark_stopping(cfg), cfg.warmup_runs)}
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
         # Alternate which goes first, so a trend in the machine's load does not favour one harness.

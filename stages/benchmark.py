@@ -9,14 +9,13 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import Params
-from pipeline.config.evaluation import BenchmarkConfig
 from pipeline.data.prepared import load_split
 from pipeline.errors import ModelError
 from pipeline.evaluation.family import REFERENCE, Member, family
 from pipeline.evaluation.latency import (
     ONE_SESSION,
     SESSIONS,
-    Stopping,
+    benchmark_stopping,
     machine_info,
     quiet_machine,
     run_benchmark,
@@ -43,13 +42,6 @@ def present_members(params: Params) -> list[Member]:
     return members
 
 
-def stopping(cfg: BenchmarkConfig) -> Stopping:
-    return Stopping(
-        min_runs=cfg.min_runs, min_rounds=cfg.min_rounds, round_seconds=cfg.round_seconds, rel_ci=cfg.rel_ci,
-        max_runs=cfg.max_runs, max_seconds=cfg.max_seconds,
-    )
-
-
 def run(params: Params) -> dict[str, Any]:
     """Time every member found under params.paths; write paths.benchmark."""
     cfg = params.benchmark
@@ -62,7 +54,7 @@ def run(params: Params) -> dict[str, Any]:
             texts,
             params.task.max_length,
             cfg.threads,
-            stopping(cfg),
+            benchmark_stopping(cfg),
             cfg.warmup_runs,
             cfg.throughput_batch_size,
             cfg.throughput_batches,

@@ -271,19 +271,28 @@ def interleaved_latency(
     return samples, stopped
 
 
+def benchmark_stopping(cfg: Any) -> Stopping:
+    """The benchmark section's adaptive stopping (`BenchmarkConfig`: until each p50 is stable, capped)."""
+    return Stopping(
+        min_runs=cfg.min_runs, min_rounds=cfg.min_rounds, round_seconds=cfg.round_seconds, rel_ci=cfg.rel_ci,
+        max_runs=cfg.max_runs, max_seconds=cfg.max_seconds,
+    )
+
+
 def one_thread_latency(
     members: list[Member], texts: list[str], max_length: int, min_runs: int, min_seconds: float,
-    warmup_runs: int, rounds: int, seed: int = 0,
+    warmup_runs: int, rounds: int, seed: int = 0, stopping: Stopping | None = None,
 ) -> dict[str, dict[str, float]]:
     """Model-only batch-1 latency percentiles (ms) at 1 thread of each member, interleaved in one run:
-    the short measurement of a search (a fixed number of rounds; no throughput, no end-to-end timing)."""
+    the short measurement of a search (a fixed number of rounds; no throughput, no end-to-end timing),
+    or until `stopping` says so (the benchmark's adaptive rule)."""
     workers: list[Worker] = []
     try:
         for member in members:
             workers.append(Worker.spawn(member, texts, max_length, [1]))
         for worker in workers:
             worker.loaded()
-        stopping = Stopping(min_runs=min_runs, min_rounds=rounds, round_seconds=min_seconds / rounds)
+        stopping = stopping or Stopping(min_runs=min_runs, min_rounds=rounds, round_seconds=min_seconds / rounds)
         samples, _ = interleaved_latency(
             workers, len(texts), [(1, False)], stopping, warmup_runs, np.random.default_rng(seed)
         )

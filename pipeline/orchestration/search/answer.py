@@ -44,10 +44,10 @@ def trial_rows(study: Any, goals: SearchGoals, remeasured: dict[int, float]) -> 
 
 def remeasure(params: Params, study: Any, numbers: list[int]) -> dict[int, float]:
     """The candidates' p50 again, side by side in ONE interleaved run (trial timings taken while other
-    workers trained are noisy), with the benchmark section's run lengths."""
+    workers trained are noisy), timed as the benchmark stage times a member (until its p50 is stable)."""
     from pipeline.data.prepared import load_prepared
     from pipeline.evaluation.family import MEMBER_KINDS
-    from pipeline.evaluation.latency import one_thread_latency, quiet_machine
+    from pipeline.evaluation.latency import benchmark_stopping, one_thread_latency, quiet_machine
 
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     members, seen = [], set()
@@ -64,8 +64,8 @@ def remeasure(params: Params, study: Any, numbers: list[int]) -> dict[int, float
     view = load_prepared(view_dir(params, study.study_name))
     cfg = params.benchmark
     with quiet_machine():
-        timing = one_thread_latency(members, view.texts("validation"), params.task.max_length, cfg.min_runs,
-                                    cfg.min_seconds, cfg.warmup_runs, cfg.rounds, cfg.seed)
+        timing = one_thread_latency(members, view.texts("validation"), params.task.max_length, cfg.min_runs, 0.0,
+                                    cfg.warmup_runs, cfg.min_rounds, cfg.seed, stopping=benchmark_stopping(cfg))
     found = {int(name.removeprefix("trial-")): result["p50"] for name, result in timing.items()}
     # A duplicate trial is the same model: it gets its original's timing.
     for number in numbers:
