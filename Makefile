@@ -50,6 +50,13 @@ PHRASEBANK ?= $(abspath $(CURDIR)/../shared/data/financial_phrasebank/Sentences_
 # teacher's it keeps its own, see the README), a directory (made absolute) or a Hub id; TRANSFER:
 # transfer.path, a file of unlabelled in-domain texts (made absolute), e.g. Sentences_50Agree.txt.
 # STUDENT_LAYERS: student.num_layers (params.yaml's 3 otherwise).
+# RECIPE=kd: the distillation recipe for a BERT-base teacher (augmented transfer texts, two-phase
+# token-level KD; docs/distillation.md); ARGS: any further `-S key=value` overrides.
+KD_RECIPE = -S transfer.augment.enabled=true -S transfer.augment.n_per_text=2 -S transfer.augment.max_texts=8000 \
+  -S distill_intermediate.schedule=two_phase -S distill_intermediate.layer_texts=original \
+  -S distill_intermediate.phase1_epochs=2
+RECIPE ?=
+ARGS ?=
 TEACHER ?=
 TEACHER_LR ?=
 STUDENT_INIT ?=
@@ -58,11 +65,11 @@ TRANSFER ?=
 STUDENT_INIT_ARG = $(if $(wildcard $(STUDENT_INIT)),$(abspath $(STUDENT_INIT)),$(STUDENT_INIT))
 run-phrasebank: setup
 	FINCOMPRESS_PIPELINE_RUN=phrasebank-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/dvc exp run --temp \
-	  --name phrasebank-allagree$(if $(TEACHER),-$(subst /,-,$(TEACHER)))$(if $(STUDENT_INIT),-student-$(notdir $(patsubst %/,%,$(STUDENT_INIT))))$(if $(STUDENT_LAYERS),-$(STUDENT_LAYERS)layers)$(if $(TRANSFER),-transfer) \
+	  --name phrasebank-allagree$(if $(TEACHER),-$(subst /,-,$(TEACHER)))$(if $(STUDENT_INIT),-student-$(notdir $(patsubst %/,%,$(STUDENT_INIT))))$(if $(STUDENT_LAYERS),-$(STUDENT_LAYERS)layers)$(if $(TRANSFER),-transfer)$(if $(RECIPE),-$(RECIPE)) \
 	  -S data.source=phrasebank -S data.path=$(PHRASEBANK) -S verify_teacher.min_macro_f1=0.85 \
 	  $(if $(TEACHER),-S teacher.model=$(TEACHER)) $(if $(TEACHER_LR),-S teacher.learning_rate=$(TEACHER_LR)) \
 	  $(if $(STUDENT_INIT),-S student.init=$(STUDENT_INIT_ARG)) $(if $(STUDENT_LAYERS),-S student.num_layers=$(STUDENT_LAYERS)) \
-	  $(if $(TRANSFER),-S transfer.path=$(abspath $(TRANSFER)))
+	  $(if $(TRANSFER),-S transfer.path=$(abspath $(TRANSFER))) $(if $(filter kd,$(RECIPE)),$(KD_RECIPE)) $(ARGS)
 
 # The family on the bundled multi-label demo set (six news topics), as a DVC experiment.
 run-multilabel: setup
