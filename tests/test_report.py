@@ -15,7 +15,7 @@ from pipeline.config import SLAConfig, params_from_dict
 from pipeline.evaluation.family import family
 from pipeline.evaluation.latency import all_cores_layouts
 from pipeline.evaluation.metrics import bootstrap_ci
-from pipeline.evaluation.plots import label_members, loss_columns, read_curve
+from pipeline.evaluation.plots import label_members, loss_columns, loss_curves_plot, read_curve, read_phases
 from pipeline.evaluation.record import ModelRecord
 from pipeline.evaluation.report import (
     closest_member,
@@ -114,6 +114,11 @@ def test_loss_curves_draw_every_loss_column(tmp_path):
     assert loss_columns(read_curve(path)) == ["loss_total", "loss_ce", "loss_contrastive"]
     path.write_text("step,train_loss,eval_macro_f1\n1,0.9,0.7\n")  # plain fine-tuning logs no loss terms
     assert loss_columns(read_curve(path)) == ["train_loss"]
+    # Two-phase KD: the curve's text column `phase` is not a number; the plot marks where phase 2 starts.
+    path.write_text("step,loss_hidden,loss_total,phase,eval_macro_f1\n1,0.2,0.2,layers,\n2,,0.6,logits,0.8\n")
+    assert read_phases(path) == ["layers", "logits"] and "phase" not in read_curve(path)[0]
+    loss_curves_plot({"distill_intermediate": path}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_markdown_marks_best_values():

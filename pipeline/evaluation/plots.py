@@ -69,9 +69,20 @@ def pareto_plot(
     plt.close(fig)
 
 
+PHASE_COLUMN = "phase"
+
+
 def read_curve(path: Path) -> list[dict[str, float]]:
+    """The numeric columns of a curve CSV, per row (the `phase` column of a two-phase KD is text: left out)."""
     with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+        return [{k: float(v) for k, v in row.items() if k != PHASE_COLUMN and v not in ("", None)}
+                for row in csv.DictReader(handle)]
+
+
+def read_phases(path: Path) -> list[str]:
+    """Each row's training phase (pipeline/kd/phases.py), "" where the curve has none."""
+    with open(path, newline="") as handle:
+        return [row.get(PHASE_COLUMN) or "" for row in csv.DictReader(handle)]
 
 
 def loss_columns(rows: list[dict[str, float]]) -> list[str]:
@@ -92,6 +103,9 @@ def loss_curves_plot(curves: dict[str, Path], path: Path) -> None:
     for ax, (name, curve_path) in zip(axes[0], present.items()):
         rows = read_curve(curve_path)
         x = list(range(1, len(rows) + 1))
+        phases = read_phases(curve_path)
+        for boundary in [i for i in range(1, len(phases)) if phases[i] != phases[i - 1]]:
+            ax.axvline(boundary + 0.5, color="grey", linestyle=":", linewidth=1)  # a new KD phase starts
         for key in loss_columns(rows):
             ax.plot(x, [row.get(key) for row in rows], marker="o", label=key.removeprefix("loss_"))
         ax.set_yscale("log")

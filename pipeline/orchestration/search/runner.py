@@ -52,6 +52,35 @@ def parent_run(params: Params, study: str) -> Iterator[Any]:
         yield run
 
 
+NO_WORKERS_SECONDS = 120.0
+
+
+def wait_while_workers_live(client: Any, futures: list[Any], poll: float = 5.0) -> None:
+    """Wait for `futures`; raise when the cluster has had no worker at all for NO_WORKERS_SECONDS while
+    they are pending (their processes gone and not replaced), instead of waiting forever."""
+    from dask.distributed import wait
+
+    empty_since = None
+    while True:
+        try:
+            wait(futures, timeout=poll)
+        except TimeoutError:  # dask's is the builtin one
+            pass
+        pending = [future for future in futures if not future.done()]
+        if not pending:
+            return
+        if client.scheduler_info().get("workers"):
+            empty_since = None
+            continue
+        empty_since = empty_since or time.monotonic()
+        if time.monotonic() - empty_since > NO_WORKERS_SECONDS:
+            raise TransientError(
+                f"the Dask cluster at {client.scheduler.address} has had no worker for {NO_WORKERS_SECONDS:.0f} s "
+                f"while {len(pending)} search worker(s) were pending: its worker processes ended and were not "
+                "replaced (see the worker logs above); the finished trials are kept: run the search again to resume"
+            )
+
+
 def run_workers_on_dask(jobs: int, context: SearchContext, compress: Compress, dask_address: str | None) -> None:
     """`jobs` search workers sharing the study: on the Dask cluster at `dask_address`, else on a local
     cluster of `jobs` one-thread processes. Dask rather than a multiprocessing pool: a worker process
@@ -69,6 +98,7 @@ def run_workers_on_dask(jobs: int, context: SearchContext, compress: Compress, d
         client = stack.enter_context(Client(dask_address))
         futures = [client.submit(search_worker, context, compress, threads, worker, pure=False) for worker in range(jobs)]
         try:
+            wait_while_workers_live(client, futures)
             client.gather(futures)
         except KilledWorker as error:
             raise TransientError(
