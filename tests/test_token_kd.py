@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -218,6 +219,20 @@ def test_cached_internals_are_the_live_teachers(mapped_project, shifted_init):
         assert cached.attentions[layer][~pairs].abs().sum() == 0  # padding is zero (and masked by the terms)
     with pytest.raises(DataError, match="belong to other texts"):
         InternalsStore(params.path(params.paths.teacher_logits), {"train": texts.train[::-1]}, texts_sha256)
+
+
+def test_cached_internals_changed_afterwards_are_refused(mapped_project, tmp_path):
+    params = mapped_project
+    prepared = load_prepared(params.path(params.paths.prepared))
+    texts = KDTexts(prepared.texts("train"), prepared.transfer_texts(), [])
+    copy = tmp_path / "teacher_logits"
+    shutil.copytree(params.path(params.paths.teacher_logits), copy)
+    hidden = copy / "train.hidden.npy"
+    data = bytearray(hidden.read_bytes())
+    data[-1] ^= 0x01  # one bit of one cached value: same size, still a valid array
+    hidden.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train\.hidden\.npy is not the file the teacher_logits stage wrote"):
+        InternalsStore(copy, texts.parts(ORIGINAL), texts_sha256)
 
 
 def test_a_mapped_student_distils_token_by_token_in_two_phases(mapped_project):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DataError
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, sha256_file, write_json
 
 INDEX_FILE = "internals.json"
 DTYPE = np.float16
@@ -74,9 +74,15 @@ def save(out_dir: Path, collected: dict[str, Collector], texts_sha256: dict[str,
         np.save(out_dir / f"{part}.attention.npy", np.concatenate(attention).astype(DTYPE), allow_pickle=False)
         np.save(out_dir / f"{part}.offsets.npy", offsets, allow_pickle=False)
         index["layers"] = collector.layers
-        index["parts"][part] = {"texts": len(hidden), "texts_sha256": texts_sha256[part]}
+        # The SHA-256 of each file as written, as the logits cache records them: a changed file is refused.
+        files = {name: sha256_file(out_dir / name) for name in part_files(part)}
+        index["parts"][part] = {"texts": len(hidden), "texts_sha256": texts_sha256[part], "files": files}
     write_json(out_dir / INDEX_FILE, index)
     return index
+
+
+def part_files(part: str) -> list[str]:
+    return [f"{part}.hidden.npy", f"{part}.attention.npy", f"{part}.offsets.npy"]
 
 
 @dataclass
@@ -113,6 +119,14 @@ class InternalsStore:
                     f"{directory}: the cached teacher internals of the {part} texts are missing or belong to other "
                     "texts; re-run the teacher_logits stage (dvc repro teacher_logits)"
                 )
+            for name in part_files(part):
+                path = directory / name
+                if not path.is_file() or sha256_file(path) != entry.get("files", {}).get(name):
+                    raise DataError(
+                        f"{path} is not the file the teacher_logits stage wrote (its SHA-256 differs from "
+                        f"the one recorded in {INDEX_FILE}, or it is missing): it was changed or corrupted afterwards; "
+                        "rebuild it: dvc repro -f teacher_logits (or python -m stages.teacher_logits)"
+                    )
             self.first_row[part] = sum(len(t) for t in list(parts.values())[:number])
             self.hidden.append(np.load(directory / f"{part}.hidden.npy", mmap_mode="r", allow_pickle=False))
             self.attention.append(np.load(directory / f"{part}.attention.npy", mmap_mode="r", allow_pickle=False))
