@@ -18,6 +18,7 @@ from pipeline.data.prepared import load_prepared
 from pipeline.errors import DataError
 from pipeline.training.trainer import DistillationTrainer
 from stages import (
+    augment,
     distill_intermediate,
     distill_vanilla,
     prepare_data,
@@ -115,10 +116,11 @@ class Captured(Exception):
     """Stops a stage once its trainer is built: what it would train on is all this test needs."""
 
 
-@pytest.fixture(scope="module")
-def planted_project(trained_project, tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["transfer", "transfer+augmented"])
+def planted_project(trained_project, tmp_path_factory, request):
     """The trained tiny project with its test split planted in the transfer set: every test sentence in
-    nine spellings and with a number added (JSONL, so a spelling may span lines)."""
+    nine spellings and with a number added (JSONL, so a spelling may span lines); with augmentation on,
+    the augment stage's texts (made from training and transfer texts) join the students' inputs too."""
     root = tmp_path_factory.mktemp("planted")
     params = copy_project(trained_project, root)
     test = load_prepared(params.path(params.paths.prepared)).texts("test")
@@ -127,9 +129,12 @@ def planted_project(trained_project, tmp_path_factory):
     fresh = ["Analysts expect the bank to raise its dividend next year.", "Shipping volumes were flat in spring."]
     lines = [fresh[0], *planted, fresh[1]]
     (root / "data" / "transfer.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    tree = {**params.model_dump(mode="json"), "transfer": {"path": "data/transfer.jsonl"}}
+    tree = {**params.model_dump(mode="json"), "transfer": {"path": "data/transfer.jsonl",
+                                                           "augment": {"enabled": request.param, "n_per_text": 3}}}
     params = params_from_dict(tree, root=root)
     prepare_data.STAGE.execute(params)
+    if request.param:
+        assert augment.STAGE.execute(params)["augment_texts"] > 0
     teacher_logits.STAGE.execute(params)
     return params, test, len(planted)
 
@@ -158,6 +163,9 @@ def test_no_student_trains_on_the_planted_test_split(planted_project, monkeypatc
     with pytest.raises(Captured):
         prune.STAGE.run(params_from_dict(tree, root=params.root))
     assert len(captured) == 4
+    # The KD students and the recovery train on train + the 2 kept transfer texts (+ augmented ones).
+    augmented = 2 * 3 if params.transfer.augment.enabled else 0
+    assert all(len(dataset) >= len(prepared.texts("train")) + 2 + augmented for dataset, _ in captured[1:])
     guard = LeakGuard({"test": test})
     for dataset, tokenizer in captured:
         test_ids = {tuple(ids) for ids in tokenizer(test, truncation=True, max_length=params.task.max_length)["input_ids"]}
