@@ -69,7 +69,7 @@ run-phrasebank: setup
 	  -S data.source=phrasebank -S data.path=$(PHRASEBANK) -S verify_teacher.min_macro_f1=0.85 \
 	  $(if $(TEACHER),-S teacher.model=$(TEACHER)) $(if $(TEACHER_LR),-S teacher.learning_rate=$(TEACHER_LR)) \
 	  $(if $(STUDENT_INIT),-S student.init=$(STUDENT_INIT_ARG)) $(if $(STUDENT_LAYERS),-S student.num_layers=$(STUDENT_LAYERS)) \
-	  $(if $(TRANSFER),-S transfer.path=$(abspath $(TRANSFER))) $(if $(filter kd,$(RECIPE)),$(KD_RECIPE)) $(ARGS)
+	  -S transfer.path=$(if $(TRANSFER),$(abspath $(TRANSFER)),null) $(if $(filter kd,$(RECIPE)),$(KD_RECIPE)) $(ARGS)
 
 # The family on the bundled multi-label demo set (six news topics), as a DVC experiment.
 run-multilabel: setup

@@ -171,11 +171,12 @@ def tiny_params_tree(tiny_bert: Path, data_path: str = "data/tiny.csv") -> dict[
     tree = yaml.safe_load((REPO / "params.yaml").read_text())
     budget = {"batch_size": 8, "eval_batch_size": 32, "seed": 0, "warmup_ratio": 0.0}
     tree["data"].update(source="csv", path=data_path, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    tree["transfer"]["path"] = None  # the demo's unlabelled texts are not in a tiny project
     tree["teacher"].update(model=str(tiny_bert), epochs=20, learning_rate=3e-3, **budget)
     tree["task"]["max_length"] = 32
     tree["verify_teacher"]["min_macro_f1"] = 0.0
     tree["student"].update(num_layers=1, epochs=2, learning_rate=3e-3, **budget)
-    tree["prune"].update(importance_batches=2, vocab_keep_top=5)
+    tree["prune"].update(importance_batches=2, vocab="auto", vocab_keep_top=5)  # the tests exercise trimming
     tree["prune"]["recovery"].update(epochs=1, learning_rate=1e-3, **budget)
     tree["benchmark"].update(min_runs=5, min_rounds=2, max_runs=20, max_seconds=1.0, round_seconds=0.0, warmup_runs=1,
                              throughput_batches=1, throughput_batch_size=4)

@@ -11,6 +11,8 @@ from pipeline.config.base import Section
 
 # The bundled demo dataset (authored for this project).
 DEMO_PATH = "data/demo/financial_news_sentiment.csv"
+# Its unlabelled companion (1,200 sentences written for the demo's KD students: data/demo/README.md).
+DEMO_TRANSFER_PATH = "data/demo/financial_news_unlabelled.txt"
 
 
 class TaskConfig(Section):

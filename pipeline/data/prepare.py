@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
+from pipeline.config.data import DEMO_PATH, DEMO_TRANSFER_PATH
 from pipeline.data.prepared import SPLITS, write_prepared, write_transfer
 from pipeline.data.sources import read_source
 from pipeline.data.splitting import (
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
     """Read, check, de-duplicate and split the source; write the splits and manifest into `out_dir`."""
+    if params.transfer.path == DEMO_TRANSFER_PATH and params.data.path != DEMO_PATH:
+        log.warning(
+            "transfer.path is the demo's unlabelled news (%s) but the labelled data is your own (%s): the students "
+            "will also learn from those texts. Set transfer.path to unlabelled texts of your domain, or to null",
+            DEMO_TRANSFER_PATH, params.data.path,
+        )
     records, source = read_source(params)
     examples = to_examples(records, params.data, params.task)
     if not examples:
