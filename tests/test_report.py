@@ -105,6 +105,12 @@ def test_the_closest_member_to_the_sla_and_the_search_that_may_close_the_gap():
     assert message.endswith('make search SEARCH_ARGS="search.goals.min_retention=1 search.goals.max_latency_ms=2"')
     assert closest_member(rows[:2], sla) is None
     assert "export the ONNX models" in no_champion_message(None, sla)
+    # An SLA that asks no retention (0) is a latency goal alone, for the search too.
+    loose = SLAConfig(max_latency_ms=0.5, min_f1_retention=0.0)
+    near = closest_member(rows, loose)
+    assert near["member"] == "onnx_fast" and near["distance"]["min_f1_retention"] == 0.0
+    assert no_champion_message(near, loose).endswith(
+        'make search SEARCH_ARGS="search.goals.min_retention=null search.goals.max_latency_ms=0.5"')
 
 
 def test_loss_curves_draw_every_loss_column(tmp_path):

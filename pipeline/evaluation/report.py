@@ -135,7 +135,8 @@ def pick_champion(rows: list[dict[str, Any]], sla: SLAConfig) -> tuple[dict[str,
 
 def search_command(sla: SLAConfig) -> str:
     """The `make search` that looks for a member meeting this SLA: its goals are the SLA's axes."""
-    return (f'make search SEARCH_ARGS="search.goals.min_retention={sla.min_f1_retention:g} '
+    retention = f"{sla.min_f1_retention:g}" if sla.min_f1_retention else "null"  # 0: no retention goal
+    return (f'make search SEARCH_ARGS="search.goals.min_retention={retention} '
             f'search.goals.max_latency_ms={sla.max_latency_ms:g}"')
 
 
@@ -145,7 +146,8 @@ def closest_member(rows: list[dict[str, Any]], sla: SLAConfig) -> dict[str, Any]
     when met), the same in words, and the command that searches for a member meeting the SLA. None
     when nothing servable was benchmarked. Reference members are not candidates: no compression search
     can bring them closer."""
-    goals = SearchGoals(min_retention=sla.min_f1_retention, max_latency_ms=sla.max_latency_ms, max_size_mb=None)
+    # An SLA retention of 0 asks for none: no retention goal (the search's goals are > 0 or null).
+    goals = SearchGoals(min_retention=sla.min_f1_retention or None, max_latency_ms=sla.max_latency_ms, max_size_mb=None)
     servable = [row for row in rows if row["servable"] and not row.get("alternative")]
     outcomes = [
         Outcome(number=i, state="COMPLETE", retention=row["validation_f1_retention"] or 0.0,
@@ -158,7 +160,7 @@ def closest_member(rows: list[dict[str, Any]], sla: SLAConfig) -> dict[str, Any]
     gaps = shortfalls(outcomes[nearest["trial"]], goals)
     return {
         "member": servable[nearest["trial"]]["name"],
-        "distance": {"min_f1_retention": gaps["min_retention"], "max_latency_ms": gaps["max_latency_ms"]},
+        "distance": {"min_f1_retention": gaps.get("min_retention", 0.0), "max_latency_ms": gaps["max_latency_ms"]},
         "gaps": nearest["gaps"],
         "command": search_command(sla),
     }
