@@ -23,7 +23,8 @@ from typing import Any
 from pipeline.config import DEFAULT_PARAMS_FILE, load_params
 from pipeline.data.prepared import load_split
 from pipeline.evaluation.family import REFERENCE
-from pipeline.evaluation.latency import Stopping, benchmark_stopping, quiet_machine, run_benchmark
+from pipeline.evaluation.latency import quiet_machine, run_benchmark
+from pipeline.evaluation.stopping import Stopping, benchmark_stopping
 from stages.benchmark import present_members
 
 FULL_LENGTH = Stopping(min_runs=200, min_rounds=5, round_seconds=1.0)

@@ -15,13 +15,13 @@ from pipeline.evaluation.family import REFERENCE, Member, family
 from pipeline.evaluation.latency import (
     ONE_SESSION,
     SESSIONS,
-    benchmark_stopping,
     machine_info,
     quiet_machine,
     run_benchmark,
     thread_settings,
 )
 from pipeline.evaluation.record import ModelRecord
+from pipeline.evaluation.stopping import benchmark_stopping
 from pipeline.io import write_json
 from pipeline.stage import Stage
 

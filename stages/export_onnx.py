@@ -35,7 +35,6 @@ from pipeline.evaluation.model_card import write_export_cards
 from pipeline.evaluation.record import INFO_FILE, ModelRecord, evaluate_record
 from pipeline.export.onnx import OnnxClassifier, onnx_size_mb
 from pipeline.export.onnx_export import (
-    calibration_sample,
     choose_int8_variant,
     export_fp32,
     fp32_parity_failures,
@@ -44,10 +43,10 @@ from pipeline.export.onnx_export import (
     logit_parity,
     quantization_operators,
     quantize_int8,
-    quantize_int8_static,
     quantize_with_fallback,
     resolve_isa,
 )
+from pipeline.export.onnx_static import calibration_sample, quantize_int8_static
 from pipeline.io import OUTPUT_MARKER, atomic_dir, read_json, write_json, write_text_atomic
 from pipeline.models import (
     count_parameters,

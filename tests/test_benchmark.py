@@ -21,16 +21,11 @@ from pipeline.evaluation.family import (
     TorchMember,
     family,
 )
-from pipeline.evaluation.latency import (
-    Stopping,
-    interleaved_latency,
-    median_interval,
-    percentiles,
-    relative_half_width,
-    thread_settings,
-)
+from pipeline.evaluation.latency import interleaved_latency, percentiles, thread_settings
+from pipeline.evaluation.stopping import Stopping, median_interval, relative_half_width
 from pipeline.export.onnx import OnnxClassifier
-from pipeline.export.onnx_export import export_fp32, quantize_int8, quantize_int8_static
+from pipeline.export.onnx_export import export_fp32, quantize_int8
+from pipeline.export.onnx_static import quantize_int8_static
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
 from stages import benchmark
 

@@ -29,10 +29,9 @@ from pipeline.data.prepared import load_split
 from pipeline.errors import ConfigError, GateError, ModelError
 from pipeline.evaluation.family import EXCLUDED_FILE
 from pipeline.evaluation.record import ModelRecord
-from pipeline.export import onnx_export
+from pipeline.export import onnx_export, onnx_static
 from pipeline.export.onnx import OnnxClassifier, check_onnx_file, create_session
 from pipeline.export.onnx_export import (
-    calibration_sample,
     choose_int8_variant,
     detect_isa,
     export_fp32,
@@ -44,6 +43,7 @@ from pipeline.export.onnx_export import (
     quantize_int8,
     quantize_with_fallback,
 )
+from pipeline.export.onnx_static import calibration_sample
 from pipeline.io import OUTPUT_MARKER, write_json
 from pipeline.models import load_tokenizer, load_trained, predict_logits, save_model
 from scripts.tiny_project import read_tiny_texts
@@ -417,13 +417,13 @@ def test_static_calibration_reads_training_texts_only(project, exported, tmp_pat
         export_onnx={"quantization": "static", "calibration_texts": 8, "calibration_method": "entropy", "export_teacher": False},
     )
     calls: list[list[str]] = []  # one per quantization (the fallback may quantize again)
-    original = onnx_export.TextCalibrationReader.__init__
+    original = onnx_static.TextCalibrationReader.__init__
 
     def spy(self, model_dir, texts, *args, **kwargs):
         calls.append(list(texts))
         original(self, model_dir, texts, *args, **kwargs)
 
-    monkeypatch.setattr(onnx_export.TextCalibrationReader, "__init__", spy)
+    monkeypatch.setattr(onnx_static.TextCalibrationReader, "__init__", spy)
     metrics = export_onnx.STAGE.execute(params)
     prepared = params.path(params.paths.prepared)
     train = {row["text"] for row in load_split(prepared, "train")}

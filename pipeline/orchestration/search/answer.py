@@ -47,7 +47,8 @@ def remeasure(params: Params, study: Any, numbers: list[int]) -> dict[int, float
     workers trained are noisy), timed as the benchmark stage times a member (until its p50 is stable)."""
     from pipeline.data.prepared import load_prepared
     from pipeline.evaluation.family import MEMBER_KINDS
-    from pipeline.evaluation.latency import benchmark_stopping, one_thread_latency, quiet_machine
+    from pipeline.evaluation.latency import one_thread_latency, quiet_machine
+    from pipeline.evaluation.stopping import benchmark_stopping
 
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     members, seen = [], set()
