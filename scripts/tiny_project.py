@@ -176,7 +176,8 @@ def tiny_params_tree(tiny_bert: Path, data_path: str = "data/tiny.csv") -> dict[
     tree["task"]["max_length"] = 32
     tree["verify_teacher"]["min_macro_f1"] = 0.0
     tree["student"].update(num_layers=1, epochs=2, learning_rate=3e-3, **budget)
-    tree["prune"].update(importance_batches=2, vocab="auto", vocab_keep_top=5)  # the tests exercise trimming
+    # The tests exercise trimming and the removal of half the heads (the demo's defaults prune less).
+    tree["prune"].update(importance_batches=2, heads_ratio=0.5, ffn_ratio=0.75, vocab="auto", vocab_keep_top=5)
     tree["prune"]["recovery"].update(epochs=1, learning_rate=1e-3, **budget)
     tree["benchmark"].update(min_runs=5, min_rounds=2, max_runs=20, max_seconds=1.0, round_seconds=0.0, warmup_runs=1,
                              throughput_batches=1, throughput_batch_size=4)

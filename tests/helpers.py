@@ -111,3 +111,28 @@ def compress_that_kills_its_process(params, kd_method: str) -> None:
     import os
 
     os._exit(3)
+
+
+# --------------------------------------------------------------------------- served models without torch
+
+
+def imported_top_level(stderr: str) -> set[str]:
+    """The top-level packages a `python -X importtime` process imported."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+texts = json.loads(sys.argv[2])
+print(json.dumps({
+    "pipeline_file": sys.modules["pipeline"].__file__,
+    "frame": model.predict(pd.DataFrame({"text": texts})).to_dict("records"),
+    "list": model.predict(texts).to_dict("records"),
+}))
+"""

@@ -280,7 +280,7 @@ def test_a_reference_champion_is_served_as_the_text_in_pyfunc_without_torch(trai
     import os
 
     from pipeline.export.serving import log_pyfunc
-    from tests.test_serving import LOAD_AND_PREDICT, imported_top_level
+    from tests.helpers import LOAD_AND_PREDICT, imported_top_level
 
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     for directory, library in zip(trained_reference_members, ("scikit-learn", "model2vec")):

@@ -25,7 +25,7 @@ from pipeline.errors import DataError
 from pipeline.export.predict import main as predict
 from pipeline.export.serve import main as serve
 from pipeline.export.serving import ACCEPTED_SHAPES, SERVING_MODULES, log_pyfunc
-from tests.helpers import export_tiny_classifier
+from tests.helpers import LOAD_AND_PREDICT, export_tiny_classifier, imported_top_level
 
 LABELS = ["negative", "neutral", "positive"]
 REPO = Path(__file__).resolve().parents[1]
@@ -56,28 +56,6 @@ def loaded(model_uri):
 def predict_json(model_dir: Path, texts: list[str], capsys) -> list[dict]:
     assert predict(["--model", str(model_dir), "--json", *texts]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-
-
-def imported_top_level(stderr: str) -> set[str]:
-    """The top-level packages a `python -X importtime` process imported."""
-    return {
-        line.rsplit("|", 1)[1].strip().split(".")[0]
-        for line in stderr.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
-
-
-LOAD_AND_PREDICT = """
-import json, sys
-import mlflow, pandas as pd
-model = mlflow.pyfunc.load_model(sys.argv[1])
-texts = json.loads(sys.argv[2])
-print(json.dumps({
-    "pipeline_file": sys.modules["pipeline"].__file__,
-    "frame": model.predict(pd.DataFrame({"text": texts})).to_dict("records"),
-    "list": model.predict(texts).to_dict("records"),
-}))
-"""
 
 
 def test_pyfunc_answers_as_predict_does_in_a_process_without_torch(model_dir, model_uri, tmp_path, capsys):

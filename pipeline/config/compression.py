@@ -26,13 +26,13 @@ class PruneConfig(Section):
     # unstructured magnitude pruning, for comparison only (dense kernels get no faster from it).
     method: Literal["structured", "magnitude"] = "structured"
     # Share of attention heads to remove in every layer (at least one head per layer always stays).
-    heads_ratio: float = Field(0.5, ge=0, lt=1)
+    heads_ratio: float = Field(0.25, ge=0, lt=1)
     # Architectures whose config cannot describe fewer heads (MPNet, DeBERTa-v2/v3, ModernBERT):
     # `auto` keeps their heads and says so in the log and the metrics; `required` fails before any
     # training instead.
     head_pruning: Literal["auto", "required"] = "auto"
     # Share of FFN intermediate neurons to remove; every layer keeps the same width.
-    ffn_ratio: float = Field(0.75, ge=0, lt=1)
+    ffn_ratio: float = Field(0.5, ge=0, lt=1)
     # magnitude only: final share of zeroed weights in the encoder's linear layers.
     sparsity: float = Field(0.5, ge=0, lt=1)
     # Prune in this many equal steps, each followed by recovery with 1/steps of the budget.
@@ -42,7 +42,7 @@ class PruneConfig(Section):
     # `corpus`: keep only the tokens the training data uses (plus specials, single characters or
     # bytes, and vocab_keep_top others), an error if this tokenizer cannot be trimmed; `auto`: trim
     # when the tokenizer is WordPiece, byte-level BPE or Unigram, else keep it and say so; `none`: keep.
-    vocab: Literal["auto", "none", "corpus"] = "auto"
+    vocab: Literal["auto", "none", "corpus"] = "none"
     vocab_keep_top: int = Field(2000, ge=0)
     recovery: RecoveryConfig = RecoveryConfig()
     # The pruned student should stay within this much validation macro-F1 of its source; beyond it

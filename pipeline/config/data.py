@@ -111,7 +111,7 @@ class AugmentConfig(Section):
 
 class TransferConfig(Section):
     # Unlabelled in-domain texts the KD students also learn from (teacher soft targets only); null: none.
-    path: str | None = None
+    path: str | None = DEMO_TRANSFER_PATH
     # auto: .csv -> csv, .jsonl -> jsonl, otherwise phrasebank when every line ends in @<sentiment>,
     # else one text per line. Labels in the file are ignored.
     format: Literal["auto", "text", "csv", "jsonl", "phrasebank"] = "auto"
