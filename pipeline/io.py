@@ -45,8 +45,11 @@ def check_output_paths(params: Params) -> None:
     inputs = {"the params file": root / "params.yaml"}
     if params.data.source != "hub":
         inputs["data.path"] = params.path(params.data.path).resolve()
-    if params.transfer.path is not None:
-        inputs["transfer.path"] = params.path(params.transfer.path).resolve()
+    from pipeline.config.data import transfer_path
+
+    transfer = transfer_path(params.transfer, params.data)
+    if transfer is not None:
+        inputs["transfer.path"] = params.path(transfer).resolve()
     for name, path in outputs.items():
         where = f"paths.{name}={getattr(params.paths, name)}"
         if path == root:

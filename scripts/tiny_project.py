@@ -171,7 +171,6 @@ def tiny_params_tree(tiny_bert: Path, data_path: str = "data/tiny.csv") -> dict[
     tree = yaml.safe_load((REPO / "params.yaml").read_text())
     budget = {"batch_size": 8, "eval_batch_size": 32, "seed": 0, "warmup_ratio": 0.0}
     tree["data"].update(source="csv", path=data_path, validation_fraction=0.2, test_fraction=0.2, seed=0)
-    tree["transfer"]["path"] = None  # the demo's unlabelled texts are not in a tiny project
     tree["teacher"].update(model=str(tiny_bert), epochs=20, learning_rate=3e-3, **budget)
     tree["task"]["max_length"] = 32
     tree["verify_teacher"]["min_macro_f1"] = 0.0

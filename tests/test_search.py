@@ -190,6 +190,7 @@ def search_project(trained_project, tmp_path):
     return params
 
 
+@pytest.mark.dask_cluster
 def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_project, tmp_path, monkeypatch):
     import mlflow
 
@@ -250,6 +251,7 @@ def test_tiny_search_never_reads_test_writes_the_answer_and_resumes(search_proje
     assert all("validation_macro_f1" in r.data.metrics and "latency_ms_p50" in r.data.metrics for r in children)
 
 
+@pytest.mark.dask_cluster
 def test_failing_trials_are_recorded_and_the_closest_goal_reported(search_project, tmp_path):
     from dask.distributed import LocalCluster
 

@@ -231,3 +231,13 @@ def test_pruning_recovery_trains_on_the_transfer_texts(transfer_project, tmp_pat
     distill_intermediate.STAGE.execute(params)
     prune.STAGE.execute(params)
     assert ModelRecord.read(params.path(params.paths.pruned)).details["transfer_texts"] == 3
+
+
+def test_transfer_path_auto_is_the_demos_companion_only_with_the_demo_data():
+    from pipeline.config import DataConfig, TransferConfig
+    from pipeline.config.data import DEMO_TRANSFER_PATH, transfer_path
+
+    assert transfer_path(TransferConfig(), DataConfig()) == DEMO_TRANSFER_PATH  # the shipped default: auto, demo
+    assert transfer_path(TransferConfig(), DataConfig(source="csv", path="mine.csv")) is None
+    assert transfer_path(TransferConfig(path=None), DataConfig()) is None
+    assert transfer_path(TransferConfig(path="texts.txt"), DataConfig(source="csv", path="mine.csv")) == "texts.txt"

@@ -111,10 +111,19 @@ class AugmentConfig(Section):
 
 class TransferConfig(Section):
     # Unlabelled in-domain texts the KD students also learn from (teacher soft targets only); null: none.
-    path: str | None = DEMO_TRANSFER_PATH
+    # auto: the demo's unlabelled companion (DEMO_TRANSFER_PATH) when data is the bundled demo, else none.
+    path: str | None = "auto"
     # auto: .csv -> csv, .jsonl -> jsonl, otherwise phrasebank when every line ends in @<sentiment>,
     # else one text per line. Labels in the file are ignored.
     format: Literal["auto", "text", "csv", "jsonl", "phrasebank"] = "auto"
     text_column: str = "text"  # csv/jsonl: the column with the text
     max_texts: int | None = Field(None, ge=1)  # keep at most this many (the first, in file order)
     augment: AugmentConfig = AugmentConfig()
+
+
+def transfer_path(transfer: TransferConfig, data: DataConfig) -> str | None:
+    """The transfer file to read: `transfer.path`, with `auto` resolved (the demo's unlabelled texts for
+    the bundled demo data, none for any other data)."""
+    if transfer.path != "auto":
+        return transfer.path
+    return DEMO_TRANSFER_PATH if data.source == "demo" else None

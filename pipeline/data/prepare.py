@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.config.data import DEMO_PATH, DEMO_TRANSFER_PATH
+from pipeline.config.data import DEMO_TRANSFER_PATH, transfer_path
 from pipeline.data.prepared import SPLITS, write_prepared, write_transfer
 from pipeline.data.sources import read_source
 from pipeline.data.splitting import (
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
     """Read, check, de-duplicate and split the source; write the splits and manifest into `out_dir`."""
-    if params.transfer.path == DEMO_TRANSFER_PATH and params.data.path != DEMO_PATH:
+    if transfer_path(params.transfer, params.data) == DEMO_TRANSFER_PATH and params.data.source != "demo":
         log.warning(
             "transfer.path is the demo's unlabelled news (%s) but the labelled data is your own (%s): the students "
             "will also learn from those texts. Set transfer.path to unlabelled texts of your domain, or to null",
@@ -56,7 +56,7 @@ def prepare(params: Params, out_dir: Path) -> dict[str, Any]:
         "seed": params.data.seed,
         "fractions": {"validation": params.data.validation_fraction, "test": params.data.test_fraction},
     }
-    if params.transfer.path is not None:  # without a transfer set the outputs are exactly as before
+    if transfer_path(params.transfer, params.data) is not None:  # without a transfer set the outputs are exactly as before
         texts, info = prepare_transfer(params, splits)
         manifest["transfer"] = {**info, "sha256": write_transfer(out_dir, texts)}
     pairs = {name: [(example.text, example.label) for example in splits[name]] for name in SPLITS}

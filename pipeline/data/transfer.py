@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.config.data import DataConfig, TaskConfig, TransferConfig
+from pipeline.config.data import DataConfig, TaskConfig, TransferConfig, transfer_path
 from pipeline.data.normalize import LeakGuard, clean, drop_leaks, log_leak_examples, normalize
 from pipeline.data.prepared import HELD_OUT
 from pipeline.data.sources import (
@@ -82,7 +82,7 @@ def prepare_transfer(params: Params, splits: dict[str, list[Example]]) -> tuple[
     spelling and without near-duplicates of validation or test texts (pipeline/data/normalize.py: nothing
     of validation or test may reach training); and their counts and examples for the manifest."""
     cfg = params.transfer
-    path = params.path(cfg.path)
+    path = params.path(transfer_path(cfg, params.data))
     records, kind = read_transfer(path, cfg)
     train_keys = {normalize(example.text) for example in splits["train"]}
     candidates: list[str] = []
