@@ -245,40 +245,40 @@ class OnnxInt8StaticMember(OnnxMember):
     precision = "int8"
 
 
-class TfidfMember(Member):
+class ReferenceMember:
+    """What the reference members share (mixed in before Member, which registers each kind): one call
+    takes text to logits (`classifier`), servable like an ONNX model."""
+
+    classifier: Any  # TfidfClassifier or StaticClassifier
+    servable = True  # served by the predict command and the MLflow pyfunc like an ONNX model
+    alternative = True
+
+    def weight_files(self) -> list[Path]:
+        return [self.path / name for name in self.classifier.weight_files] if self.is_present() else []
+
+    @classmethod
+    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
+        return AlternativeRunnable(cls.classifier.load(model_dir))
+
+
+class TfidfMember(ReferenceMember, Member):
     """The `tfidf` reference member: TF-IDF n-grams + a linear classifier (scikit-learn, no torch)."""
 
     kind = "tfidf"
     format = "sklearn"
     precision = "fp32"
+    classifier = TfidfClassifier
     weights_file = TfidfClassifier.weight_files[0]
-    servable = True  # served by the predict command and the MLflow pyfunc like an ONNX model
-    alternative = True
-
-    def weight_files(self) -> list[Path]:
-        return [self.path / name for name in TfidfClassifier.weight_files] if self.is_present() else []
-
-    @classmethod
-    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
-        return AlternativeRunnable(TfidfClassifier.load(model_dir))
 
 
-class StaticMember(Member):
+class StaticMember(ReferenceMember, Member):
     """The `static` reference member: model2vec static embeddings of the teacher + a linear head (numpy)."""
 
     kind = "static"
     format = "model2vec"
     precision = "fp16"  # model2vec stores the token vectors in float16
+    classifier = StaticClassifier
     weights_file = StaticClassifier.weight_files[0]
-    servable = True
-    alternative = True
-
-    def weight_files(self) -> list[Path]:
-        return [self.path / name for name in StaticClassifier.weight_files] if self.is_present() else []
-
-    @classmethod
-    def load_runnable(cls, model_dir: Path, max_length: int, threads: list[int]) -> Runnable:
-        return AlternativeRunnable(StaticClassifier.load(model_dir))
 
 
 def family(params: Params) -> list[Member]:
