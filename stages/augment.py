@@ -17,7 +17,6 @@ from pipeline.data import augment
 from pipeline.data.normalize import LeakGuard
 from pipeline.data.prepared import load_prepared
 from pipeline.io import atomic_dir
-from pipeline.models import load_trained_with_tokenizer
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,9 @@ def run(params: Params) -> dict[str, Any]:
         start = time.perf_counter()
         neighbours = None
         if "neighbours" in cfg.methods:
+            # Here, not at the top: with augmentation off (the default) the stage starts without transformers (~5 s).
+            from pipeline.models import load_trained_with_tokenizer
+
             teacher, tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), prepared.label_names)
             embeddings = teacher.get_input_embeddings().weight.detach().float().numpy()
             neighbours = augment.Neighbours(embeddings, tokenizer.get_vocab(), augment.words_of(sources), cfg.neighbours)

@@ -40,13 +40,13 @@ GOALS = SearchGoals(min_retention=0.98, max_latency_ms=2.0, max_size_mb=None)
 
 def test_space_values_map_onto_existing_params_keys():
     params = Params()
-    values = {"num_layers": 2, "init": "teacher", "heads_ratio": 0.25, "ffn_ratio": 0.5, "vocab_keep_top": 500,
-              "quantization": "static", "kd_method": "intermediate", "alpha": 0.6, "temperature": 2.0,
+    values = {"num_layers": 2, "init": "teacher", "heads_ratio": 0.25, "ffn_ratio": 0.5, "vocab": "auto",
+              "vocab_keep_top": 500, "quantization": "static", "kd_method": "intermediate", "alpha": 0.6, "temperature": 2.0,
               "hidden_weight": 0.5, "attention_weight": 5.0}
     overrides = overrides_for(values, params)
     assert overrides == {
         "student.num_layers": 2, "student.init": "teacher", "prune.heads_ratio": 0.25, "prune.ffn_ratio": 0.5,
-        "prune.vocab_keep_top": 500, "export_onnx.quantization": "static",
+        "prune.vocab": "auto", "prune.vocab_keep_top": 500, "export_onnx.quantization": "static",
         "prune.source": "models/student_intermediate", "distill_intermediate.alpha": 0.6,
         "distill_intermediate.temperature": 2.0, "distill_intermediate.hidden_weight": 0.5,
         "distill_intermediate.attention_weight": 5.0,
@@ -82,6 +82,7 @@ def test_suggest_fixed_values_and_kd_weights_only_where_read():
         {"num_layers": 2, "heads_ratio": 0.25, "ffn_ratio": 0.625, "quantization": "dynamic",
          "kd_method": "vanilla", "alpha": 0.5, "temperature": 4.0}), space)
     assert vanilla["init"] == "teacher" and vanilla["vocab_keep_top"] == 2000  # fixed: as given
+    assert vanilla["vocab"] == "none"  # as prune's default: no trial trims unless the space says so
     assert vanilla["alpha"] == 0.5 and "hidden_weight" not in vanilla
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"],
                                 sampler=optuna.samplers.RandomSampler(seed=0))
@@ -98,6 +99,7 @@ def test_suggest_fixed_values_and_kd_weights_only_where_read():
         ({"heads_ratio": {"low": 0.5, "high": 0.25}}, "low < high"),
         ({"num_layers": {"low": 1, "high": 3, "step": 0.5}}, "integer dimension"),
         ({"kd_method": {"choices": ["vanilla", "tinybert"]}}, "choose from"),
+        ({"vocab_keep_top": {"choices": [0, 2000]}}, "vocab_keep_top varies but vocab is none"),
         ({"quantization": "both"}, "choose from"),
         ({"alpha": {"choices": []}}, "at least 1 item"),
         ({"depth": 3}, "unknown key"),
@@ -170,7 +172,7 @@ def test_pareto_front_and_closest_goal():
 
 TINY_SPACE = {
     "num_layers": 1, "init": "teacher", "heads_ratio": {"choices": [0.0, 0.5]}, "ffn_ratio": 0.5,
-    "vocab_keep_top": 5, "quantization": {"choices": ["dynamic", "static"]},
+    "vocab": "auto", "vocab_keep_top": 5, "quantization": {"choices": ["dynamic", "static"]},
     "kd_method": {"choices": ["baseline", "vanilla"]}, "alpha": 0.7, "temperature": 2.0,
 }
 TINY_SEARCH = {

@@ -51,7 +51,9 @@ class Choices(Section):
 
 KD_METHODS = ("baseline", "vanilla", "intermediate")
 INTEGER_DIMENSIONS = ("num_layers", "vocab_keep_top")
-CATEGORICAL_DIMENSIONS = {"quantization": ("dynamic", "static"), "kd_method": KD_METHODS}
+CATEGORICAL_DIMENSIONS = {
+    "quantization": ("dynamic", "static"), "kd_method": KD_METHODS, "vocab": ("auto", "corpus", "none"),
+}
 
 
 class SearchSpace(Section):
@@ -62,6 +64,9 @@ class SearchSpace(Section):
     init: str | Choices = "teacher"  # student.init (teacher | random | a model id or directory)
     heads_ratio: float | Range | Choices = Range(low=0.0, high=0.5, step=0.25)  # prune.heads_ratio
     ffn_ratio: float | Range | Choices = Range(low=0.5, high=0.75, step=0.125)  # prune.ffn_ratio
+    # prune.vocab: none as the prune default (trimming to a small corpus costs F1); a size goal may want
+    # {choices: [none, auto]}. vocab_keep_top only matters where the trial trims.
+    vocab: str | Choices = "none"
     vocab_keep_top: int | Range | Choices = 2000  # prune.vocab_keep_top
     quantization: str | Choices = Choices(choices=["dynamic", "static"])  # export_onnx.quantization
     # Which student is pruned: baseline (labels only), vanilla or intermediate KD (prune.source).
@@ -105,6 +110,11 @@ class SearchSpace(Section):
             wrong = [v for v in values if v not in allowed]
             if wrong:
                 raise ValueError(f"{name}: {wrong} not allowed; choose from {list(allowed)}")
+        if self.vocab == "none" and not isinstance(self.vocab_keep_top, int):
+            raise ValueError(
+                "vocab_keep_top varies but vocab is none: no trial trims the vocabulary, so the sampler would learn "
+                "from a dimension without effect; set vocab: auto (or {choices: [none, auto]}) or fix vocab_keep_top"
+            )
         return self
 
 

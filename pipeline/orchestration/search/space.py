@@ -19,6 +19,7 @@ DIRECT_KEYS = {
     "init": "student.init",
     "heads_ratio": "prune.heads_ratio",
     "ffn_ratio": "prune.ffn_ratio",
+    "vocab": "prune.vocab",
     "vocab_keep_top": "prune.vocab_keep_top",
     "quantization": "export_onnx.quantization",
 }
