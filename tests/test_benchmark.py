@@ -85,8 +85,10 @@ def test_a_stable_member_stays_in_the_rounds_until_every_member_of_its_setting_i
     stopping = Stopping(min_runs=10, min_rounds=2, round_seconds=0.0, rel_ci=0.02, max_runs=100)
     samples, stopped = interleaved_latency([steady, noisy], 5, [(1, False)], stopping, 0, np.random.default_rng(0))
     assert stopped == {("steady", 1, False): "stable", ("noisy", 1, False): "max_runs"}
-    # 5 runs a round: the noisy member is capped after 20 rounds, and the steady one is visited in each.
+    # 5 runs a round: the noisy member is capped after 20 rounds, and the steady one is visited in each,
+    # once stable (after the minimum 2 rounds) with a slice of 1 call.
     assert len(samples[("noisy", 1, False)]) == 100 and len(steady.visits) == len(noisy.visits) == 20
+    assert len(samples[("steady", 1, False)]) == 2 * 5 + 18 * 1
 
 
 # --------------------------------------------------------------------------- member kinds

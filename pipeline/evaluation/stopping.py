@@ -58,6 +58,12 @@ class Stopping:
     def round_runs(self) -> int:
         return math.ceil(self.min_runs / self.min_rounds)
 
+    @property
+    def stable_round_runs(self) -> int:
+        """The slice of a member already stable while others of its setting go on: a few calls keep its
+        median spanning the same stretch of time without re-buying the precision it already has."""
+        return max(1, self.round_runs // 4)
+
     def reason(self, samples_ms: list[float], rounds: int) -> str | None:
         """Why timing stops after `rounds` rounds with these samples, or None to go on."""
         if self.max_runs is not None and len(samples_ms) >= self.max_runs:
