@@ -42,8 +42,13 @@ def run(params: Params) -> dict[str, Any]:
         layers = list(range(teacher.config.num_hidden_layers + 1))
         log.info("student.init=%r: %s; caching the teacher's pooled hidden states of all %d layers",
                  params.student.init, alignment.describe(), len(layers))
-    internal_layers, internal_parts = cached_internals(params, teacher, alignment.token_level)
     metrics: dict[str, Any] = {}
+    internal_layers, internal_parts = cached_internals(params, teacher, alignment.token_level)
+    if internal_layers and params.distill_intermediate.teacher_internals == "auto":
+        internal_layers, internal_parts = fitting_cache(
+            params.distill_intermediate.teacher_internals_max_mb, internal_layers, internal_parts, texts.read_by(tokenizer),
+            tokenizer, max_length, teacher.config, metrics,
+        )
     outputs, collected = {}, {}
     for part, read in texts.read_by(tokenizer).items():
         start = time.perf_counter()
@@ -78,14 +83,33 @@ def run(params: Params) -> dict[str, Any]:
 
 def cached_internals(params: Params, teacher: Any, token_level: bool) -> tuple[list[int], tuple[str, ...]]:
     """The teacher layers and the text parts whose per-token internals distill_intermediate reads
-    from this cache (`teacher_internals: cached`), or none."""
+    from this cache (`teacher_internals: cached` or `auto`), or none."""
     cfg = params.distill_intermediate
-    if cfg.teacher_internals != "cached" or not token_level:
+    if cfg.teacher_internals == "live" or not token_level:
         return [], ()
     teacher_layers = teacher.config.num_hidden_layers
     layer_map = resolve_layer_map(cfg.layer_map, student_layer_count(params.student, teacher_layers), teacher_layers)
     parts = ORIGINAL if cfg.schedule == "two_phase" and cfg.layer_texts == "original" else PARTS
     return teacher_internals.hidden_layers(layer_map), parts
+
+
+def fitting_cache(
+    max_mb: float, layers: list[int], parts: tuple[str, ...], texts: dict[str, list[str]], tokenizer: Any,
+    max_length: int, config: Any, metrics: dict[str, Any],
+) -> tuple[list[int], tuple[str, ...]]:
+    """`teacher_internals: auto`: the layers and parts to cache if their internals take at most
+    `max_mb` (counted from the texts' token counts before any is computed), else none (live)."""
+    lengths = [len(ids) for part in parts if texts.get(part)
+               for ids in tokenizer(texts[part], truncation=True, max_length=max_length)["input_ids"]]
+    megabytes = teacher_internals.estimated_mb(lengths, layers, config.hidden_size, config.num_attention_heads)
+    metrics["internals_estimated_mb"] = round(megabytes, 1)
+    if megabytes > max_mb:
+        log.info("teacher_internals=auto: the teacher's internals of %d texts would take %.0f MB, over "
+                 "distill_intermediate.teacher_internals_max_mb=%g: the layer terms run the teacher live",
+                 len(lengths), megabytes, max_mb)
+        return [], ()
+    log.info("teacher_internals=auto: caching the teacher's internals of %d texts (%.0f MB)", len(lengths), megabytes)
+    return layers, parts
 
 
 STAGE = Stage("teacher_logits", run, outputs=("teacher_logits",))

@@ -18,8 +18,8 @@ from pipeline.data.normalize import LeakGuard, normalize
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.record import ModelRecord
-from pipeline.kd.phases import plan
-from pipeline.kd.teacher_internals import InternalsStore
+from pipeline.kd.phases import Phase, cached_store, plan
+from pipeline.kd.teacher_internals import INDEX_FILE, InternalsStore
 from pipeline.kd.teacher_logits import texts_sha256
 from pipeline.kd.terms import build_kd_loss
 from pipeline.kd.texts import ORIGINAL, KDTexts
@@ -219,6 +219,33 @@ def test_cached_internals_are_the_live_teachers(mapped_project, shifted_init):
         assert cached.attentions[layer][~pairs].abs().sum() == 0  # padding is zero (and masked by the terms)
     with pytest.raises(DataError, match="belong to other texts"):
         InternalsStore(params.path(params.paths.teacher_logits), {"train": texts.train[::-1]}, texts_sha256)
+
+
+def test_auto_caches_the_internals_only_when_they_fit(mapped_project, tmp_path):
+    """teacher_internals: auto caches them when the estimate (token counts, before any is computed) is
+    within teacher_internals_max_mb; otherwise nothing is cached and the layer terms run the teacher live."""
+    layers = build_kd_loss(mapped_project.distill_intermediate, "single_label", layer_map=[2], hidden_sizes=(16, 32),
+                           part="layers")
+    prepared = load_prepared(mapped_project.path(mapped_project.paths.prepared))
+    texts = KDTexts(prepared.texts("train"), prepared.transfer_texts(), [])
+    phase = Phase("layers", layers, 1, ORIGINAL, last=False, internals="auto")
+    stores = {}
+    for name, max_mb in (("fits", 1000.0), ("too_large", 1e-6)):
+        params = copy_project(mapped_project, tmp_path / name, distill_intermediate={
+            "teacher_internals": "auto", "teacher_internals_max_mb": max_mb})
+        metrics = teacher_logits.STAGE.execute(params)
+        cache_dir = params.path(params.paths.teacher_logits)
+        assert metrics["internals_estimated_mb"] > 0
+        if name == "fits":
+            written = sum(f.stat().st_size for pattern in ("*.hidden.npy", "*.attention.npy") for f in cache_dir.glob(pattern))
+            headers = 128 * len(list(cache_dir.glob("*.npy")))  # the .npy headers; the estimate counts values only
+            assert abs(metrics["internals_estimated_mb"] * 1e6 - written) <= headers + 0.05e6
+        else:
+            assert "internals_layers" not in metrics and not (cache_dir / INDEX_FILE).exists()
+        stores[name] = cached_store(phase, texts, cache_dir, [2])
+    assert isinstance(stores["fits"], InternalsStore) and stores["too_large"] is None
+    # A layer map the cache does not hold (another depth, e.g. a search trial): live, not an error.
+    assert cached_store(phase, texts, params.path(params.paths.teacher_logits).parent / "missing", [2]) is None
 
 
 def test_cached_internals_changed_afterwards_are_refused(mapped_project, tmp_path):

@@ -70,13 +70,17 @@ class LayerTerms(Section):
     # per-token hidden states and attention maps of the mapped layers for the layer terms' texts
     # (float16, pipeline/kd/teacher_internals.py), read instead: the teacher runs once, not once per
     # epoch. Only for students whose tokens line up with the teacher's (otherwise: pooled states).
-    teacher_internals: Literal["live", "cached"] = "live"
+    # auto: cached where teacher_logits cached them (distill_intermediate.teacher_internals_max_mb), else live.
+    teacher_internals: Literal["live", "cached", "auto"] = "auto"
 
 
 class DistillIntermediateConfig(KDTerms, LayerTerms):
     # `auto`: student layer i (1-based) learns from teacher layer round(i * T / S); or an explicit
     # list with one teacher layer (1-based) per student layer.
     layer_map: Literal["auto"] | list[int] = "auto"
+    # teacher_internals auto: stage teacher_logits caches the internals when they take at most this many
+    # MB (estimated from the texts' token counts before any is computed), else the layer terms run live.
+    teacher_internals_max_mb: float = Field(1000, gt=0)
 
     @field_validator("layer_map")
     @classmethod

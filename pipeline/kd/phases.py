@@ -22,8 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.config.base import TrainingBudget
 from pipeline.config.students import KDTerms
 from pipeline.errors import ConfigError
+from pipeline.io import read_json
 from pipeline.kd import teacher_logits
-from pipeline.kd.teacher_internals import InternalsStore
+from pipeline.kd.teacher_internals import INDEX_FILE, InternalsStore, hidden_layers
 from pipeline.kd.texts import ORIGINAL, PARTS, KDTexts
 from pipeline.kd.token_map import Alignment
 from pipeline.training import results
@@ -42,7 +43,9 @@ class Phase:
     epochs: float
     parts: tuple[str, ...]  # the KD texts it trains on (pipeline/kd/texts.py)
     last: bool  # the phase whose best epoch on validation is kept
-    cached_internals: bool = False  # its layer terms read the teacher_logits cache instead of a live teacher
+    # Where its layer terms get the teacher's internals: live, the teacher_logits cache (cached), or the
+    # cache where that stage wrote one (auto).
+    internals: str = "live"
 
 
 def plan(
@@ -52,14 +55,14 @@ def plan(
     `scale` multiplies every phase's epochs (a pruning step's share of the recovery)."""
     schedule = getattr(section, "schedule", "joint")
     layer_texts = getattr(section, "layer_texts", "all")
-    cached = getattr(section, "teacher_internals", "live") == "cached"
+    internals = getattr(section, "teacher_internals", "live")
     if schedule == "joint":
         if layer_texts != "all":
             raise ConfigError(
                 f"{key}.layer_texts={layer_texts} needs {key}.schedule=two_phase: in one joint phase every text "
                 "trains every term"
             )
-        return [Phase("joint", build("all"), epochs * scale, PARTS, last=True, cached_internals=cached)]
+        return [Phase("joint", build("all"), epochs * scale, PARTS, last=True, internals=internals)]
     layers = build("layers")
     logits = Phase("logits", build("logits"), epochs * scale, PARTS, last=True)
     if layers is None:
@@ -67,7 +70,7 @@ def plan(
                     "the logit phase alone runs", key)
         return [logits]
     parts = ORIGINAL if layer_texts == "original" else PARTS
-    return [Phase("layers", layers, section.phase1_epochs * scale, parts, last=False, cached_internals=cached), logits]
+    return [Phase("layers", layers, section.phase1_epochs * scale, parts, last=False, internals=internals), logits]
 
 
 @dataclass
@@ -110,7 +113,7 @@ def train_phases(
         if not phase.last and resume:
             log.info("phase %s skipped: resuming the last phase from %s", phase.name, resume)
             continue
-        store = cached_store(phase, texts, cache_dir, layer_map) if phase.cached_internals and phase.kd.needs_internals else None
+        store = cached_store(phase, texts, cache_dir, layer_map) if phase.internals != "live" and phase.kd.needs_internals else None
         dataset = teacher_logits.kd_train_dataset(
             labelled, texts, tokenizer, max_length, phase.kd, cache_dir, teacher_fingerprint, phase.parts, store,
         )
@@ -142,9 +145,19 @@ def train_phases(
     return Trained(trainer, seconds, curve, rows)
 
 
-def cached_store(phase: Phase, texts: KDTexts, cache_dir: Path, layer_map: list[int] | None) -> InternalsStore:
-    """The teacher's cached internals for a phase's texts, checked to hold the layers it reads."""
-    store = InternalsStore(cache_dir, texts.parts(phase.parts), teacher_logits.texts_sha256)
+def cached_store(phase: Phase, texts: KDTexts, cache_dir: Path, layer_map: list[int] | None) -> InternalsStore | None:
+    """The teacher's cached internals for a phase's texts, checked to hold the layers it reads; with
+    `auto`, None (the teacher runs live) where teacher_logits cached none, or not these layers or texts."""
+    parts = texts.parts(phase.parts)
+    if phase.internals == "auto":
+        index_path = cache_dir / INDEX_FILE
+        index = read_json(index_path) if index_path.is_file() else {}
+        wanted = hidden_layers(layer_map) if layer_map is not None else None
+        if wanted is None or not set(wanted) <= set(index.get("layers", [])) or not set(parts) <= set(index.get("parts", {})):
+            log.info("teacher_internals=auto: %s", "the teacher runs live (teacher_logits cached no internals of these "
+                     "layers and texts)" if index else "the teacher runs live (teacher_logits cached no internals)")
+            return None
+    store = InternalsStore(cache_dir, parts, teacher_logits.texts_sha256)
     if layer_map is None or not store.covers(layer_map):
         raise ConfigError(
             f"teacher_internals=cached: {cache_dir} holds the teacher's layers {store.layers}, not those of the layer map "

@@ -40,6 +40,14 @@ def hidden_layers(layer_map: Sequence[int]) -> list[int]:
     return sorted({0, *layer_map})
 
 
+def estimated_mb(lengths: Sequence[int], layers: Sequence[int], hidden: int, heads: int) -> float:
+    """What the cache of texts with these token counts takes for `layers` (hidden_layers' list): each
+    token's hidden states of every layer plus each (query, key) pair of every attention layer's heads."""
+    attention_layers = sum(1 for layer in layers if layer > 0)
+    values = sum(length * len(layers) * hidden + length * length * attention_layers * heads for length in lengths)
+    return values * np.dtype(DTYPE).itemsize / 1e6
+
+
 class Collector:
     """Gathers the internals of one part batch by batch (unpadded, in the order of the batches)."""
 
