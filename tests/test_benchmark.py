@@ -74,21 +74,39 @@ class FakeWorker:
     def __init__(self, name: str, noisy: bool, seed: int) -> None:
         self.name, self.noisy, self.rng, self.visits = name, noisy, np.random.default_rng(seed), []
 
-    def ask(self, op: str, runs: int, **command) -> dict:
-        self.visits.append(command["threads"])
+    def ask(self, op: str, runs: int, seconds: float, **command) -> dict:
+        self.visits.append((command["threads"], seconds))
         spread = 1.0 if self.noisy else 0.01
-        return {"samples": list(self.rng.lognormal(0, spread, runs))}
+        # Calls of `ms` each (the samples' scale) for at least `runs` calls and `seconds`.
+        calls = max(runs, round(seconds * 1000 / self.ms))
+        return {"samples": list(self.ms * self.rng.lognormal(0, spread, calls))}
+
+    ms = 1.0
 
 
 def test_a_stable_member_stays_in_the_rounds_until_every_member_of_its_setting_is_done():
     steady, noisy = FakeWorker("steady", noisy=False, seed=0), FakeWorker("noisy", noisy=True, seed=1)
-    stopping = Stopping(min_runs=10, min_rounds=2, round_seconds=0.0, rel_ci=0.02, max_runs=100)
+    stopping = Stopping(min_runs=10, min_rounds=2, round_seconds=0.008, rel_ci=0.02, max_runs=100)
     samples, stopped = interleaved_latency([steady, noisy], 5, [(1, False)], stopping, 0, np.random.default_rng(0))
     assert stopped == {("steady", 1, False): "stable", ("noisy", 1, False): "max_runs"}
-    # 5 runs a round: the noisy member is capped after 20 rounds, and the steady one is visited in each,
-    # once stable (after the minimum 2 rounds) with a slice of 1 call.
-    assert len(samples[("noisy", 1, False)]) == 100 and len(steady.visits) == len(noisy.visits) == 20
-    assert len(samples[("steady", 1, False)]) == 2 * 5 + 18 * 1
+    # 8 ms a visit (8 calls of 1 ms): the noisy member is capped after 13 rounds, and the steady one is
+    # visited in each, once stable (after the minimum 2 rounds) for a quarter of the time.
+    assert len(samples[("noisy", 1, False)]) == 104 and len(steady.visits) == len(noisy.visits) == 13
+    assert len(samples[("steady", 1, False)]) == 2 * 8 + 11 * 2
+    assert steady.visits[-1] == (1, 0.002)
+
+
+def test_the_adaptive_rule_visits_by_time_so_slow_and_fast_members_span_the_same_rounds():
+    slow, fast = FakeWorker("slow", noisy=False, seed=0), FakeWorker("fast", noisy=False, seed=1)
+    slow.ms, fast.ms = 10.0, 0.5
+    never_stable = Stopping(min_runs=10, min_rounds=2, round_seconds=0.05, rel_ci=1e-9, max_seconds=1.0)
+    samples, stopped = interleaved_latency([slow, fast], 5, [(1, False)], never_stable, 0, np.random.default_rng(0))
+    assert stopped == {("slow", 1, False): "max_seconds", ("fast", 1, False): "max_seconds"}
+    # Both reach the 1 s cap in the same round (about 20 visits of 50 ms), the fast one with 20x the calls.
+    assert abs(len(slow.visits) - len(fast.visits)) <= 1 and 19 <= len(fast.visits) <= 21
+    assert len(samples[("fast", 1, False)]) == pytest.approx(20 * len(samples[("slow", 1, False)]), rel=0.1)
+    # A fixed number of rounds (the search's short run) still asks for its calls per visit.
+    assert Stopping(min_runs=50, min_rounds=3, round_seconds=0.05).visit(stable=False) == (17, 0.05)
 
 
 # --------------------------------------------------------------------------- member kinds

@@ -23,7 +23,7 @@ class BenchmarkConfig(Section):
     min_rounds: int = Field(3, ge=1)
     max_runs: int = Field(5000, ge=1)
     max_seconds: float = Field(2.5, gt=0)
-    round_seconds: float = Field(0.05, ge=0)  # each visit times at least this long (and min_runs / min_rounds calls)
+    round_seconds: float = Field(0.05, ge=0)  # each visit times this long (a member already stable: a quarter)
     warmup_runs: int = Field(10, ge=0)
     # Thread settings to measure; 0 means every core of this machine.
     threads: list[int] = [1, 0]

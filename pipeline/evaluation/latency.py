@@ -176,8 +176,8 @@ def interleaved_latency(
 
     Each round visits the members in a new random order, so a slow spell of the machine hits all of
     them alike. A setting's rounds end once every member's timing there is done (`stopping`: stable
-    or capped); until then a member whose p50 is already stable keeps a short slice (a quarter of the
-    calls, no minimum time) in every round, so all medians of a setting span the same stretch of time (a member timed only in the first
+    or capped); until then a member whose p50 is already stable keeps a quarter slice in every round,
+    so all medians of a setting span the same stretch of time (a member timed only in the first
     rounds would be compared with one timed later, under another load). A capped member stops."""
     samples: dict[Timing, list[float]] = {(w.name, t, e2e): [] for w in workers for t, e2e in timings}
     stopped: dict[Timing, str] = {}  # the first reason each timing was done
@@ -194,10 +194,9 @@ def interleaved_latency(
                 key = (worker.name, threads, end_to_end)
                 if (threads, end_to_end) in finished or key in capped:
                     continue
-                stable = key in stopped
+                runs, seconds = stopping.visit(stable=key in stopped)
                 answer = worker.ask(
-                    op="latency", threads=threads, runs=stopping.stable_round_runs if stable else stopping.round_runs,
-                    seconds=0.0 if stable else stopping.round_seconds,
+                    op="latency", threads=threads, runs=runs, seconds=seconds,
                     warmup=warmup_runs if rounds == 0 else 2, end_to_end=end_to_end, start=starts[(threads, end_to_end)],
                 )
                 samples[key].extend(answer["samples"])

@@ -37,7 +37,8 @@ def relative_half_width(samples_ms: list[float]) -> float:
 class Stopping:
     """How long one member is timed at one setting (a thread count, model only or end to end).
 
-    Every round visits it once for at least `round_runs` calls and `round_seconds`. It stops after the
+    Every round visits it once (`visit`: for `round_seconds`, or `round_runs` calls in a fixed number of
+    rounds). It stops after the
     round in which it has at least `min_runs` calls over `min_rounds` rounds and its p50's 95% interval
     is within `rel_ci` of the p50 ("stable"; `rel_ci` None: a fixed `min_rounds` rounds), or holds
     `max_runs` calls or `max_seconds` of timed calls (the caps, for a member too noisy to settle).
@@ -58,11 +59,16 @@ class Stopping:
     def round_runs(self) -> int:
         return math.ceil(self.min_runs / self.min_rounds)
 
-    @property
-    def stable_round_runs(self) -> int:
-        """The slice of a member already stable while others of its setting go on: a few calls keep its
-        median spanning the same stretch of time without re-buying the precision it already has."""
-        return max(1, self.round_runs // 4)
+    def visit(self, stable: bool) -> tuple[int, float]:
+        """(at least this many calls, for at least this many seconds) of one visit. A fixed number of
+        rounds (`rel_ci` None) needs `min_runs` within them: `round_runs` calls a visit. The adaptive
+        rule visits by time alone, so every member's calls spread over the same rounds: with calls per
+        visit, a 15 ms member reached its cap in a third of the rounds a 5 ms one needed and left, and
+        the ratio of their medians compared two stretches of time. A member already stable keeps a
+        quarter of the time while others of its setting go on."""
+        if self.rel_ci is None or self.round_seconds <= 0:
+            return self.round_runs, self.round_seconds
+        return 1, self.round_seconds / 4 if stable else self.round_seconds
 
     def reason(self, samples_ms: list[float], rounds: int) -> str | None:
         """Why timing stops after `rounds` rounds with these samples, or None to go on."""
