@@ -22,13 +22,13 @@ class BenchmarkConfig(Section):
     min_runs: int = Field(50, ge=1)
     min_rounds: int = Field(3, ge=1)
     max_runs: int = Field(5000, ge=1)
-    max_seconds: float = Field(2.5, gt=0)
+    max_seconds: float = Field(1.5, gt=0)
     round_seconds: float = Field(0.05, ge=0)  # each visit times this long (a member already stable: a quarter)
     warmup_runs: int = Field(10, ge=0)
     # Thread settings to measure; 0 means every core of this machine.
     threads: list[int] = [1, 0]
     throughput_batch_size: int = Field(32, ge=1)
-    throughput_batches: int = Field(5, ge=1)
+    throughput_batches: int = Field(3, ge=1)
     seed: int = 0
 
     @field_validator("threads")
