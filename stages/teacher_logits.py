@@ -43,14 +43,15 @@ def run(params: Params) -> dict[str, Any]:
         log.info("student.init=%r: %s; caching the teacher's pooled hidden states of all %d layers",
                  params.student.init, alignment.describe(), len(layers))
     metrics: dict[str, Any] = {}
+    read_by_teacher = texts.read_by(tokenizer)
     internal_layers, internal_parts = cached_internals(params, teacher, alignment.token_level)
     if internal_layers and params.distill_intermediate.teacher_internals == "auto":
         internal_layers, internal_parts = fitting_cache(
-            params.distill_intermediate.teacher_internals_max_mb, internal_layers, internal_parts, texts.read_by(tokenizer),
+            params.distill_intermediate.teacher_internals_max_mb, internal_layers, internal_parts, read_by_teacher,
             tokenizer, max_length, teacher.config, metrics,
         )
     outputs, collected = {}, {}
-    for part, read in texts.read_by(tokenizer).items():
+    for part, read in read_by_teacher.items():
         start = time.perf_counter()
         collector = teacher_internals.Collector(internal_layers) if part in internal_parts else None
         outputs[part] = teacher_logits.compute(teacher, tokenizer, read, max_length, layers, collector)
