@@ -26,7 +26,7 @@ class PruneConfig(Section):
     # unstructured magnitude pruning, for comparison only (dense kernels get no faster from it).
     method: Literal["structured", "magnitude"] = "structured"
     # Share of attention heads to remove in every layer (at least one head per layer always stays).
-    heads_ratio: float = Field(0.25, ge=0, lt=1)
+    heads_ratio: float = Field(0.0, ge=0, lt=1)
     # Architectures whose config cannot describe fewer heads (MPNet, DeBERTa-v2/v3, ModernBERT):
     # `auto` keeps their heads and says so in the log and the metrics; `required` fails before any
     # training instead.
