@@ -22,9 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.config.base import TrainingBudget
 from pipeline.config.students import KDTerms
 from pipeline.errors import ConfigError
-from pipeline.io import read_json
 from pipeline.kd import teacher_logits
-from pipeline.kd.teacher_internals import INDEX_FILE, InternalsStore, hidden_layers
+from pipeline.kd.teacher_internals import InternalsStore, cache_holds
 from pipeline.kd.texts import ORIGINAL, PARTS, KDTexts
 from pipeline.kd.token_map import Alignment
 from pipeline.training import results
@@ -149,14 +148,12 @@ def cached_store(phase: Phase, texts: KDTexts, cache_dir: Path, layer_map: list[
     """The teacher's cached internals for a phase's texts, checked to hold the layers it reads; with
     `auto`, None (the teacher runs live) where teacher_logits cached none, or not these layers or texts."""
     parts = texts.parts(phase.parts)
-    if phase.internals == "auto":
-        index_path = cache_dir / INDEX_FILE
-        index = read_json(index_path) if index_path.is_file() else {}
-        wanted = hidden_layers(layer_map) if layer_map is not None else None
-        if wanted is None or not set(wanted) <= set(index.get("layers", [])) or not set(parts) <= set(index.get("parts", {})):
-            log.info("teacher_internals=auto: %s", "the teacher runs live (teacher_logits cached no internals of these "
-                     "layers and texts)" if index else "the teacher runs live (teacher_logits cached no internals)")
-            return None
+    if phase.internals == "auto" and (
+        layer_map is None or not cache_holds(cache_dir, parts, layer_map, teacher_logits.texts_sha256)
+    ):
+        log.info("teacher_internals=auto: the teacher runs live (teacher_logits cached no internals of these "
+                 "layers and texts)")
+        return None
     store = InternalsStore(cache_dir, parts, teacher_logits.texts_sha256)
     if layer_map is None or not store.covers(layer_map):
         raise ConfigError(

@@ -106,6 +106,23 @@ class TeacherInternals:
                                 {k: v.to(device) for k, v in self.attentions.items()})
 
 
+def cache_holds(directory: Path, parts: dict[str, list[str]], layer_map: Sequence[int], texts_sha256: Any) -> bool:
+    """Whether teacher_logits cached these parts' texts and the layers a layer map reads, by the index
+    alone: InternalsStore checks the same and then hashes every cached file, too costly just to learn
+    that the cache does not apply."""
+    index_path = directory / INDEX_FILE
+    if not index_path.is_file():
+        return False
+    index = read_json(index_path)
+    if not set(hidden_layers(layer_map)) <= set(index["layers"]):
+        return False
+    entries = [index["parts"].get(part) for part in parts]
+    return all(
+        entry is not None and entry["texts"] == len(texts) and entry["texts_sha256"] == texts_sha256(texts)
+        for entry, texts in zip(entries, parts.values())
+    )
+
+
 class InternalsStore:
     """The cached internals of some parts, memory-mapped; rows are numbered across the parts in order."""
 
