@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import SLAConfig, params_from_dict
 from pipeline.evaluation.family import family
 from pipeline.evaluation.latency import all_cores_layouts
-from pipeline.evaluation.metrics import bootstrap_ci
+from pipeline.evaluation.metrics import bootstrap_ci, macro_f1, resampled_macro_f1
 from pipeline.evaluation.plots import label_members, loss_columns, loss_curves_plot, read_curve, read_phases
 from pipeline.evaluation.record import ModelRecord
 from pipeline.evaluation.report import (
@@ -39,6 +39,32 @@ def test_bootstrap_interval_on_a_known_case():
     assert high == pytest.approx(0.8 + half_width, abs=0.01)
     assert bootstrap_ci(y_true, y_true, lambda t, p: float((t == p).mean()), samples=50) == (1.0, 1.0)
 
+
+
+@pytest.mark.parametrize("labels", [1, 3, 6])
+def test_vectorized_macro_f1_matches_scikit_learn_on_every_resample(labels):
+    # The bootstrap's vectorized macro-F1 against scikit-learn's, one resample at a time: classes missing
+    # from a resample (single-label: left out of the mean), labels never true nor predicted (multi-label:
+    # zero), one indicator column (scikit-learn reads it as single-label).
+    rng = np.random.default_rng(labels)
+    for n in (5, 40, 113):
+        index = rng.integers(0, n, (40, n))
+        y_true = rng.integers(0, 4, n)
+        y_true[: n // 2] = 0  # rare classes drop out of many resamples
+        y_pred = np.where(rng.random(n) < 0.7, y_true, rng.integers(0, 4, n))
+        indicator_true = (rng.random((n, labels)) < 0.3).astype(int)
+        indicator_pred = np.where(rng.random((n, labels)) < 0.8, indicator_true, 1 - indicator_true)
+        indicator_true[:, 0] = indicator_pred[:, 0] = 0
+        for truth, predicted in ((y_true, y_pred), (indicator_true, indicator_pred)):
+            expected = [macro_f1(truth[rows], predicted[rows]) for rows in index]
+            assert resampled_macro_f1(truth, predicted, index) == pytest.approx(expected)
+
+
+def test_default_bootstrap_is_the_scikit_learn_interval():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 3, 113)
+    y_pred = np.where(rng.random(113) < 0.8, y_true, rng.integers(0, 3, 113))
+    assert bootstrap_ci(y_true, y_pred, samples=300) == pytest.approx(bootstrap_ci(y_true, y_pred, macro_f1, samples=300))
 
 def row(name, latency, f1, fmt="onnx", size=10.0, retention=None, validation=None):
     validation = validation if validation is not None else f1

@@ -17,26 +17,61 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
+def resampled_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Macro-F1 of every resample (each row of `index` picks its examples), computed as
+    `macro_f1` does (scikit-learn, zero_division=0): single-label over the classes present in the
+    resample's labels or predictions, multi-label over every label. Vectorized: scikit-learn's own
+    checks cost ~1.2 ms a call, over a second for a 1,000-sample bootstrap, in every evaluation."""
+    resamples = len(index)
+    if y_true.ndim == 2 and y_true.shape[1] > 1:  # multi-label 0/1 indicator rows
+        truth, predicted = y_true[index].astype(bool), y_pred[index].astype(bool)  # [resamples, n, labels]
+        true_positives = (truth & predicted).sum(axis=1)
+        denominator = truth.sum(axis=1) + predicted.sum(axis=1)
+        f1 = np.divide(2 * true_positives, denominator, out=np.zeros(denominator.shape), where=denominator > 0)
+        return f1.mean(axis=1)
+    y_true, y_pred = y_true.reshape(len(y_true)), y_pred.reshape(len(y_pred))  # one column: single-label, as in sklearn
+    _, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    classes = int(codes.max()) + 1
+    truth, predicted = codes[: len(y_true)][index], codes[len(y_true) :][index]  # [resamples, n]
+    offsets = np.arange(resamples)[:, None] * classes
+
+    def per_class(cells: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        counts = np.bincount((offsets + cells).ravel(), weights=None if weights is None else weights.ravel(),
+                             minlength=resamples * classes)
+        return counts.reshape(resamples, classes)
+
+    true_positives = per_class(truth, (truth == predicted).astype(float))
+    denominator = per_class(truth) + per_class(predicted)
+    present = denominator > 0
+    f1 = np.divide(2 * true_positives, denominator, out=np.zeros(denominator.shape), where=present)
+    return f1.sum(axis=1) / present.sum(axis=1)
+
+
 def bootstrap_ci(
     y_true: Sequence[Any],
     y_pred: Sequence[Any],
-    metric: Callable[[np.ndarray, np.ndarray], float] = macro_f1,
+    metric: Callable[[np.ndarray, np.ndarray], float] | None = None,
     samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of `metric`, resampling examples with replacement."""
+    """Percentile bootstrap interval of `metric` (default: macro-F1, vectorized), resampling examples
+    with replacement."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     n = len(y_true)
     if n == 0:
         raise ValueError("cannot bootstrap an empty sample")
     rng = np.random.default_rng(seed)
-    scores = np.empty(samples)
-    for i in range(samples):
-        index = rng.integers(0, n, n)
-        scores[i] = metric(y_true[index], y_pred[index])
+    chunk = max(1, 2_000_000 // (n * (y_true.shape[1] if y_true.ndim == 2 else 1)))  # bounds the memory
+    scores = []
+    for start in range(0, samples, chunk):
+        index = rng.integers(0, n, (min(chunk, samples - start), n))  # the same draws as one row at a time
+        if metric is None:
+            scores.append(resampled_macro_f1(y_true, y_pred, index))
+        else:
+            scores.append(np.array([metric(y_true[rows], y_pred[rows]) for rows in index]))
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(scores, [tail, 100 - tail])
+    low, high = np.percentile(np.concatenate(scores), [tail, 100 - tail])
     return float(low), float(high)
 
 
@@ -47,7 +82,7 @@ def single_label_metrics(
     ids = list(range(len(label_names)))
     per_class = f1_score(labels, predictions, labels=ids, average=None, zero_division=0)
     low, high = bootstrap_ci(
-        labels, predictions, macro_f1, evaluation.bootstrap_samples, evaluation.confidence, evaluation.seed
+        labels, predictions, None, evaluation.bootstrap_samples, evaluation.confidence, evaluation.seed
     )
     return {
         "macro_f1": macro_f1(labels, predictions),
@@ -66,7 +101,7 @@ def multi_label_metrics(
     """Metrics of one split from multi-label 0/1 indicator rows (accuracy is the exact-match ratio)."""
     per_label = f1_score(labels, predictions, average=None, zero_division=0)
     low, high = bootstrap_ci(
-        labels, predictions, macro_f1, evaluation.bootstrap_samples, evaluation.confidence, evaluation.seed
+        labels, predictions, None, evaluation.bootstrap_samples, evaluation.confidence, evaluation.seed
     )
     never = [name for name, column in zip(label_names, predictions.T) if column.sum() == 0]
     return {
