@@ -40,7 +40,6 @@ def test_bootstrap_interval_on_a_known_case():
     assert bootstrap_ci(y_true, y_true, lambda t, p: float((t == p).mean()), samples=50) == (1.0, 1.0)
 
 
-
 @pytest.mark.parametrize("labels", [1, 3, 6])
 def test_vectorized_macro_f1_matches_scikit_learn_on_every_resample(labels):
     # The bootstrap's vectorized macro-F1 against scikit-learn's, one resample at a time: classes missing
@@ -65,6 +64,7 @@ def test_default_bootstrap_is_the_scikit_learn_interval():
     y_true = rng.integers(0, 3, 113)
     y_pred = np.where(rng.random(113) < 0.8, y_true, rng.integers(0, 3, 113))
     assert bootstrap_ci(y_true, y_pred, samples=300) == pytest.approx(bootstrap_ci(y_true, y_pred, macro_f1, samples=300))
+
 
 def row(name, latency, f1, fmt="onnx", size=10.0, retention=None, validation=None):
     validation = validation if validation is not None else f1
