@@ -82,7 +82,8 @@ def single_label_metrics(
     ids = list(range(len(label_names)))
     per_class = f1_score(labels, predictions, labels=ids, average=None, zero_division=0)
     low, high = bootstrap_ci(
-        labels, predictions, None, evaluation.bootstrap_samples, evaluation.confidence, evaluation.seed
+        labels, predictions, samples=evaluation.bootstrap_samples, confidence=evaluation.confidence,
+        seed=evaluation.seed,
     )
     return {
         "macro_f1": macro_f1(labels, predictions),
@@ -101,7 +102,8 @@ def multi_label_metrics(
     """Metrics of one split from multi-label 0/1 indicator rows (accuracy is the exact-match ratio)."""
     per_label = f1_score(labels, predictions, average=None, zero_division=0)
     low, high = bootstrap_ci(
-        labels, predictions, None, evaluation.bootstrap_samples, evaluation.confidence, evaluation.seed
+        labels, predictions, samples=evaluation.bootstrap_samples, confidence=evaluation.confidence,
+        seed=evaluation.seed,
     )
     never = [name for name, column in zip(label_names, predictions.T) if column.sum() == 0]
     return {
