@@ -5,7 +5,7 @@
         [--texts data.csv] [--static-length 32] [--rounds 6]
 
 MEMBER_DIR is an export_onnx output (fp32/ and int8/ inside). Timed in alternating rounds over the same
-texts, model call only (inputs built beforehand), as scripts/profile_onnx.py times ONNX Runtime:
+texts (the last 120 of --texts), model call only (inputs built beforehand), as scripts/profile_onnx.py times ONNX Runtime:
 
 - ort_int8: the served INT8 model (pipeline.export.onnx sessions, one intra-op thread);
 - ort_fp32: the fp32 export in the same kind of session;
@@ -91,20 +91,13 @@ def main() -> None:
     runners: dict[str, tuple[Callable[[Feed], np.ndarray], list[Feed]]] = {
         "ort_int8": (lambda feed: ort_int8.session.run(None, feed)[0], feeds),
         "ort_fp32": (lambda feed: ort_fp32.session.run(None, feed)[0], feeds),
-        "ov_fp32": (
-            openvino_runner(args.member_dir / "fp32" / MODEL_FILE, "f32", args.static_length),
-            ov_feeds,
-        ),
-        "ov_bf16": (
-            openvino_runner(args.member_dir / "fp32" / MODEL_FILE, "bf16", args.static_length),
-            ov_feeds,
-        ),
     }
+    fp32_model = args.member_dir / "fp32" / MODEL_FILE
+    openvino_models = [("ov_fp32", fp32_model, "f32"), ("ov_bf16", fp32_model, "bf16")]
     if args.static_dir:
-        runners["ov_int8"] = (
-            openvino_runner(args.static_dir / MODEL_FILE, "f32", args.static_length),
-            ov_feeds,
-        )
+        openvino_models.append(("ov_int8", args.static_dir / MODEL_FILE, "f32"))
+    for name, path, precision in openvino_models:
+        runners[name] = (openvino_runner(path, precision, args.static_length), ov_feeds)
 
     reference = [ort_fp32.session.run(None, feed)[0].argmax() for feed in feeds]
     times: dict[str, list[float]] = {name: [] for name in runners}
