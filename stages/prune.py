@@ -72,6 +72,11 @@ def run(params: Params) -> dict[str, Any]:
         pruning.check_structured(student, cfg.heads_ratio, heads_final)
         heads_plan = pruning.schedule(heads_before[0], heads_final, cfg.steps)
         width_plan = pruning.schedule(width_before, width_final, cfg.steps)
+    # Recovery distillation with nothing removed only moves the student away from the weights its own
+    # distillation chose (1.5 validation points on the six-layer mpnet student): pass them through.
+    nothing_removed = structured and all(h == heads_final for h in heads_before) and width_final == width_before
+    if nothing_removed:
+        log.info("prune.heads_ratio and prune.ffn_ratio keep every head and FFN neuron: no recovery, the source's weights pass through")
     vocab_problem = pruning.vocabulary_trim_problem(tokenizer) if cfg.vocab != "none" else None
     if cfg.vocab == "corpus" and vocab_problem:
         raise ConfigError(f"prune.vocab=corpus cannot trim this vocabulary: {vocab_problem}. Set prune.vocab=auto or none.")
@@ -101,7 +106,7 @@ def run(params: Params) -> dict[str, Any]:
     removed: dict[int, list[int]] = {}
     curve: list[dict[str, Any]] = []
     seconds = 0.0
-    for step in range(cfg.steps):
+    for step in range(0 if nothing_removed else cfg.steps):
         if structured:
             generator = torch.Generator().manual_seed(recovery.seed + step)
             loader = DataLoader(
@@ -139,6 +144,8 @@ def run(params: Params) -> dict[str, Any]:
         "recovery_phases": {phase.name: [t.name for t in phase.kd.terms] for phase in phases},
         **{f"{part}_texts": len(part_texts) for part, part_texts in texts.parts().items() if part != "train"},
     }
+    if nothing_removed:
+        info["recovery"] = "skipped: nothing was pruned"
     if any(phase.kd.pooled_teacher_layers for phase in phases):
         info["recovery_hidden_targets"] = "pooled"
     if phases[-1].kd.skipped:

@@ -110,6 +110,17 @@ def test_prune_stage_structured_in_two_steps(trained_project, tmp_path):
     assert "prune_step" in curve[0] and "loss_hidden" in curve[0] and len(curve) == 3
 
 
+def test_prune_stage_with_nothing_to_remove_passes_the_source_through(trained_project, tmp_path):
+    params = project_with_student(trained_project, tmp_path, prune={"heads_ratio": 0.0, "ffn_ratio": 0.0, "vocab": "none"})
+    metrics = prune.STAGE.execute(params)
+    source = ModelRecord.read(params.path(params.prune.source))
+    record = ModelRecord.read(params.path(params.paths.pruned))
+    assert record.details["recovery"] == "skipped: nothing was pruned" and record.training_seconds == 0
+    assert metrics["validation_f1_drop"] == 0 and record.validation == source.validation
+    before, after = load_trained(params.path(params.prune.source)), load_trained(params.path(params.paths.pruned))
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
 def test_prune_stage_magnitude(trained_project, tmp_path):
     params = project_with_student(trained_project, tmp_path, prune={"method": "magnitude", "sparsity": 0.6, "vocab": "none"})
     metrics = prune.STAGE.execute(params)

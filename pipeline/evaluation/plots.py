@@ -97,7 +97,8 @@ def loss_columns(rows: list[dict[str, float]]) -> list[str]:
 
 def loss_curves_plot(curves: dict[str, Path], path: Path) -> None:
     """One panel per training stage: every loss component per epoch, and validation macro-F1."""
-    present = {name: p for name, p in curves.items() if p.is_file()}
+    # A stage that trained nothing (prune with nothing removed) writes an empty curve: no panel.
+    present = {name: p for name, p in curves.items() if p.is_file() and read_curve(p)}
     fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.5 * max(1, len(present)), 4), dpi=110,
                              squeeze=False)
     for ax, (name, curve_path) in zip(axes[0], present.items()):
