@@ -11,15 +11,15 @@ import argparse
 from pathlib import Path
 
 import torch
-from sklearn.metrics import f1_score
 
 from pipeline.data.prepared import load_prepared
+from pipeline.evaluation.metrics import macro_f1
 from pipeline.models import load_trained_with_tokenizer, predict_logits
 
 
 def validation_f1(model: torch.nn.Module, tokenizer, prepared, max_length: int) -> float:
     logits = predict_logits(model.eval(), tokenizer, prepared.texts("validation"), max_length)
-    return float(f1_score(prepared.labels("validation"), logits.argmax(-1).numpy(), average="macro"))
+    return macro_f1(prepared.labels("validation"), logits.argmax(-1).numpy())
 
 
 def uniform_soup(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -98,11 +98,12 @@ def loss_columns(rows: list[dict[str, float]]) -> list[str]:
 def loss_curves_plot(curves: dict[str, Path], path: Path) -> None:
     """One panel per training stage: every loss component per epoch, and validation macro-F1."""
     # A stage that trained nothing (prune with nothing removed) writes an empty curve: no panel.
-    present = {name: p for name, p in curves.items() if p.is_file() and read_curve(p)}
+    rows_by_name = {name: read_curve(p) for name, p in curves.items() if p.is_file()}
+    present = {name: curves[name] for name, rows in rows_by_name.items() if rows}
     fig, axes = plt.subplots(1, max(1, len(present)), figsize=(4.5 * max(1, len(present)), 4), dpi=110,
                              squeeze=False)
     for ax, (name, curve_path) in zip(axes[0], present.items()):
-        rows = read_curve(curve_path)
+        rows = rows_by_name[name]
         x = list(range(1, len(rows) + 1))
         phases = read_phases(curve_path)
         for boundary in [i for i in range(1, len(phases)) if phases[i] != phases[i - 1]]:
