@@ -1,0 +1,56 @@
+"""`make run-phrasebank RECIPE=...`: every recipe of the Makefile expands to `-S` overrides that
+load into valid params (a misspelt key would otherwise surface only minutes into a DVC experiment),
+and an unknown recipe stops make with a message naming the recipes."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def recipes() -> list[str]:
+    return re.findall(r"^RECIPE_([a-z][\w-]*)\s*=", (ROOT / "Makefile").read_text(), re.M)
+
+
+def dry_run(*variables: str) -> subprocess.CompletedProcess[str]:
+    # `make -n` prints the commands (setup's and the experiment's) and runs none of them.
+    return subprocess.run(["make", "-n", "-C", str(ROOT), "run-phrasebank", *variables],
+                          capture_output=True, text=True, check=False)
+
+
+def overrides(command: str) -> list[str]:
+    words = shlex.split(command.replace("\\\n", " "))
+    return [words[i + 1] for i, word in enumerate(words) if word == "-S"]
+
+
+def test_the_makefile_has_the_documented_recipes():
+    assert {"kd", "kd-unpruned"} <= set(recipes())
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_each_recipe_expands_to_valid_params(recipe):
+    result = dry_run(f"RECIPE={recipe}", "TEACHER=mpnet-base", "STUDENT_LAYERS=6")
+    assert result.returncode == 0, result.stderr
+    keys = overrides(result.stdout)
+    assert "transfer.augment.enabled=true" in keys
+    params = load_params(ROOT / "params.yaml", keys)
+    assert params.transfer.augment.enabled and params.student.num_layers == 6
+    if recipe == "kd-unpruned":  # the student goes to export unpruned, from the logit-KD stage
+        assert params.prune.source == "models/student_vanilla"
+        assert params.prune.ffn_ratio == 0 and params.prune.heads_ratio == 0
+
+
+def test_an_unknown_recipe_stops_make_and_names_the_recipes():
+    result = dry_run("RECIPE=nonsense")
+    assert result.returncode != 0
+    assert "RECIPE=nonsense is not a recipe" in result.stderr and "kd-unpruned" in result.stderr
