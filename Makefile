@@ -74,7 +74,9 @@ TEACHER_LR ?=
 STUDENT_INIT ?=
 STUDENT_LAYERS ?=
 TRANSFER ?=
-RECIPE_OVERRIDES = $(if $(RECIPE),$(or $(RECIPE_$(RECIPE)),$(error RECIPE=$(RECIPE) is not a recipe: use kd or kd-unpruned, or leave it empty)))
+# The recipes are the RECIPE_<name> variables above: the error lists them, so it cannot fall behind.
+SELECTED_RECIPE = $(if $(RECIPE),$(or $(RECIPE_$(RECIPE)),$(error RECIPE=$(RECIPE) is not a recipe: use one of \
+  $(patsubst RECIPE_%,%,$(filter RECIPE_%,$(.VARIABLES))), or leave it empty)))
 STUDENT_INIT_ARG = $(if $(wildcard $(STUDENT_INIT)),$(abspath $(STUDENT_INIT)),$(STUDENT_INIT))
 run-phrasebank: setup
 	FINCOMPRESS_PIPELINE_RUN=phrasebank-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/dvc exp run --temp \
@@ -82,7 +84,7 @@ run-phrasebank: setup
 	  -S data.source=phrasebank -S data.path=$(PHRASEBANK) -S verify_teacher.min_macro_f1=0.85 \
 	  $(if $(TEACHER),-S teacher.model=$(TEACHER)) $(if $(TEACHER_LR),-S teacher.learning_rate=$(TEACHER_LR)) \
 	  $(if $(STUDENT_INIT),-S student.init=$(STUDENT_INIT_ARG)) $(if $(STUDENT_LAYERS),-S student.num_layers=$(STUDENT_LAYERS)) \
-	  -S transfer.path=$(if $(TRANSFER),$(abspath $(TRANSFER)),null) $(RECIPE_OVERRIDES) $(ARGS)
+	  -S transfer.path=$(if $(TRANSFER),$(abspath $(TRANSFER)),null) $(SELECTED_RECIPE) $(ARGS)
 
 # The family on the bundled multi-label demo set (six news topics), as a DVC experiment.
 run-multilabel: setup
