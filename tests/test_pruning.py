@@ -182,3 +182,30 @@ def test_added_tokens_past_the_vocabulary_are_kept_and_remapped(tmp_path, model_
     assert len(reloaded) == trimmed_model.config.vocab_size == info["vocab_size_after"]
     for token in [*DOMAIN_TOKENS, "<ent>"]:
         assert reloaded.convert_tokens_to_ids(token) >= info["vocab_size_after"] - len(beyond)
+
+
+def test_prune_stage_trims_the_vocabulary_to_every_text_the_student_learned_from(trained_project, tmp_path):
+    """The transfer texts' words keep their own pieces after trimming, not only the training texts'
+    (trimmed to the training texts alone, the FPB student lost 2.0 validation points)."""
+    from pipeline.data.prepared import load_prepared
+    from stages import prepare_data, teacher_logits
+
+    prepared_dir = trained_project.path(trained_project.paths.prepared)
+    train_words = {w for r in load_split(prepared_dir, "train") for w in r["text"].lower().split()}
+    unseen = sorted({w for r in load_split(prepared_dir, "validation") for w in r["text"].lower().split()} - train_words)
+    transfer_text = " ".join(unseen[:12])
+    (tmp_path / "transfer.txt").write_text(transfer_text + "\n")
+    params = copy_project(
+        trained_project, tmp_path, transfer={"path": str(tmp_path / "transfer.txt")},
+        prune={"heads_ratio": 0.0, "ffn_ratio": 0.0, "vocab": "corpus", "vocab_keep_top": 0},
+    )
+    prepare_data.STAGE.execute(params)
+    assert load_prepared(params.path(params.paths.prepared)).transfer_texts() == [transfer_text]
+    teacher_logits.STAGE.execute(params)
+    distill_intermediate.STAGE.execute(params)
+    prune.STAGE.execute(params)
+    before = load_tokenizer(str(params.path(params.prune.source)))
+    after = load_tokenizer(str(params.path(params.paths.pruned)))
+    pieces = before.tokenize(transfer_text)
+    assert after.tokenize(transfer_text) == pieces and any(p not in before.tokenize(" ".join(train_words)) for p in pieces)
+    assert after.vocab_size < before.vocab_size
