@@ -167,7 +167,7 @@ def run(params: Params) -> dict[str, Any]:
     if trim_vocab:
         # Every text the student learned from (labelled, transfer, augmented), not the labelled ones
         # alone: on FPB the training texts alone kept 8,825 tokens and cost 2.0 validation points.
-        corpus = [text for part in texts.read_by(tokenizer).values() for text in part]
+        corpus = texts.all_read_by(tokenizer)
         student, tokenizer, vocab_info = pruning.trim_vocabulary(student, tokenizer, corpus, cfg.vocab_keep_top)
         info.update(vocab_info)
     elif vocab_problem:

@@ -36,14 +36,15 @@ class KDTexts:
             for part, texts in self.parts(which).items()
         }
 
+    def all_read_by(self, tokenizer: Any) -> list[str]:
+        """Every text, the parts in order, as `tokenizer` reads them."""
+        return [text for texts in self.read_by(tokenizer).values() for text in texts]
+
     def align(self, teacher: Any, student: Any | None, max_length: int) -> Alignment:
         """How the student's tokens line up with the teacher's on every text it trains on (student
         None: it reads with the teacher's tokenizer)."""
-
-        def flat(tokenizer: Any) -> list[str]:
-            return [text for texts in self.read_by(tokenizer).values() for text in texts]
-
-        return align(teacher, student, flat(teacher), flat(student) if student is not None else [], max_length)
+        student_texts = self.all_read_by(student) if student is not None else []
+        return align(teacher, student, self.all_read_by(teacher), student_texts, max_length)
 
 
 def load_kd_texts(prepared: Prepared, augment: AugmentConfig, augmented_dir: Path) -> KDTexts:
