@@ -18,37 +18,18 @@ its label agreement against FP32_DIR on the bundled demo texts (docs/performance
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import onnx
-from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-from onnxruntime.transformers.fusion_options import FusionOptions
-from onnxruntime.transformers.optimizer import optimize_model
 
 from pipeline.export.onnx_export import (
     MODEL_FILE,
-    copy_serving_files,
     detect_isa,
     fuse_attention,
     quantize_int8,
 )
 from pipeline.export.predict import load_classifier
 from scripts.profile_onnx import DEMO, read_texts
-
-
-def fuse_multi_head_attention(fp32_dir: Path, out_dir: Path) -> None:
-    """`fuse_attention`'s BERT fusions, with MultiHeadAttention (separate Q, K, V MatMuls) for Attention."""
-    options = FusionOptions("bert")
-    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False  # as the served fusion
-    options.use_multi_head_attention = True
-    logging.getLogger().setLevel(logging.ERROR)
-    model = optimize_model(
-        str(fp32_dir / MODEL_FILE), model_type="bert", num_heads=0, hidden_size=0, optimization_options=options
-    )
-    print("fused:", {op: n for op, n in model.get_fused_operator_statistics().items() if n})
-    copy_serving_files(fp32_dir, out_dir)
-    onnx.save(SymbolicShapeInference.infer_shapes(model.model, auto_merge=True), str(out_dir / MODEL_FILE))
 
 
 def head_nodes(model_dir: Path) -> list[str]:
@@ -67,11 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     isa = detect_isa()
 
-    fuse_multi_head_attention(args.fp32_dir, args.out_dir / "mha_fp32")
+    for multi_head, name in ((True, "mha_fp32"), (False, "fused_fp32")):
+        fused = fuse_attention(args.fp32_dir, args.out_dir / name, multi_head=multi_head)
+        if not fused:
+            raise SystemExit(f"{args.fp32_dir}: no attention fused (not a BERT-like graph)")
+        print(f"{name}:", fused)
     quantize_int8(args.out_dir / "mha_fp32", args.out_dir / "mha_int8", isa, per_channel=True, quantize_embeddings=True)
 
-    if not fuse_attention(args.fp32_dir, args.out_dir / "fused_fp32"):
-        raise SystemExit(f"{args.fp32_dir}: no attention fused (not a BERT-like graph)")
     excluded = head_nodes(args.out_dir / "fused_fp32")
     quantize_int8(
         args.out_dir / "fused_fp32", args.out_dir / "head_fp32_int8", isa, per_channel=True,

@@ -167,13 +167,15 @@ def copy_serving_files(source_dir: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- fusion before INT8
 
 
-def fuse_attention(fp32_dir: Path, out_dir: Path) -> dict[str, int]:
+def fuse_attention(fp32_dir: Path, out_dir: Path, multi_head: bool = False) -> dict[str, int]:
     """ONNX Runtime's transformer optimizer (BERT fusions) on `fp32_dir`/model.onnx, written to `out_dir`
     with the config and tokenizer; returns how many of each fused operator it made, or {} (nothing
     written) when no attention fused: the architecture's graph is not BERT-like.
 
     The fused Attention (one QKV MatMul, softmax and mask inside one kernel) is what dynamic INT8 then
-    quantizes as QAttention: a third fewer kernels to dispatch and fewer activation quantizations."""
+    quantizes as QAttention: a third fewer kernels to dispatch and fewer activation quantizations.
+    `multi_head` fuses MultiHeadAttention instead (Q, K, V stay MatMuls; the attention core is fp32):
+    measured slower, built only by scripts/int8_variants.py for that comparison."""
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -183,6 +185,7 @@ def fuse_attention(fp32_dir: Path, out_dir: Path) -> dict[str, int]:
     # SkipLayerNormalization's CPU kernel is slower than the Add + LayerNormalization it replaces
     # (pipeline.export.onnx.session_options, docs/performance.md).
     options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+    options.use_multi_head_attention = multi_head
     # num_heads and hidden_size 0: read per layer from each attention's Reshape, so head-pruned layers
     # fuse with their own head count (their attention is narrower than the hidden size). The optimizer
     # warns (its loggers inherit the root's level) that the detected width differs from the weights'
@@ -192,7 +195,7 @@ def fuse_attention(fp32_dir: Path, out_dir: Path) -> dict[str, int]:
             str(fp32_dir / MODEL_FILE), model_type="bert", num_heads=0, hidden_size=0, optimization_options=options
         )
     fused = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
-    if not fused.get("Attention"):
+    if not fused.get("MultiHeadAttention" if multi_head else "Attention"):
         return {}
     copy_serving_files(fp32_dir, out_dir)
     # The quantizer needs the type of every tensor; ONNX's shape inference stops at the contrib
