@@ -55,6 +55,11 @@ def run(params: Params) -> dict[str, Any]:
     shared = alignment.kind == "shared"
     student.train()
     params_before = count_parameters(student)
+    layers_before = student.config.num_hidden_layers
+    layers_kept = list(range(1, layers_before + 1))
+    if cfg.num_layers is not None:
+        student, layers_kept = pruning.drop_layers(student, cfg.num_layers)
+        log.info("kept %d of the source's %d layers: %s", len(layers_kept), layers_before, layers_kept)
     heads_before = pruning.heads_per_layer(student)
     width_before = pruning.ffn_width(student)
 
@@ -74,9 +79,13 @@ def run(params: Params) -> dict[str, Any]:
         width_plan = pruning.schedule(width_before, width_final, cfg.steps)
     # Recovery distillation with nothing removed only moves the student away from the weights its own
     # distillation chose (1.5 validation points on the six-layer mpnet student): pass them through.
-    nothing_removed = structured and all(h == heads_final for h in heads_before) and width_final == width_before
+    nothing_removed = (
+        structured and all(h == heads_final for h in heads_before) and width_final == width_before
+        and student.config.num_hidden_layers == layers_before
+    )
     if nothing_removed:
-        log.info("prune.heads_ratio and prune.ffn_ratio keep every head and FFN neuron: no recovery, the source's weights pass through")
+        log.info("prune.num_layers, heads_ratio and ffn_ratio keep every layer, head and FFN neuron: no recovery, "
+                 "the source's weights pass through")
     vocab_problem = pruning.vocabulary_trim_problem(tokenizer) if cfg.vocab != "none" else None
     if cfg.vocab == "corpus" and vocab_problem:
         raise ConfigError(f"prune.vocab=corpus cannot trim this vocabulary: {vocab_problem}. Set prune.vocab=auto or none.")
@@ -179,6 +188,8 @@ def run(params: Params) -> dict[str, Any]:
         {
             "params_before": params_before,
             "parameter_reduction": 1 - params_after / params_before,
+            "layers_before": layers_before,
+            "layers_kept": layers_kept,
             "heads_per_layer_before": heads_before,
             "heads_per_layer": pruning.heads_per_layer(student),
             "heads_removed": {str(k): sorted(v) for k, v in removed.items()},
@@ -214,6 +225,7 @@ def run(params: Params) -> dict[str, Any]:
         "vocab_trimmed": int(trim_vocab),
         "heads_pruned": int(bool(removed)),
         "ffn_width": info["ffn_width"],
+        "num_layers": student.config.num_hidden_layers,
         "heads_per_layer": info["heads_per_layer"][0],
         **{f"{split}_unk_share_after": unk_after[split] for split in evaluated},
     }

@@ -121,6 +121,31 @@ def test_prune_stage_with_nothing_to_remove_passes_the_source_through(trained_pr
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
 
 
+def test_drop_layers_keeps_evenly_spaced_layers_ending_at_the_last(teacher_and_data):
+    model = teacher_and_data[0]
+    total = model.config.num_hidden_layers
+    dropped, kept = pruning.drop_layers(model, 1)
+    assert kept == [total] and dropped.config.num_hidden_layers == 1
+    last = model.base_model.encoder.layer[total - 1].state_dict()
+    assert all(torch.equal(last[key], value) for key, value in dropped.base_model.encoder.layer[0].state_dict().items())
+    assert model.config.num_hidden_layers == total  # the source is not changed
+    with pytest.raises(ConfigError, match=f"prune.num_layers={total + 1}: the source student has only {total} layers"):
+        pruning.drop_layers(model, total + 1)
+
+
+def test_prune_stage_drops_layers_and_recovers(trained_project, tmp_path):
+    params = project_with_student(
+        trained_project, tmp_path, student={"num_layers": 2},
+        prune={"num_layers": 1, "heads_ratio": 0.0, "ffn_ratio": 0.0, "vocab": "none"},
+    )
+    metrics = prune.STAGE.execute(params)
+    record = ModelRecord.read(params.path(params.paths.pruned))
+    assert record.details["layers_before"] == 2 and record.details["layers_kept"] == [2]
+    assert metrics["num_layers"] == 1 and "recovery" not in record.details and record.training_seconds > 0
+    assert load_trained(params.path(params.paths.pruned)).config.num_hidden_layers == 1
+    assert record.num_parameters < record.details["params_before"]
+
+
 def test_prune_stage_magnitude(trained_project, tmp_path):
     params = project_with_student(trained_project, tmp_path, prune={"method": "magnitude", "sparsity": 0.6, "vocab": "none"})
     metrics = prune.STAGE.execute(params)

@@ -28,6 +28,7 @@ from pipeline.compression.vocabulary import (  # noqa: F401
     vocabulary_trim_problem,
 )
 from pipeline.errors import ConfigError, ModelError
+from pipeline.kd.layer_map import uniform_layer_map
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,19 @@ def ffn_width(model: PreTrainedModel) -> int:
     if len(widths) != 1:
         raise ModelError(f"the FFN widths differ between layers ({sorted(widths)}); cannot prune uniformly")
     return widths.pop()
+
+
+def drop_layers(model: PreTrainedModel, keep: int) -> tuple[PreTrainedModel, list[int]]:
+    """`model` with `keep` of its encoder layers, evenly spaced and the last kept, and which (1-based);
+    a clear error when it has fewer."""
+    total = model.config.num_hidden_layers
+    if keep > total:
+        raise ConfigError(
+            f"prune.num_layers={keep}: the source student has only {total} layers. Use at most {total}, or null "
+            "to keep every layer"
+        )
+    kept = uniform_layer_map(keep, total)
+    return (architecture_for(model).select_layers(model, kept) if keep < total else model), kept
 
 
 def head_pruning_problem(model: PreTrainedModel) -> str | None:

@@ -25,6 +25,10 @@ class PruneConfig(Section):
     # `structured`: remove whole heads and FFN neurons (faster on CPU); `magnitude`: global
     # unstructured magnitude pruning, for comparison only (dense kernels get no faster from it).
     method: Literal["structured", "magnitude"] = "structured"
+    # Encoder layers to keep, evenly spaced and the last one kept (4 of 6: layers 2, 3, 5, 6), removed
+    # before heads and FFN neurons; null keeps every layer. The student's own distillation is its
+    # starting point, so the recovery has less to learn than a fresh student of that depth.
+    num_layers: int | None = Field(None, ge=1)
     # Share of attention heads to remove in every layer (at least one head per layer always stays).
     heads_ratio: float = Field(0.0, ge=0, lt=1)
     # Architectures whose config cannot describe fewer heads (MPNet, DeBERTa-v2/v3, ModernBERT):
