@@ -10,11 +10,12 @@ from typing import Any
 from pipeline import tracking
 from pipeline.baselines import static
 from pipeline.baselines.classifiers import STATIC_MAX_TOKENS, StaticClassifier
-from pipeline.baselines.common import files_size_mb, not_built, reference_details
+from pipeline.baselines.common import files_size_mb, reference_details
 from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
 from pipeline.evaluation.record import INFO_FILE, evaluate_and_record
 from pipeline.io import atomic_dir
+from pipeline.not_built import mark_not_built
 from pipeline.stage import Stage
 
 
@@ -24,7 +25,7 @@ def run(params: Params) -> dict[str, Any]:
     cfg = params.baselines.static
     out = params.path(params.paths.baseline_static)
     if not cfg.enabled:
-        return not_built(out, "baselines.static.enabled is false")
+        return mark_not_built(out, "baselines.static.enabled is false")
     prepared = load_prepared(params.path(params.paths.prepared))
     start = time.perf_counter()
     try:
@@ -32,7 +33,7 @@ def run(params: Params) -> dict[str, Any]:
             params.path(params.paths.teacher), cfg, prepared.texts("train") + prepared.transfer_texts()
         )
     except static.CannotDistill as error:
-        return not_built(out, str(error))
+        return mark_not_built(out, str(error))
     splits = [(prepared.texts(split), prepared.labels(split).astype(int)) for split in ("train", "validation")]
     head, c, scores = static.fit_head(model, cfg.c_grid, *splits, prepared.task_type)
     seconds = time.perf_counter() - start

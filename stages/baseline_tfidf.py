@@ -9,11 +9,12 @@ from typing import Any
 from pipeline import tracking
 from pipeline.baselines import tfidf
 from pipeline.baselines.classifiers import TfidfClassifier
-from pipeline.baselines.common import files_size_mb, not_built, reference_details
+from pipeline.baselines.common import files_size_mb, reference_details
 from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
 from pipeline.evaluation.record import INFO_FILE, evaluate_and_record
 from pipeline.io import atomic_dir
+from pipeline.not_built import mark_not_built
 from pipeline.stage import Stage
 
 
@@ -22,7 +23,7 @@ def run(params: Params) -> dict[str, Any]:
     cfg = params.baselines.tfidf
     out = params.path(params.paths.baseline_tfidf)
     if not cfg.enabled:
-        return not_built(out, "baselines.tfidf.enabled is false")
+        return mark_not_built(out, "baselines.tfidf.enabled is false")
     prepared = load_prepared(params.path(params.paths.prepared))
     start = time.perf_counter()
     fitted, coef, intercept, chosen = tfidf.fit(

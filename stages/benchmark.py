@@ -35,6 +35,8 @@ def present_members(params: Params) -> list[Member]:
             members.append(member)
         elif member.excluded_reason():
             log.warning("%s is left out of the benchmark: it %s", member.name, member.excluded_reason())
+        elif member.not_built_reason():
+            log.warning("%s is left out of the benchmark: it was not built (%s)", member.name, member.not_built_reason())
         else:
             log.warning("%s not found at %s: left out of the benchmark", member.name, member.path)
     if not members or members[0].name != REFERENCE:

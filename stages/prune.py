@@ -36,6 +36,7 @@ from pipeline.models import (
     state_fingerprint,
     weights_size_mb,
 )
+from pipeline.not_built import not_built_reason
 from pipeline.stage import Stage
 from pipeline.training import checkpoints, encoding, loss, results
 
@@ -48,6 +49,11 @@ def run(params: Params) -> dict[str, Any]:
     prepared = load_prepared(params.path(params.paths.prepared))
     names = prepared.label_names
     source_dir = params.path(cfg.source)
+    if reason := not_built_reason(source_dir):
+        raise ConfigError(
+            f"prune.source={cfg.source} was not built ({reason}): prune a student that was, e.g. "
+            f"prune.source={params.paths.student_vanilla}, or build this one"
+        )
     teacher, teacher_tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), names)
     student, tokenizer = load_trained_with_tokenizer(source_dir, names)
     texts = load_kd_texts(prepared, params.transfer.augment, params.path(params.paths.augmented))

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.baselines.classifiers import not_built_reason
 from pipeline.config import Params
 from pipeline.errors import ModelError
 from pipeline.evaluation import plots, report
@@ -79,8 +78,11 @@ def run(params: Params) -> dict[str, Any]:
     members = {member.name: member for member in family(params)}
     records = {entry["name"]: ModelRecord.read(members[entry["name"]].path) for entry in benchmark["members"]}
     rows = report.family_table(benchmark, records)
-    # Members export_onnx left out (a failed parity gate): listed with their reason, never benchmarked or chosen.
+    # Members export_onnx left out (a failed parity gate) and students their stage did not build
+    # (switched off): listed with their reason, never benchmarked or chosen.
     excluded = {member.name: reason for member in members.values() if (reason := member.excluded_reason())}
+    not_built = {member.name: reason for member in members.values() if (reason := member.not_built_reason())}
+    excluded |= {name: f"was not built: {reason}" for name, reason in not_built.items() if not members[name].alternative}
     front = report.pareto_front(rows)
     sla = params.report.sla
     champion, note = report.pick_champion(rows, sla)
@@ -92,10 +94,8 @@ def run(params: Params) -> dict[str, Any]:
         row["closest_to_sla"] = near is not None and row["name"] == near["member"]
 
     # The reference members: what the champion buys over the cheapest alternatives (or that it buys nothing).
-    not_built = {
-        member.name: reason for member in members.values() if member.alternative and (reason := not_built_reason(member.path))
-    }
-    verdict = report.alternatives_verdict(rows, champion, sla, not_built)
+    verdict = report.alternatives_verdict(rows, champion, sla, {name: reason for name, reason in not_built.items()
+                                                                if members[name].alternative})
 
     out = params.path(params.paths.reports)
     write_json(out / "family.json", rows + [{"name": name, "excluded": reason} for name, reason in excluded.items()])

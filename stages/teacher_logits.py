@@ -86,7 +86,7 @@ def cached_internals(params: Params, teacher: Any, token_level: bool) -> tuple[l
     """The teacher layers and the text parts whose per-token internals distill_intermediate reads
     from this cache (`teacher_internals: cached` or `auto`), or none."""
     cfg = params.distill_intermediate
-    if cfg.teacher_internals == "live" or not token_level:
+    if not cfg.enabled or cfg.teacher_internals == "live" or not token_level:
         return [], ()
     teacher_layers = teacher.config.num_hidden_layers
     layer_map = resolve_layer_map(cfg.layer_map, student_layer_count(params.student, teacher_layers), teacher_layers)

@@ -15,12 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.baselines import static, tfidf
-from pipeline.baselines.classifiers import (
-    NOT_BUILT_FILE,
-    StaticClassifier,
-    TfidfClassifier,
-    not_built_reason,
-)
+from pipeline.baselines.classifiers import StaticClassifier, TfidfClassifier
 from pipeline.baselines.common import class_weights
 from pipeline.config import SLAConfig
 from pipeline.config.baselines import StaticBaselineConfig, TfidfBaselineConfig
@@ -30,6 +25,7 @@ from pipeline.evaluation.family import family
 from pipeline.evaluation.record import ModelRecord
 from pipeline.evaluation.report import alternatives_verdict, markdown_table
 from pipeline.export.predict import main as predict
+from pipeline.not_built import NOT_BUILT_FILE, not_built_reason
 from scripts.tiny_project import REPO, make_tiny_model, read_tiny_texts
 from stages import baseline_static, baseline_tfidf
 from tests.helpers import copy_project

@@ -48,6 +48,7 @@ def test_each_recipe_expands_to_valid_params(recipe):
     if recipe == "kd-unpruned":  # the student goes to export unpruned, from the logit-KD stage
         assert params.prune.source == "models/student_vanilla"
         assert params.prune.ffn_ratio == 0 and params.prune.heads_ratio == 0
+        assert not params.distill_intermediate.enabled, "its champion does not come from this student"
 
 
 def test_an_unknown_recipe_stops_make_and_names_the_recipes():

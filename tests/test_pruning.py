@@ -9,6 +9,8 @@ from torch.utils.data import DataLoader
 from pipeline.compression import pruning
 from pipeline.data.prepared import load_split
 from pipeline.errors import ConfigError
+from pipeline.evaluation.family import family
+from pipeline.evaluation.plots import read_curve
 from pipeline.evaluation.record import ModelRecord
 from pipeline.models import load_tokenizer, load_trained, predict_logits
 from pipeline.training.encoding import Collator, encode
@@ -119,6 +121,19 @@ def test_prune_stage_with_nothing_to_remove_passes_the_source_through(trained_pr
     assert metrics["validation_f1_drop"] == 0 and record.validation == source.validation
     before, after = load_trained(params.path(params.prune.source)), load_trained(params.path(params.paths.pruned))
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+def test_a_switched_off_intermediate_student_is_not_built_and_cannot_be_pruned(trained_project, tmp_path):
+    params = copy_project(trained_project, tmp_path, distill_intermediate={"enabled": False})
+    metrics = distill_intermediate.STAGE.execute(params)
+    assert metrics["built"] is False
+    member = next(m for m in family(params) if m.name == "student_intermediate")
+    assert not member.is_present() and member.not_built_reason() == "distill_intermediate.enabled is false"
+    assert read_curve(params.path(params.paths.curves) / "distill_intermediate.csv") == [], "an empty curve: no panel"
+    with pytest.raises(ConfigError, match=r"prune.source=models/student_intermediate was not built "
+                                          r"\(distill_intermediate.enabled is false\): .* prune.source=models/student_vanilla"):
+        prune.run(params)
+    assert not params.path(params.paths.pruned).exists(), "nothing written"
 
 
 def test_drop_layers_keeps_evenly_spaced_layers_ending_at_the_last(teacher_and_data):

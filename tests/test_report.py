@@ -24,6 +24,7 @@ from pipeline.evaluation.report import (
     pareto_front,
     pick_champion,
 )
+from pipeline.not_built import mark_not_built
 from scripts.first_screen import first_screen
 from stages import report
 from tests.helpers import export_tiny_classifier
@@ -170,7 +171,7 @@ def onnx_dir(tiny_bert, tmp_path_factory):
     return export_tiny_classifier(tiny_bert, tmp_path_factory.mktemp("report_onnx"), LABELS)
 
 
-def hand_made_family(tmp_path, onnx_dir, report_params=None):
+def hand_made_family(tmp_path, onnx_dir, report_params=None, not_built=()):
     report_params = report_params or {"sla": {"max_latency_ms": 5.0, "min_f1_retention": 0.9}}
     params = params_from_dict({"report": report_params}, root=tmp_path)
     figures = {  # name: (test F1, p50 ms, size MB)
@@ -183,6 +184,9 @@ def hand_made_family(tmp_path, onnx_dir, report_params=None):
     }
     entries = []
     for member in family(params):
+        if member.name in not_built:  # its stage was switched off: the benchmark left it out
+            mark_not_built(member.path, f"{member.name} was switched off")
+            continue
         f1, latency, size = figures[member.name]
         member.path.mkdir(parents=True)
         if member.format == "onnx":
@@ -284,6 +288,19 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     assert set(tfidf["tags.family_member"]) == {"tfidf", "static"}
 
 
+def test_a_student_that_was_not_built_is_listed_with_its_reason(tmp_path, onnx_dir):
+    sla = {"max_latency_ms": 5.0, "min_f1_retention": 0.9}
+    params = hand_made_family(tmp_path, onnx_dir, {"sla": sla, "registered_model_name": "report-test-not-built"},
+                              not_built=("student_intermediate",))
+    metrics = report.STAGE.execute(params)
+    reports = params.path(params.paths.reports)
+    rows = json.loads((reports / "family.json").read_text())
+    assert rows[-1] == {"name": "student_intermediate", "excluded": "was not built: student_intermediate was switched off"}
+    assert "Left out: student_intermediate was not built: student_intermediate was switched off." in (
+        reports / "comparison.md").read_text()
+    assert metrics["champion"]["member"] == "student_onnx_int8", "the others are chosen from as before"
+
+
 def test_report_stage_without_a_champion_says_which_member_is_closest(tmp_path, onnx_dir):
     name = "report-test-no-champion"
     params = hand_made_family(tmp_path, onnx_dir, {"sla": {"max_latency_ms": 0.5, "min_f1_retention": 0.99},
@@ -312,11 +329,12 @@ def test_the_first_screen_shows_the_key_rows_and_how_to_serve_the_champion():
                 "closest_to_sla": False, **flags}
 
     rows = [full("teacher", 60, 0.95, "torch"), full("student_onnx_int8", 1.0, 0.94, champion=True),
-            full("student_int8_torch", 0.8, 0.90, "torch"), full("student_onnx_fp32", 2.0, 0.94)]
+            full("student_int8_torch", 0.8, 0.90, "torch"), full("student_onnx_fp32", 2.0, 0.94),
+            {"name": "student_intermediate", "excluded": "was not built: distill_intermediate.enabled is false"}]
     registered = {"champion": {"member": "student_onnx_int8", "registered_model_name": "fincompress-sentiment",
                                "registry_version": 3}}
     screen = first_screen(rows, registered, 5002, "reports/comparison.md")
-    assert len(screen.splitlines()) <= 15
+    assert len(screen.splitlines()) <= 15 and screen.startswith("The family: 4 members"), "members left out have no figures"
     assert [line.split()[0] for line in screen.splitlines()[3:6]] == ["teacher", "student_onnx_int8", "student_int8_torch"]
     assert "60.00     1.0x" in screen and "champion" in screen.splitlines()[4] and "fastest" in screen.splitlines()[5]
     assert "registered as fincompress-sentiment version 3, alias champion" in screen and "make serve" in screen

@@ -22,9 +22,6 @@ from pipeline.errors import ModelError
 from pipeline.io import read_json, write_json
 
 KIND_FILE = "reference.json"
-# Written instead of a model when the member is switched off or cannot be built, with the reason: the
-# directory is still the stage's DVC output, and the benchmark leaves the member out.
-NOT_BUILT_FILE = "NOT_BUILT.txt"
 
 
 class ReferenceClassifier(ABC):
@@ -70,12 +67,6 @@ def read_kind(model_dir: Path, kind: str) -> dict[str, Any]:
     if info.get("kind") != kind:
         raise ModelError(f"{path} describes a {info.get('kind')!r} model, not {kind!r}; re-run its stage (dvc repro)")
     return info
-
-
-def not_built_reason(model_dir: Path) -> str | None:
-    """Why the reference member in `model_dir` was not built, or None."""
-    path = Path(model_dir) / NOT_BUILT_FILE
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
 # --------------------------------------------------------------------------- tfidf

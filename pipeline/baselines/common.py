@@ -1,6 +1,6 @@
 """What building a reference member shares (tfidf.py, static.py and their stages): choosing a linear
-classifier's C on validation, its weights in the form the classifiers load, the directory of a member
-that was not built, and its record's details. The classifiers themselves are in classifiers.py."""
+classifier's C on validation, its weights in the form the classifiers load, and its record's details.
+The classifiers themselves are in classifiers.py; a member switched off is pipeline/not_built.py's."""
 
 from __future__ import annotations
 
@@ -11,24 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.baselines.classifiers import NOT_BUILT_FILE
 from pipeline.data import labels as label_utils
-from pipeline.io import atomic_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 def files_size_mb(model_dir: Path, names: tuple[str, ...]) -> float:
     """The size of a reference member: the files named (its weights), in MB."""
     return sum((Path(model_dir) / name).stat().st_size for name in names if (Path(model_dir) / name).is_file()) / 1e6
-
-
-def not_built(out: Path, reason: str) -> dict[str, Any]:
-    """Write only why the member was not built into its directory (still the stage's output, so DVC
-    is satisfied); the benchmark leaves the member out. Returns the stage's metrics."""
-    with atomic_dir(out) as tmp:
-        write_text_atomic(tmp / NOT_BUILT_FILE, reason + "\n")
-    log.warning("%s not built: %s", out.name, reason)
-    return {"built": False, "not_built_reason": reason}
 
 
 def reference_details(description: str, precision: str, chosen: dict[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,9 @@ class LayerTerms(Section):
 
 
 class DistillIntermediateConfig(KDTerms, LayerTerms):
+    # false: the stage writes only why (the family has no intermediate student; prune.source must name
+    # another), for recipes whose champion comes from logit KD and need not pay for this training.
+    enabled: bool = True
     # `auto`: student layer i (1-based) learns from teacher layer round(i * T / S); or an explicit
     # list with one teacher layer (1-based) per student layer.
     layer_map: Literal["auto"] | list[int] = "auto"

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.baselines.classifiers import StaticClassifier, TfidfClassifier
 from pipeline.config import Params
+from pipeline.not_built import not_built_reason
 
 REFERENCE = "teacher"  # the member speedups and retention are ratios against
 # Written by export_onnx in place of a member that failed its parity gate: the member is left out.
@@ -170,6 +171,10 @@ class Member(ABC):
         """Why the stage that builds this member left it out (a failed gate), or None."""
         path = self.path / EXCLUDED_FILE
         return json.loads(path.read_text(encoding="utf-8"))["reason"] if path.is_file() else None
+
+    def not_built_reason(self) -> str | None:
+        """Why its stage did not build this member (switched off, or it could not be built), or None."""
+        return not_built_reason(self.path)
 
     def size_mb(self) -> float:
         return sum(path.stat().st_size for path in self.weight_files()) / 1e6
