@@ -23,6 +23,7 @@ from pipeline.kd.students import init_tokenizer, student_layer_count
 from pipeline.kd.texts import ORIGINAL, PARTS, load_kd_texts
 from pipeline.models import load_trained_with_tokenizer, state_fingerprint
 from pipeline.stage import Stage
+from pipeline.training.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,13 @@ def run(params: Params) -> dict[str, Any]:
             params.distill_intermediate.teacher_internals_max_mb, internal_layers, internal_parts, read_by_teacher,
             tokenizer, max_length, teacher.config, metrics,
         )
+    # The teacher labels in the precision it trained in (teacher.precision: bf16 about 2.5x faster on AMX).
+    labelling = resolve_precision(params.teacher.precision, "teacher.precision")
     outputs, collected = {}, {}
     for part, read in read_by_teacher.items():
         start = time.perf_counter()
         collector = teacher_internals.Collector(internal_layers) if part in internal_parts else None
-        outputs[part] = teacher_logits.compute(teacher, tokenizer, read, max_length, layers, collector)
+        outputs[part] = teacher_logits.compute(teacher, tokenizer, read, max_length, layers, collector, labelling)
         if collector is not None:
             collected[part] = collector
         metrics[f"{part}_rows"] = len(read)

@@ -38,6 +38,7 @@ from pipeline.models import (
 )
 from pipeline.training.encoding import Collator, encode
 from pipeline.training.loss import KDBatch
+from pipeline.training.precision import cpu_has_bf16
 from pipeline.training.trainer import DistillationTrainer, training_arguments
 from stages import distill_intermediate, distill_vanilla, student_baseline
 from tests.helpers import copy_project
@@ -482,3 +483,16 @@ def test_teacher_outputs_come_back_in_dataset_order_from_length_sorted_batches(t
             teacher, dataset.select([i]), Collator(tokenizer), batch_size=1, pooled_layers=(0, 2))
         torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(pooled[i], alone_pooled[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not cpu_has_bf16(), reason="needs a CPU with AMX or AVX512_BF16")
+def test_teacher_labels_in_bf16_are_close_to_fp32_and_come_back_in_fp32(tiny_bert):
+    teacher = load_pretrained_classifier(str(tiny_bert), NAMES, problem_type("single_label"))
+    tokenizer = load_tokenizer(str(tiny_bert))
+    dataset = encode(tiny_rows("single_label"), tokenizer, 64, NAMES, "single_label")
+    exact, _ = compute_teacher_outputs(teacher, dataset, Collator(tokenizer), batch_size=8)
+    mixed, pooled = compute_teacher_outputs(teacher, dataset, Collator(tokenizer), batch_size=8, pooled_layers=(0, 2),
+                                            precision="bf16")
+    assert mixed.dtype == torch.float32 and pooled.dtype == torch.float32
+    assert not torch.equal(mixed, exact), "bf16 autocast did not run"
+    torch.testing.assert_close(mixed, exact, atol=0.05, rtol=0.05)

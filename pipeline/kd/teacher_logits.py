@@ -36,6 +36,7 @@ from pipeline.kd.terms import mean_pool
 from pipeline.kd.texts import PARTS, KDTexts
 from pipeline.training import encoding
 from pipeline.training.loss import KDLoss
+from pipeline.training.precision import Precision, autocast
 
 INDEX_FILE = "index.json"
 POOLED_SUFFIX = ".pooled.npy"
@@ -59,7 +60,7 @@ def compute_teacher_logits(teacher: PreTrainedModel, dataset, collator, batch_si
 @torch.no_grad()
 def compute_teacher_outputs(
     teacher: PreTrainedModel, dataset, collator, batch_size: int = 128, pooled_layers: Sequence[int] = (),
-    internals: Collector | None = None,
+    internals: Collector | None = None, precision: Precision = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's logits (float32) for every example, in dataset order, and, when `pooled_layers`
     are given (0: the embedding output), its mean-pooled hidden states of those layers
@@ -67,7 +68,7 @@ def compute_teacher_outputs(
     per-token hidden states and attention maps too (in batch order: `internals.order` puts them back).
     Batches are formed from examples sorted by length (little padding: about half the work on short
     texts of mixed length; padding never changes an example's outputs), and the rows are put back in
-    dataset order."""
+    dataset order. `precision`: bf16 / fp16 run the teacher under autocast (the values are returned in fp32)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -81,9 +82,11 @@ def compute_teacher_outputs(
     for batch in tqdm(loader, desc="teacher outputs", unit="batch", leave=False):
         batch = {key: value.to(device) for key, value in batch.items()}
         if not pooled_layers and internals is None:
-            chunks.append(teacher(**batch).logits.float().cpu())
+            with autocast(precision, device):
+                chunks.append(teacher(**batch).logits.float().cpu())
             continue
-        outputs = teacher(**batch, output_hidden_states=True, output_attentions=internals is not None)
+        with autocast(precision, device):
+            outputs = teacher(**batch, output_hidden_states=True, output_attentions=internals is not None)
         chunks.append(outputs.logits.float().cpu())
         mask = batch["attention_mask"]
         if internals is not None:
@@ -113,13 +116,15 @@ def compute(
     max_length: int,
     pooled_layers: Sequence[int] = (),
     internals: Collector | None = None,
+    precision: Precision = "fp32",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The teacher's logits for `texts`, tokenized and batched exactly as the students' training split,
     and its mean-pooled hidden states of `pooled_layers` (None when no layer is asked for); `internals`
-    collects its per-token states and maps."""
+    collects its per-token states and maps; `precision` as in `compute_teacher_outputs`."""
     dataset = encoding.encode_texts(texts, tokenizer, max_length)
     logits, pooled = compute_teacher_outputs(
         teacher, dataset, encoding.Collator(tokenizer), pooled_layers=pooled_layers, internals=internals,
+        precision=precision,
     )
     return logits.numpy(), (None if pooled is None else pooled.numpy())
 

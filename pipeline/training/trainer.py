@@ -20,7 +20,7 @@ from pipeline.config.base import TrainingBudget
 from pipeline.data import labels as label_utils
 from pipeline.errors import FinCompressError
 from pipeline.evaluation.metrics import macro_f1
-from pipeline.training import checkpoints
+from pipeline.training import checkpoints, precision
 from pipeline.training.encoding import ROW_COLUMN
 from pipeline.training.loss import KDBatch, KDLoss
 
@@ -89,7 +89,7 @@ class DistillationTrainer(Trainer):
             "output_hidden_states": training and kd.needs_hidden_states,
             "output_attentions": training and kd.needs_attentions,
         }
-        outputs = model(**inputs, **wants)
+        outputs = full_precision(model(**inputs, **wants))
         logits = outputs.logits
         if not training:
             loss = kd.evaluation_loss(logits, labels, self.pos_weight)
@@ -148,6 +148,17 @@ class DistillationTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
+def full_precision(outputs: Any) -> Any:
+    """The model's outputs in fp32: under bf16/fp16 autocast the logits (and some hidden states) come
+    out in 16 bits, and the losses (softmax, KL, MSE) are computed in fp32 (no-op in fp32)."""
+    for key, value in outputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            outputs[key] = value.float()
+        elif isinstance(value, tuple):
+            outputs[key] = tuple(v.float() if isinstance(v, torch.Tensor) else v for v in value)
+    return outputs
+
+
 def check_finite(loss: torch.Tensor, step: int) -> None:
     """Stop at the first NaN/inf loss instead of training garbage to the end."""
     if not torch.isfinite(loss):
@@ -160,7 +171,7 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
 def training_arguments(budget: TrainingBudget, output_dir: Path, **overrides: Any) -> TrainingArguments:
     """Arguments shared by every training stage: keep the best checkpoint by validation macro-F1."""
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    mixed = precision.resolve(budget.precision, "precision")
     # torchrun / accelerate launch without CUDA: unless use_cpu is set, accelerate leaves the run
     # undistributed and every rank silently trains on all the data; with it, ranks are DDP over gloo.
     cpu_ddp = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -187,8 +198,8 @@ def training_arguments(budget: TrainingBudget, output_dir: Path, **overrides: An
         save_total_limit=2,  # the best and the latest (for resuming)
         save_only_model=False,
         report_to="none",  # stages log to MLflow themselves, one run per stage
-        fp16=cuda and not bf16,  # AMP on CUDA; plain fp32 on the CPU
-        bf16=bf16,
+        fp16=mixed == "fp16",
+        bf16=mixed == "bf16",
         # Length-grouped batches waste less on padding (it matters on a CPU), but their order comes
         # from the global RNG, so a run resumed mid-epoch would see other batches: with save_steps
         # (resumable runs) the seeded random sampler is used instead.
@@ -199,7 +210,7 @@ def training_arguments(budget: TrainingBudget, output_dir: Path, **overrides: An
         label_names=["labels"],
         disable_tqdm=False,
         ddp_find_unused_parameters=False,
-        use_cpu=cpu_ddp,
+        use_cpu=cpu_ddp or (not cuda and mixed == "bf16"),  # Trainer refuses CPU bf16 without it
         ddp_backend="gloo" if cpu_ddp else None,
     )
     args.update(overrides)
@@ -223,4 +234,7 @@ def train(trainer: Trainer, resume_from: str | None) -> float:
     """Train (resuming when a checkpoint is given); return the wall time in seconds."""
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
+    # Mixed precision left the model's forward wrapped in autocast (accelerate): take the wrapper off,
+    # so the trained fp32 model is evaluated, saved and pruned in fp32, as it will be served.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return time.perf_counter() - start

@@ -1,0 +1,73 @@
+"""Mixed precision (`precision` of teacher, student and prune.recovery): what each setting resolves to,
+the Trainer flags it sets, and a student stage trained in bf16 (the teacher's labels under bf16:
+tests/test_distill.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config.base import TrainingBudget
+from pipeline.errors import ConfigError
+from pipeline.training import precision
+from pipeline.training.trainer import full_precision, training_arguments
+from tests.helpers import copy_project
+
+needs_cpu_bf16 = pytest.mark.skipif(
+    torch.cuda.is_available() or not precision.cpu_has_bf16(), reason="needs a CPU with AMX or AVX512_BF16 (and no GPU)"
+)
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_auto_and_fp32_train_in_fp32_on_a_cpu(cpu_only, tmp_path):
+    assert precision.resolve("auto", "student.precision") == "fp32"
+    assert precision.resolve("fp32", "student.precision") == "fp32"
+    args = training_arguments(TrainingBudget(), tmp_path)
+    assert not args.bf16 and not args.fp16
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_with_the_fix(cpu_only, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match=r"teacher.precision=bf16: this CPU has no native bf16.*teacher.precision=fp32"):
+        precision.resolve("bf16", "teacher.precision")
+
+
+def test_bf16_on_a_bf16_cpu_sets_the_trainer_flags(cpu_only, monkeypatch, tmp_path):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    args = training_arguments(TrainingBudget(precision="bf16"), tmp_path)
+    assert args.bf16 and not args.fp16 and args.use_cpu  # HF Trainer refuses CPU bf16 without use_cpu
+
+
+def test_unknown_precision_is_a_config_error():
+    with pytest.raises(ValueError, match="precision"):
+        TrainingBudget(precision="fp8")
+
+
+def test_full_precision_upcasts_every_output_tensor():
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    outputs = SequenceClassifierOutput(
+        logits=torch.ones(2, 3, dtype=torch.bfloat16), hidden_states=(torch.ones(2, 4, 8, dtype=torch.bfloat16),) * 2
+    )
+    outputs = full_precision(outputs)
+    assert outputs.logits.dtype == torch.float32 and outputs["logits"].dtype == torch.float32
+    assert all(h.dtype == torch.float32 for h in outputs.hidden_states)
+
+
+@needs_cpu_bf16
+def test_a_student_trains_in_bf16_and_is_saved_in_fp32(trained_project, tmp_path):
+    from pipeline.evaluation.record import ModelRecord
+    from pipeline.models import load_trained
+    from stages import distill_intermediate
+
+    params = copy_project(trained_project, tmp_path, student={"precision": "bf16"})
+    distill_intermediate.STAGE.execute(params)
+    out = params.path(params.paths.student_intermediate)
+    record = ModelRecord.read(out)
+    assert record.params["student"]["precision"] == "bf16"
+    assert 0 <= record.validation["macro_f1"] <= 1
+    assert all(p.dtype == torch.float32 for p in load_trained(out).parameters())
