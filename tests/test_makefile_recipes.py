@@ -55,3 +55,10 @@ def test_an_unknown_recipe_stops_make_and_names_the_recipes():
     result = dry_run("RECIPE=nonsense")
     assert result.returncode != 0
     assert "RECIPE=nonsense is not a recipe" in result.stderr and "kd-unpruned" in result.stderr
+
+
+def test_precision_sets_every_training_stage():
+    result = dry_run("PRECISION=bf16")
+    assert result.returncode == 0, result.stderr
+    params = load_params(ROOT / "params.yaml", overrides(result.stdout))
+    assert params.teacher.precision == params.student.precision == params.prune.recovery.precision == "bf16"
