@@ -3,8 +3,8 @@
 
 On CUDA, `auto` is AMP, as it always was. On a CPU, `auto` stays fp32: bf16 changes a run's numbers,
 so it is asked for by name. Where the CPU has AMX or AVX512_BF16 it pays: a training step of the
-MiniLM student (batch 32 x 40 tokens, eager attention, as every stage trains) ran 400 -> 173 ms and an
-inference forward 2.5x faster on this project's Xeon (`python -m scripts.torch_bf16_step`).
+MiniLM student (batch 32 x 40 tokens, eager attention, as every stage trains) and an inference forward
+both ran ~2.2x faster on this project's Xeon (`python -m scripts.torch_bf16_step --threads 2`).
 """
 
 from __future__ import annotations
