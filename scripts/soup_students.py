@@ -3,6 +3,10 @@
 were trained on:
 
     python -m scripts.soup_students models/student_vanilla models/sv_seed1 models/sv_seed2
+
+It also prints the students' ensemble (their softmax probabilities averaged): not a member, since it
+costs every student's latency, but a reference for what the students hold together that one of them
+could at best learn.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from pipeline.evaluation.metrics import macro_f1
 from pipeline.models import load_trained_with_tokenizer, predict_logits
 
 
-def validation_f1(model: torch.nn.Module, tokenizer, prepared, max_length: int) -> float:
-    logits = predict_logits(model.eval(), tokenizer, prepared.texts("validation"), max_length)
-    return macro_f1(prepared.labels("validation"), logits.argmax(-1).numpy())
+def validation_probabilities(model: torch.nn.Module, tokenizer, prepared, max_length: int) -> torch.Tensor:
+    return predict_logits(model.eval(), tokenizer, prepared.texts("validation"), max_length).softmax(-1)
+
+
+def validation_f1(probabilities: torch.Tensor, prepared) -> float:
+    return macro_f1(prepared.labels("validation"), probabilities.argmax(-1).numpy())
 
 
 def uniform_soup(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -39,11 +46,15 @@ def main() -> None:
     prepared = load_prepared(args.prepared)
     loaded = [load_trained_with_tokenizer(d, prepared.label_names) for d in args.students]
     tokenizer = loaded[0][1]
-    for directory, (model, _) in zip(args.students, loaded):
-        print(f"{directory}: validation macro-F1 {validation_f1(model, tokenizer, prepared, args.max_length):.4f}")
+    probabilities = [validation_probabilities(model, tokenizer, prepared, args.max_length) for model, _ in loaded]
+    for directory, students_probabilities in zip(args.students, probabilities):
+        print(f"{directory}: validation macro-F1 {validation_f1(students_probabilities, prepared):.4f}")
+    ensemble = validation_f1(sum(probabilities) / len(probabilities), prepared)
     soup = loaded[0][0]
     soup.load_state_dict(uniform_soup([model.state_dict() for model, _ in loaded]))
-    print(f"uniform soup of {len(loaded)}: validation macro-F1 {validation_f1(soup, tokenizer, prepared, args.max_length):.4f}")
+    soup_f1 = validation_f1(validation_probabilities(soup, tokenizer, prepared, args.max_length), prepared)
+    print(f"uniform soup of {len(loaded)}: validation macro-F1 {soup_f1:.4f}")
+    print(f"ensemble of {len(loaded)} (probabilities averaged; a reference, not a member): validation macro-F1 {ensemble:.4f}")
 
 
 if __name__ == "__main__":
