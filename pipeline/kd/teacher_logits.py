@@ -81,12 +81,9 @@ def compute_teacher_outputs(
     chunks, pooled_chunks = [], []
     for batch in tqdm(loader, desc="teacher outputs", unit="batch", leave=False):
         batch = {key: value.to(device) for key, value in batch.items()}
-        if not pooled_layers and internals is None:
-            with autocast(precision, device):
-                chunks.append(teacher(**batch).logits.float().cpu())
-            continue
         with autocast(precision, device):
-            outputs = teacher(**batch, output_hidden_states=True, output_attentions=internals is not None)
+            outputs = teacher(**batch, output_hidden_states=bool(pooled_layers) or internals is not None,
+                              output_attentions=internals is not None)
         chunks.append(outputs.logits.float().cpu())
         mask = batch["attention_mask"]
         if internals is not None:
