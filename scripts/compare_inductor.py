@@ -23,17 +23,15 @@ Runtime's INT8 here" gets answered with a number (docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.export.onnx import OnnxClassifier
 from pipeline.models import load_trained_with_tokenizer
-from scripts.compare_openvino import padded
+from scripts.compare_openvino import Runners, padded, print_side_by_side, time_interleaved
 from scripts.profile_onnx import DEMO, read_texts
 
 
@@ -77,7 +75,7 @@ def main() -> None:
     def eager(inputs: dict) -> torch.Tensor:
         return model(**inputs).logits
 
-    runners: dict[str, tuple[Callable, list]] = {
+    runners: Runners = {
         "ort_int8": (lambda feed: ort_int8.session.run(None, feed)[0], feeds),
         "torch_eager": (eager, eager_inputs),
         "inductor_fp32": (compiled("fp32"), static_inputs),
@@ -86,20 +84,7 @@ def main() -> None:
         runners["inductor_bf16"] = (compiled("bf16"), static_inputs)
 
     reference = [int(eager(inputs).argmax()) for inputs in eager_inputs]
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for round_index in range(args.rounds):
-        order = list(runners.items()) if round_index % 2 == 0 else list(runners.items())[::-1]
-        for name, (run, inputs) in order:
-            for item in inputs:
-                tick = time.perf_counter_ns()
-                run(item)
-                times[name].append((time.perf_counter_ns() - tick) / 1e6)
-    base = statistics.median(times["ort_int8"])
-    for name, (run, inputs) in runners.items():
-        agreement = np.mean([int(np.asarray(run(item)).argmax()) == label for item, label in zip(inputs, reference)])
-        p50 = statistics.median(times[name])
-        print(f"{name:14s} p50 {p50:.3f} ms  {p50 / base:.2f}x ort_int8  labels as torch fp32: {agreement:.3f}")
-
+    print_side_by_side(runners, time_interleaved(runners, args.rounds), reference, "torch fp32")
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,34 @@ def padded(feed: Feed, length: int) -> Feed:
     return out
 
 
+Runners = dict[str, tuple[Callable[[Any], Any], list[Any]]]  # name -> (call one input, its inputs)
+
+
+def time_interleaved(runners: Runners, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of every call of each runner over its inputs, the runners taken in rounds whose
+    order flips each time, so load on a shared machine hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for round_index in range(rounds):
+        order = list(runners.items()) if round_index % 2 == 0 else list(runners.items())[::-1]
+        for name, (run, inputs) in order:
+            for item in inputs:
+                tick = time.perf_counter_ns()
+                run(item)
+                times[name].append((time.perf_counter_ns() - tick) / 1e6)
+    return times
+
+
+def print_side_by_side(runners: Runners, times: dict[str, list[float]], reference: list[int], against: str) -> None:
+    """Each runner's p50, its ratio to the first runner's (the served member) and how often its label
+    (the argmax of what it returns, NumPy or torch) equals `reference`'s, computed by `against`."""
+    base_name = next(iter(runners))
+    base = statistics.median(times[base_name])
+    for name, (run, inputs) in runners.items():
+        agreement = np.mean([int(np.asarray(run(item)).argmax()) == label for item, label in zip(inputs, reference)])
+        p50 = statistics.median(times[name])
+        print(f"{name:14s} p50 {p50:.3f} ms  {p50 / base:.2f}x {base_name}  labels as {against}: {agreement:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,7 +117,7 @@ def main() -> None:
     ort_fp32 = OnnxClassifier.load(args.member_dir / "fp32", intra_op_threads=1)
     feeds = [ort_fp32.feed([text]) for text in texts]
     ov_feeds = [padded(feed, args.static_length) for feed in feeds] if args.static_length else feeds
-    runners: dict[str, tuple[Callable[[Feed], np.ndarray], list[Feed]]] = {
+    runners: Runners = {
         "ort_int8": (lambda feed: ort_int8.session.run(None, feed)[0], feeds),
         "ort_fp32": (lambda feed: ort_fp32.session.run(None, feed)[0], feeds),
     }
@@ -99,20 +128,8 @@ def main() -> None:
     for name, path, precision in openvino_models:
         runners[name] = (openvino_runner(path, precision, args.static_length), ov_feeds)
 
-    reference = [ort_fp32.session.run(None, feed)[0].argmax() for feed in feeds]
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for round_index in range(args.rounds):
-        order = list(runners.items()) if round_index % 2 == 0 else list(runners.items())[::-1]
-        for name, (run, inputs) in order:
-            for feed in inputs:
-                tick = time.perf_counter_ns()
-                run(feed)
-                times[name].append((time.perf_counter_ns() - tick) / 1e6)
-    base = statistics.median(times["ort_int8"])
-    for name, (run, inputs) in runners.items():
-        agreement = np.mean([run(feed).argmax() == label for feed, label in zip(inputs, reference)])
-        p50 = statistics.median(times[name])
-        print(f"{name:9s} p50 {p50:.3f} ms  {p50 / base:.2f}x ort_int8  labels as ort_fp32: {agreement:.3f}")
+    reference = [int(ort_fp32.session.run(None, feed)[0].argmax()) for feed in feeds]
+    print_side_by_side(runners, time_interleaved(runners, args.rounds), reference, "ort_fp32")
 
 
 if __name__ == "__main__":

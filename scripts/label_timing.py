@@ -4,8 +4,10 @@
 
     python -m scripts.label_timing [--part transfer] [--threads 2] [--repeats 2]
 
-Both label the same texts in the stage's way (length-sorted batches of 128, dynamic padding), timed
-alternately; it prints each run's seconds and the largest logit difference between the two.
+Both label the same texts in length-sorted batches of 128 with dynamic padding, through the project's
+own batch predictors (pipeline.models.predict_logits, OnnxClassifier.logits, which sort by characters
+and tokenize inside the timing), alternately; it prints each run's seconds and the largest logit
+difference between the two.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from pipeline.data.prepared import load_prepared
-from pipeline.export.onnx import MODEL_FILE
-from pipeline.models import load_trained_with_tokenizer
+from pipeline.export.onnx import OnnxClassifier
+from pipeline.models import load_trained_with_tokenizer, predict_logits
+
+BATCH = 128  # the teacher_logits stage's batch
 
 
 def main() -> None:
@@ -35,32 +38,17 @@ def main() -> None:
     args = parser.parse_args()
     prepared = load_prepared(args.prepared)
     texts = prepared.transfer_texts() if args.part == "transfer" else prepared.texts("train")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    batches = [[texts[i] for i in order[start:start + 128]] for start in range(0, len(order), 128)]
     torch.set_num_threads(args.threads)
     model, tokenizer = load_trained_with_tokenizer(args.teacher, prepared.label_names)
-    model.eval()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(str(args.onnx / MODEL_FILE), options, providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in session.get_inputs()]
-
-    def encode(batch: list[str], kind: str):
-        return tokenizer(batch, padding=True, truncation=True, max_length=args.max_length, return_tensors=kind)
-
-    @torch.no_grad()
-    def with_torch() -> np.ndarray:
-        return np.concatenate([model(**encode(b, "pt")).logits.numpy() for b in batches])
-
-    def with_onnx() -> np.ndarray:
-        return np.concatenate([
-            session.run(None, {k: v.astype(np.int64) for k, v in encode(b, "np").items() if k in inputs})[0] for b in batches
-        ])
-
+    onnx = OnnxClassifier.load(args.onnx, intra_op_threads=args.threads)
+    labellers = {
+        "PyTorch": lambda: predict_logits(model, tokenizer, texts, args.max_length, batch_size=BATCH).numpy(),
+        "ONNX Runtime": lambda: onnx.logits(texts, batch_size=BATCH),
+    }
     logits = {}
-    print(f"{len(texts)} {args.part} texts, {len(batches)} batches, {args.threads} threads")
+    print(f"{len(texts)} {args.part} texts, batches of {BATCH}, {args.threads} threads")
     for _ in range(args.repeats):
-        for name, label in (("PyTorch", with_torch), ("ONNX Runtime", with_onnx)):
+        for name, label in labellers.items():
             start = time.perf_counter()
             logits[name] = label()
             print(f"{name:13s} {time.perf_counter() - start:6.1f} s")
