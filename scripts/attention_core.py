@@ -14,11 +14,12 @@ One intra-op thread, alternating rounds.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from scripts.compare_openvino import Runners, time_interleaved
 
 
 def value(name: str, width: int):
@@ -81,15 +82,10 @@ def main() -> None:
     reference, leaned = (sessions[n].run(None, feeds[n])[0] for n in list(sessions)[:2])
     print(f"{args.tokens} tokens, {args.heads} heads x {args.head_size}; largest difference of the two outputs "
           f"{np.abs(reference - leaned).max():.1e}")
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(args.rounds):
-        for name, session in sessions.items():
-            for _ in range(args.calls):
-                start = time.perf_counter()
-                session.run(None, feeds[name])
-                times[name].append(time.perf_counter() - start)
-    for name, values in times.items():
-        print(f"{name:36s} p50 {np.median(values) * 1e6:6.1f} us")
+    runners: Runners = {name: (lambda feed, s=session: s.run(None, feed), [feeds[name]] * args.calls)
+                        for name, session in sessions.items()}
+    for name, values in time_interleaved(runners, args.rounds).items():
+        print(f"{name:36s} p50 {np.median(values) * 1e3:6.1f} us")
 
 
 if __name__ == "__main__":

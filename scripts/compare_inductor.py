@@ -86,5 +86,6 @@ def main() -> None:
     reference = [int(eager(inputs).argmax()) for inputs in eager_inputs]
     print_side_by_side(runners, time_interleaved(runners, args.rounds), reference, "torch fp32")
 
+
 if __name__ == "__main__":
     main()
