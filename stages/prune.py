@@ -141,6 +141,7 @@ def run(params: Params) -> dict[str, Any]:
             phases, student=student, tokenizer=tokenizer, teacher=teacher, alignment=alignment,
             labelled=datasets["train"], validation=datasets["validation"], texts=texts,
             cache_dir=params.path(params.paths.teacher_logits), teacher_fingerprint=fingerprint, budget=recovery,
+            budget_section="prune.recovery",
             scratch=scratch, resume=None,  # a pruned architecture is not resumable mid-way
             max_length=max_length, task_type=task.type, threshold=task.threshold, collator=collator,
             pos_weight=pos_weight, callbacks=[magnitude] if magnitude else None, layer_map=layer_map,

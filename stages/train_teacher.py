@@ -36,7 +36,7 @@ def run(params: Params) -> dict[str, Any]:
     scratch, resume = checkpoints.checkpoint_dir(params, STAGE.name, key)
     trainer = DistillationTrainer(
         model=model,
-        args=training_arguments(cfg, scratch),
+        args=training_arguments(cfg, scratch, section="teacher"),
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"],
         data_collator=encoding.Collator(tokenizer),

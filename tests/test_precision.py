@@ -71,3 +71,20 @@ def test_a_student_trains_in_bf16_and_is_saved_in_fp32(trained_project, tmp_path
     assert record.params["student"]["precision"] == "bf16"
     assert 0 <= record.validation["macro_f1"] <= 1
     assert all(p.dtype == torch.float32 for p in load_trained(out).parameters())
+
+
+@pytest.mark.parametrize(
+    "stage_name, overrides, key",
+    [("distill_vanilla", {"student": {"precision": "bf16"}}, "student.precision"),
+     # The tiny project has no student yet: its teacher is pruned instead.
+     ("prune", {"prune": {"source": "models/teacher", "recovery": {"precision": "bf16"}}}, "prune.recovery.precision")],
+)
+def test_bf16_refused_by_a_stage_names_the_section_it_came_from(trained_project, tmp_path, monkeypatch, cpu_only,
+                                                                stage_name, overrides, key):
+    import importlib
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    params = copy_project(trained_project, tmp_path, **overrides)
+    stage = importlib.import_module(f"stages.{stage_name}").STAGE
+    with pytest.raises(ConfigError, match=rf"{key}=bf16: this CPU has no native bf16.*use {key}=fp32"):
+        stage.execute(params)

@@ -93,6 +93,7 @@ def train_phases(
     cache_dir: Path,
     teacher_fingerprint: str,
     budget: TrainingBudget,
+    budget_section: str,
     scratch: Path,
     resume: str | None,
     max_length: int,
@@ -120,7 +121,7 @@ def train_phases(
         quiet = {} if phase.last else {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
         trainer = DistillationTrainer(
             model=student,
-            args=training_arguments(budget, scratch if phase.last else scratch / phase.name,
+            args=training_arguments(budget, scratch if phase.last else scratch / phase.name, section=budget_section,
                                     **{"num_train_epochs": phase.epochs, **overrides, **quiet}),
             train_dataset=dataset,
             eval_dataset=validation if phase.last else None,

@@ -222,6 +222,7 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         phases, student=student, tokenizer=tokenizer, teacher=teacher, alignment=alignment,
         labelled=datasets["train"], validation=datasets["validation"], texts=texts,
         cache_dir=params.path(params.paths.teacher_logits), teacher_fingerprint=before, budget=params.student,
+        budget_section="student",
         scratch=scratch, resume=resume, max_length=max_length, task_type=task_type, threshold=params.task.threshold,
         collator=encoding.Collator(tokenizer), pos_weight=pos_weight, layer_map=layer_map,
     )

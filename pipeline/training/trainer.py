@@ -168,10 +168,13 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         )
 
 
-def training_arguments(budget: TrainingBudget, output_dir: Path, **overrides: Any) -> TrainingArguments:
-    """Arguments shared by every training stage: keep the best checkpoint by validation macro-F1."""
+def training_arguments(
+    budget: TrainingBudget, output_dir: Path, *, section: str = "", **overrides: Any
+) -> TrainingArguments:
+    """Arguments shared by every training stage: keep the best checkpoint by validation macro-F1.
+    `section` names the budget's params section in errors (e.g. `student` for student.precision)."""
     cuda = torch.cuda.is_available()
-    mixed = precision.resolve(budget.precision, "precision")
+    mixed = precision.resolve(budget.precision, f"{section}.precision" if section else "precision")
     # torchrun / accelerate launch without CUDA: unless use_cpu is set, accelerate leaves the run
     # undistributed and every rank silently trains on all the data; with it, ranks are DDP over gloo.
     cpu_ddp = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
