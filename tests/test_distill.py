@@ -25,6 +25,7 @@ from pipeline.kd.terms import (
     attention_mse,
     build_kd_loss,
     hidden_mse,
+    logit_mse,
     relation_loss,
     soft_loss,
     soft_loss_multilabel,
@@ -174,6 +175,27 @@ def test_vanilla_params_reach_the_loss_as_the_formula_says(temperature, alpha, r
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert set(parts) == {"ce", "kl", "total"} | ({"relation"} if relation else set())
     assert parts["kl"].item() == pytest.approx(soft_loss(s, t, temperature).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("task_type", ["single_label", "multi_label"])
+def test_mse_soft_loss_is_the_mean_squared_logit_difference_without_temperature(task_type):
+    batch = fake_batch(task_type)
+    s, t = batch.student.logits, batch.teacher_logits
+    by_hand = sum((a - b) ** 2 for row_s, row_t in zip(s.tolist(), t.tolist()) for a, b in zip(row_s, row_t)) / s.numel()
+    assert logit_mse(s, t).item() == pytest.approx(by_hand, rel=1e-6)
+    hard = build_kd_loss(DistillVanillaConfig(alpha=0.0), task_type)(batch)[0]
+    for temperature in (1.0, 4.0):  # the temperature does not reach the MSE term
+        kd = build_kd_loss(DistillVanillaConfig(soft_loss="mse", alpha=0.6, temperature=temperature), task_type)
+        assert [term.name for term in kd.terms] == ["ce", "mse"] and kd.needs_teacher
+        total, parts = kd(batch)
+        assert parts["mse"].item() == pytest.approx(by_hand, rel=1e-6)
+        assert total.item() == pytest.approx((0.4 * hard + 0.6 * logit_mse(s, t)).item(), rel=1e-6)
+    if task_type == "multi_label":  # per-label alphas weigh the MSE label by label
+        label_alpha = [0.0, 0.25, 0.5, 1.0]
+        section = DistillVanillaConfig(soft_loss="mse", label_alpha=label_alpha)
+        parts = build_kd_loss(section, task_type, label_names=["a", "b", "c", "d"])(batch)[1]
+        per_label = (s - t).pow(2).mean(0) * torch.tensor(label_alpha)
+        assert parts["mse"].item() == pytest.approx(per_label.mean().item(), rel=1e-6)
 
 
 def test_different_params_give_different_losses():

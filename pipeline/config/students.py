@@ -27,6 +27,9 @@ class StudentConfig(TrainingBudget):
 
 
 class KDTerms(Section):
+    # The soft term: kl (Hinton: KL of the temperature-softened distributions, scaled by T^2) or mse
+    # (MSE between the raw logits; temperature unused).
+    soft_loss: Literal["kl", "mse"] = "kl"
     # Softmax temperature T for the soft targets (the soft loss is scaled by T^2).
     temperature: float = Field(4.0, gt=0, le=100)
     # Weight of the soft (teacher) term; (1 - alpha) weighs the hard-label cross-entropy.

@@ -7,7 +7,8 @@ the enabled terms. The term base, their sum and the hard-label term are in pipel
     + relation_weight * relation + hidden_weight * hidden-state MSE + attention_weight * attention MSE
 
 where `soft` is KL(teacher || student) over a softmax (single-label) or the binary cross-entropy of
-per-label sigmoids (multi-label, where `label_alpha` may replace alpha label by label). With alpha = 0
+per-label sigmoids (multi-label, where `label_alpha` may replace alpha label by label). With
+`soft_loss: mse` the soft term is instead the MSE between the raw logits (no temperature). With alpha = 0
 and no other term only the hard-label term is left: the no-KD baseline.
 
 A student whose tokens do not line up with the teacher's (`token_level=False`) cannot read the teacher's token ids, so
@@ -59,6 +60,16 @@ def soft_loss_multilabel(
     if label_weight is not None:
         per_label = per_label * label_weight
     return per_label.mean() * temperature**2
+
+
+def logit_mse(student: torch.Tensor, teacher: torch.Tensor, label_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error between raw student and teacher logits (Ba & Caruana; Kim et al. 2021 found it
+    a better soft term than KL for small students), averaged over the batch and the labels
+    (optionally label-weighted)."""
+    per_label = (student - teacher).pow(2).mean(dim=0)
+    if label_weight is not None:
+        per_label = per_label * label_weight
+    return per_label.mean()
 
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -137,6 +148,22 @@ class SigmoidSoftLoss(KDTerm):
 
     def forward(self, batch: KDBatch) -> torch.Tensor:
         return soft_loss_multilabel(batch.student.logits, batch.teacher_logits, self.temperature, self.label_weight)
+
+
+class LogitMSE(KDTerm):
+    """MSE between raw student and teacher logits (`soft_loss: mse`); logged as `mse`.
+
+    `label_weight` weighs the labels before averaging: the per-label alphas (multi-label), when given.
+    """
+
+    name = "mse"
+
+    def __init__(self, weight: float, label_weight: torch.Tensor | None = None) -> None:
+        super().__init__(weight)
+        self.register_buffer("label_weight", label_weight, persistent=False)
+
+    def forward(self, batch: KDBatch) -> torch.Tensor:
+        return logit_mse(batch.student.logits, batch.teacher_logits, self.label_weight)
 
 
 class RelationLoss(KDTerm):
@@ -296,15 +323,20 @@ def build_kd_loss(
     if section.alpha == 0 and not any(term.needs_teacher for term in extra):
         return KDLoss([HardLabelLoss(1.0, task_type), *extra], task_type, skipped)  # no teacher: the baseline
     # With the teacher, the hard and soft pair is always computed and logged, even at alpha 0 or 1.
-    temperature = section.temperature
     if multi_label and section.label_alpha is not None:
         # Per-label alpha: rare labels may lean on the teacher more; the weights live inside the terms.
         alpha = torch.tensor(section.label_alpha)
-        pair: list[KDTerm] = [
-            HardLabelLoss(1.0, task_type, label_weight=1 - alpha),
-            SigmoidSoftLoss(1.0, temperature, label_weight=alpha),
-        ]
+        pair: list[KDTerm] = [HardLabelLoss(1.0, task_type, label_weight=1 - alpha), soft_term(section, multi_label, 1.0, alpha)]
     else:
-        soft = SigmoidSoftLoss if multi_label else SoftLabelKL
-        pair = [HardLabelLoss(1 - section.alpha, task_type), soft(section.alpha, temperature)]
+        pair = [HardLabelLoss(1 - section.alpha, task_type), soft_term(section, multi_label, section.alpha)]
     return KDLoss(pair + extra, task_type, skipped)
+
+
+def soft_term(section: KDTerms, multi_label: bool, weight: float, label_weight: torch.Tensor | None = None) -> KDTerm:
+    """The teacher's soft term the section asks for: logit MSE, or the temperature-softened KL (single-label)
+    or sigmoid cross-entropy (multi-label)."""
+    if section.soft_loss == "mse":
+        return LogitMSE(weight, label_weight)
+    if multi_label:
+        return SigmoidSoftLoss(weight, section.temperature, label_weight=label_weight)
+    return SoftLabelKL(weight, section.temperature)
