@@ -75,7 +75,8 @@ def test_a_student_trains_in_bf16_and_is_saved_in_fp32(trained_project, tmp_path
 
 @pytest.mark.parametrize(
     "stage_name, overrides, key",
-    [("distill_vanilla", {"student": {"precision": "bf16"}}, "student.precision"),
+    [("train_teacher", {"teacher": {"precision": "bf16"}}, "teacher.precision"),
+     ("distill_vanilla", {"student": {"precision": "bf16"}}, "student.precision"),
      # The tiny project has no student yet: its teacher is pruned instead.
      ("prune", {"prune": {"source": "models/teacher", "recovery": {"precision": "bf16"}}}, "prune.recovery.precision")],
 )
