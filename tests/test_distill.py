@@ -409,6 +409,18 @@ def test_student_construction(trained_project):
     assert narrow.config.hidden_size == 16 and info["init"] == "random"
     with pytest.raises(ConfigError, match="deeper than its init source"):
         build_student(teacher, StudentConfig(num_layers=3), names)
+    # student.init_layers: the bottom layer, or a named one, instead of the evenly spaced last one.
+    bottom, info = build_student(teacher, StudentConfig(num_layers=1, init_layers="bottom"), names)
+    assert info["init_layers"] == [1] and torch.equal(
+        bottom.bert.encoder.layer[0].output.dense.weight, teacher.bert.encoder.layer[0].output.dense.weight
+    )
+    assert build_student(teacher, StudentConfig(num_layers=1, init_layers=[1]), names)[1]["init_layers"] == [1]
+    with pytest.raises(ConfigError, match=r"must name 1 layers \(student.num_layers\) of the teacher, which has 2"):
+        build_student(teacher, StudentConfig(num_layers=1, init_layers=[1, 2]), names)
+    with pytest.raises(ConfigError, match="which has 2"):
+        build_student(teacher, StudentConfig(num_layers=1, init_layers=[3]), names)
+    with pytest.raises(ValueError, match="increasing order"):
+        StudentConfig(init_layers=[2, 1])
     with pytest.raises(ConfigError, match="must keep the teacher's widths"):
         build_student(teacher, StudentConfig(hidden_size=16), names)
     with pytest.raises(ConfigError, match="not divisible"):

@@ -22,8 +22,19 @@ class StudentConfig(TrainingBudget):
     # whose uniformly spaced layers start the student, at its own width. When its tokenizer differs
     # from the teacher's it keeps it, and KD reads the teacher's cached outputs by text (README).
     init: str = "teacher"
+    # Which layers of the init source (teacher or pretrained model) start the student, 1-based: evenly
+    # (spaced, the last one kept: 2 of 6 -> [3, 6]), bottom (the first ones: [1, 2]; dropping the top
+    # layers kept the most task accuracy in Sajjad et al. 2023) or a list, one source layer per student layer.
+    init_layers: Literal["evenly", "bottom"] | list[int] = "evenly"
     # Students train for longer than the teacher does.
     epochs: float = Field(6, gt=0, le=1000)
+
+    @field_validator("init_layers")
+    @classmethod
+    def _layers(cls, value: str | list[int]) -> str | list[int]:
+        if isinstance(value, list) and (not value or value[0] < 1 or any(b <= a for a, b in zip(value, value[1:]))):
+            raise ValueError(f"init_layers must be 1-based source layers in increasing order, e.g. [1, 2]; got {value}")
+        return value
 
 
 class KDTerms(Section):

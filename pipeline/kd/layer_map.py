@@ -21,6 +21,24 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [math.ceil((i + 1) * teacher_layers / student_layers - 1e-9) for i in range(student_layers)]
 
 
+def init_layer_choice(init_layers: str | list[int], student_layers: int, source_layers: int, source: str) -> list[int]:
+    """The source layers (1-based) a student of `student_layers` starts from (`student.init_layers`)."""
+    if student_layers > source_layers:
+        raise ConfigError(
+            f"student.num_layers={student_layers} is deeper than its init source, {source} ({source_layers} layers)"
+        )
+    if init_layers == "evenly":
+        return uniform_layer_map(student_layers, source_layers)
+    if init_layers == "bottom":
+        return list(range(1, student_layers + 1))
+    if len(init_layers) != student_layers or init_layers[-1] > source_layers:
+        raise ConfigError(
+            f"student.init_layers={init_layers} must name {student_layers} layers (student.num_layers) of "
+            f"{source}, which has {source_layers}; or use evenly or bottom"
+        )
+    return list(init_layers)
+
+
 def resolve_layer_map(layer_map: str | list[int], student_layers: int, teacher_layers: int) -> list[int]:
     if layer_map == "auto":
         return uniform_layer_map(student_layers, teacher_layers)

@@ -30,7 +30,7 @@ from pipeline.config.students import KDTerms, StudentConfig
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import ConfigError, ModelError
 from pipeline.kd import teacher_logits
-from pipeline.kd.layer_map import resolve_layer_map, uniform_layer_map
+from pipeline.kd.layer_map import init_layer_choice, resolve_layer_map
 from pipeline.kd.phases import plan, train_phases
 from pipeline.kd.terms import build_kd_loss
 from pipeline.kd.texts import KDTexts, load_kd_texts
@@ -76,14 +76,15 @@ def build_student(
                 f"student.init=teacher copies the teacher's weights, so the student must keep the teacher's "
                 f"widths; these differ (student, teacher): {differs}. Use student.init=random to change them."
             )
-        if layers > t_layers:
-            raise ConfigError(
-                f"student.num_layers={layers} is deeper than its init source, the {t_layers}-layer teacher"
-            )
-        chosen = uniform_layer_map(layers, t_layers)
-        student = keep_layers(teacher, chosen)
+        chosen = init_layer_choice(cfg.init_layers, layers, t_layers, "the teacher")
         if architecture_for(t_cfg).shared_layers:
-            return student.train(), {"init": "teacher", "shared_layer_repetitions": layers}
+            if cfg.init_layers != "evenly":
+                raise ConfigError(
+                    f"student.init_layers={cfg.init_layers}: this teacher shares one layer across its depth "
+                    "(ALBERT), so there is no layer to choose; leave init_layers at evenly"
+                )
+            return keep_layers(teacher, chosen).train(), {"init": "teacher", "shared_layer_repetitions": layers}
+        student = keep_layers(teacher, chosen)
         return student.train(), {"init": "teacher", "init_layers": chosen}
     if cfg.init == "random":
         hidden = cfg.hidden_size or t_hidden
@@ -115,12 +116,8 @@ def build_student(
             "leave it null to use the pretrained width"
         )
     source_layers = s_cfg.num_hidden_layers
-    if layers > source_layers:
-        raise ConfigError(
-            f"student.num_layers={layers} is deeper than its init source {cfg.init!r} ({source_layers} layers)"
-        )
-    chosen = uniform_layer_map(layers, source_layers)
-    if layers < source_layers:
+    chosen = init_layer_choice(cfg.init_layers, layers, source_layers, repr(cfg.init))
+    if chosen != list(range(1, source_layers + 1)):
         student = keep_layers(student, chosen)
     return student.train(), {"init": cfg.init, "init_layers": chosen}
 
