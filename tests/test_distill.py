@@ -421,6 +421,8 @@ def test_student_construction(trained_project):
         build_student(teacher, StudentConfig(num_layers=1, init_layers=[3]), names)
     with pytest.raises(ValueError, match="increasing order"):
         StudentConfig(init_layers=[2, 1])
+    with pytest.raises(ValueError, match="init=random copies none"):
+        StudentConfig(init="random", init_layers="bottom")
     with pytest.raises(ConfigError, match="must keep the teacher's widths"):
         build_student(teacher, StudentConfig(hidden_size=16), names)
     with pytest.raises(ConfigError, match="not divisible"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import Section, TrainingBudget
 
@@ -35,6 +35,15 @@ class StudentConfig(TrainingBudget):
         if isinstance(value, list) and (not value or value[0] < 1 or any(b <= a for a, b in zip(value, value[1:]))):
             raise ValueError(f"init_layers must be 1-based source layers in increasing order, e.g. [1, 2]; got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _layers_need_a_source(self) -> StudentConfig:
+        if self.init == "random" and self.init_layers != "evenly":
+            raise ValueError(
+                f"init_layers={self.init_layers} chooses layers to copy, but init=random copies none; "
+                "drop init_layers or set init to teacher or a pretrained model"
+            )
+        return self
 
 
 class KDTerms(Section):
