@@ -234,6 +234,17 @@ def test_albert_with_several_layer_groups_is_refused_before_training():
         build_student(teacher, StudentConfig(num_layers=2), NAMES)
 
 
+def test_albert_refuses_a_choice_of_layers_it_does_not_have():
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    config = AlbertConfig(vocab_size=50, embedding_size=8, hidden_size=16, num_hidden_layers=4,
+                          num_attention_heads=2, intermediate_size=32, num_labels=3)
+    teacher = AlbertForSequenceClassification(config)
+    with pytest.raises(ConfigError, match="init_layers=bottom: this teacher shares one layer .*leave init_layers at evenly"):
+        build_student(teacher, StudentConfig(num_layers=2, init_layers="bottom"), NAMES)
+    assert build_student(teacher, StudentConfig(num_layers=2), NAMES)[1] == {"init": "teacher", "shared_layer_repetitions": 2}
+
+
 def test_a_vocabulary_that_cannot_be_trimmed_says_why():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
