@@ -1,6 +1,7 @@
 """Make the distilled student smaller in ways a CPU notices: remove the least important attention
 heads and FFN neurons (optionally over several steps), recover by distillation against the
-teacher after each step, then trim the vocabulary to what the data uses.
+teacher (or against the unpruned student itself, `prune.recovery.distil_from: source`) after each
+step, then trim the vocabulary to what the data uses.
 
 The recovery distils as distill_intermediate does: the same texts (labelled, transfer, augmented),
 the same token-level terms and the same schedule (pipeline/kd/phases.py). A student with its own
@@ -12,7 +13,10 @@ it does not."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,10 +28,12 @@ from pipeline.data.prepared import load_prepared
 from pipeline.errors import ConfigError
 from pipeline.evaluation.record import ModelRecord, evaluate_and_record
 from pipeline.io import atomic_dir
+from pipeline.kd import teacher_logits
 from pipeline.kd.layer_map import uniform_layer_map
 from pipeline.kd.phases import plan, train_phases
 from pipeline.kd.terms import build_kd_loss
-from pipeline.kd.texts import load_kd_texts
+from pipeline.kd.texts import KDTexts, load_kd_texts
+from pipeline.kd.token_map import Alignment
 from pipeline.models import (
     count_parameters,
     load_trained_with_tokenizer,
@@ -39,6 +45,7 @@ from pipeline.models import (
 from pipeline.not_built import not_built_reason
 from pipeline.stage import Stage
 from pipeline.training import checkpoints, encoding, loss, results
+from pipeline.training.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,9 @@ def run(params: Params) -> dict[str, Any]:
     params_before = count_parameters(student)
     layers_before = student.config.num_hidden_layers
     layers_kept = list(range(1, layers_before + 1))
+    recovery = cfg.recovery
+    # A frozen copy of the unpruned student, taken before anything is removed.
+    source = copy.deepcopy(student).eval().requires_grad_(False) if recovery.distil_from == "source" else None
     if cfg.num_layers is not None:
         student, layers_kept = pruning.drop_layers(student, cfg.num_layers)
         log.info("kept %d of the source's %d layers: %s", len(layers_kept), layers_before, layers_kept)
@@ -102,20 +112,32 @@ def run(params: Params) -> dict[str, Any]:
     max_length = params.task.max_length
     datasets = encoding.encode_splits(prepared, tokenizer, max_length)
     collator = encoding.Collator(tokenizer)
-    recovery = cfg.recovery
-    layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    scratch_root = params.path(params.paths.checkpoints) / STAGE.name
+    if source is None:
+        guide, guide_alignment = teacher, alignment
+        layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    else:
+        # The source reads the student's own tokens: every layer term is token-level, each kept layer
+        # learns the source layer it was (same width: no projection).
+        guide, guide_alignment, layer_map = source, Alignment("shared"), layers_kept
 
     def build(part: str):
         return build_kd_loss(
             recovery, task.type, label_names=names, key="prune.recovery", layer_map=layer_map,
-            hidden_sizes=(student.config.hidden_size, teacher.config.hidden_size), token_level=alignment.token_level,
+            hidden_sizes=(student.config.hidden_size, guide.config.hidden_size), token_level=guide_alignment.token_level,
             part=part,
         )
 
     # Importance is measured on the labelled split; the recovery also learns from the unlabelled texts.
     phases = plan(recovery, recovery.epochs, build, "prune.recovery", scale=1 / cfg.steps)
+    cache_dir = params.path(params.paths.teacher_logits)
+    # Terms that read the guide's internals run it live and take its logits from the same pass; the
+    # logit terms alone read a cache, which for the source is computed here, once.
+    if source is not None and not nothing_removed and any(p.kd.needs_teacher and not p.kd.needs_internals for p in phases):
+        cache_dir = source_logits(source, tokenizer, texts, max_length, scratch_root / "source_logits",
+                                  resolve_precision(recovery.precision, "prune.recovery.precision"))
     pos_weight = loss.pos_weight(task, datasets["train"], names)
-    fingerprint = state_fingerprint(teacher)
+    fingerprint = state_fingerprint(guide)
 
     magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
     removed: dict[int, list[int]] = {}
@@ -136,11 +158,11 @@ def run(params: Params) -> dict[str, Any]:
                 "step %d/%d: %s heads per layer, FFN width %d, %d parameters",
                 step + 1, cfg.steps, pruning.heads_per_layer(student), width_plan[step], count_parameters(student),
             )
-        scratch = params.path(params.paths.checkpoints) / STAGE.name / f"step{step}"
+        scratch = scratch_root / f"step{step}"
         trained = train_phases(
-            phases, student=student, tokenizer=tokenizer, teacher=teacher, alignment=alignment,
+            phases, student=student, tokenizer=tokenizer, teacher=guide, alignment=guide_alignment,
             labelled=datasets["train"], validation=datasets["validation"], texts=texts,
-            cache_dir=params.path(params.paths.teacher_logits), teacher_fingerprint=fingerprint, budget=recovery,
+            cache_dir=cache_dir, teacher_fingerprint=fingerprint, budget=recovery,
             budget_section="prune.recovery",
             scratch=scratch, resume=None,  # a pruned architecture is not resumable mid-way
             max_length=max_length, task_type=task.type, threshold=task.threshold, collator=collator,
@@ -156,7 +178,7 @@ def run(params: Params) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "method": cfg.method, "source": cfg.source, "tokenizer": "teacher" if shared else "own",
-        "token_alignment": alignment.kind,
+        "token_alignment": alignment.kind, "recovery_distils_from": recovery.distil_from,
         "recovery_phases": {phase.name: [t.name for t in phase.kd.terms] for phase in phases},
         **{f"{part}_texts": len(part_texts) for part, part_texts in texts.parts().items() if part != "train"},
     }
@@ -244,6 +266,24 @@ def run(params: Params) -> dict[str, Any]:
         metrics["token_level_kd"] = int(alignment.token_level)
     results.record_curve(curve, params.path(params.paths.curves) / f"{STAGE.name}.csv")
     return metrics
+
+
+def source_logits(
+    source: Any, tokenizer: Any, texts: KDTexts, max_length: int, out: Path, precision: str
+) -> Path:
+    """The unpruned student's logits on every KD text, cached in `out` as teacher_logits caches the
+    teacher's (the recovery reads them the same way, checked against this source's fingerprint)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    logits = {
+        part: teacher_logits.compute(source, tokenizer, read, max_length, precision=precision)[0]
+        for part, read in texts.read_by(tokenizer).items()
+    }
+    teacher_logits.save(out, texts.parts(), logits, max_length, state_fingerprint(source))
+    log.info("prune.recovery.distil_from=source: the unpruned student's logits on %d texts in %s",
+             sum(len(values) for values in logits.values()), out)
+    return out
 
 
 def source_f1_drop(source: ModelRecord, pruned: ModelRecord, tolerance: float) -> dict[str, Any]:

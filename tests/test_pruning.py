@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline.compression import pruning
+from pipeline.config.compression import RecoveryConfig
 from pipeline.data.prepared import load_split
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.family import family
 from pipeline.evaluation.plots import read_curve
 from pipeline.evaluation.record import ModelRecord
@@ -159,6 +163,38 @@ def test_prune_stage_drops_layers_and_recovers(trained_project, tmp_path):
     assert metrics["num_layers"] == 1 and "recovery" not in record.details and record.training_seconds > 0
     assert load_trained(params.path(params.paths.pruned)).config.num_hidden_layers == 1
     assert record.num_parameters < record.details["params_before"]
+
+
+@pytest.mark.parametrize("hidden_weight", [0.0, 1.0])
+def test_prune_recovery_can_distil_from_the_unpruned_source_without_the_teacher(trained_project, tmp_path, hidden_weight):
+    recovery = {**trained_project.prune.recovery.model_dump(mode="json"), "distil_from": "source", "hidden_weight": hidden_weight}
+    params = project_with_student(
+        trained_project, tmp_path, student={"num_layers": 2},
+        prune={"num_layers": 1, "ffn_ratio": 0.5, "vocab": "none", "recovery": recovery},
+    )
+    # The recovery reads neither the teacher's logits nor its internals: without its cache it still runs.
+    shutil.rmtree(params.path(params.paths.teacher_logits))
+    prune.STAGE.execute(params)
+    record = ModelRecord.read(params.path(params.paths.pruned))
+    assert record.details["recovery_distils_from"] == "source" and record.details["layers_kept"] == [2]
+    assert record.training_seconds > 0 and record.details["ffn_width"] < record.details["ffn_width_before"]
+    header = (params.path(params.paths.curves) / "prune.csv").read_text().splitlines()[0]
+    assert "loss_kl" in header and ("loss_hidden" in header) == (hidden_weight > 0)
+    source_logits = params.path(params.paths.checkpoints) / "prune" / "source_logits" / "train.npy"
+    if hidden_weight > 0:  # the source runs live for its layers, and gives its logits in the same pass
+        assert not source_logits.exists()
+        return
+    # The logit terms alone read the source's own logits, computed once on the texts it trains on.
+    source_dir = params.path(params.prune.source)
+    texts = [row["text"] for row in load_split(params.path(params.paths.prepared), "train")]
+    expected = predict_logits(load_trained(source_dir), load_tokenizer(str(source_dir)), texts, params.task.max_length)
+    assert np.allclose(np.load(source_logits), expected.numpy(), atol=1e-4)
+    # The default distils from the teacher, and so reads its cache.
+    teacher_params = copy_project(params, tmp_path / "teacher", prune={"recovery": {**recovery, "distil_from": "teacher"}})
+    with pytest.raises(DataError, match="teacher_logits"):
+        prune.run(teacher_params)
+    with pytest.raises(ValueError, match="the teacher_logits cache holds the teacher's internals"):
+        RecoveryConfig(distil_from="source", teacher_internals="cached")
 
 
 def test_prune_stage_magnitude(trained_project, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.base import Section, ShortLatency, TrainingBudget
 from pipeline.config.students import KDTerms, LayerTerms
@@ -16,6 +16,19 @@ class RecoveryConfig(TrainingBudget, KDTerms, LayerTerms):
     epochs: float = Field(3, gt=0, le=1000)
     learning_rate: float = Field(1e-4, gt=0, le=1)
     attention_weight: float = Field(0.0, ge=0)
+    # Whom the recovery distils from: `teacher` (the verified teacher, as the student's own
+    # distillation did) or `source` (the unpruned student, as Minitron recovers a pruned model: the
+    # pruned one learns the outputs and layers it should keep, on the same tokens, layer for layer).
+    distil_from: Literal["teacher", "source"] = "teacher"
+
+    @model_validator(mode="after")
+    def _source_runs_live(self) -> RecoveryConfig:
+        if self.distil_from == "source" and self.teacher_internals == "cached":
+            raise ValueError(
+                "distil_from=source with teacher_internals=cached: the teacher_logits cache holds the teacher's "
+                "internals, not the unpruned student's; set teacher_internals: auto or live (the source runs live)"
+            )
+        return self
 
 
 class PruneConfig(Section):
