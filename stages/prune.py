@@ -14,6 +14,7 @@ it does not."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -130,6 +131,8 @@ def run(params: Params) -> dict[str, Any]:
 
     # Importance is measured on the labelled split; the recovery also learns from the unlabelled texts.
     phases = plan(recovery, recovery.epochs, build, "prune.recovery", scale=1 / cfg.steps)
+    if source is not None:  # teacher_logits cached the teacher's internals, never the source's
+        phases = [dataclasses.replace(phase, internals="live") for phase in phases]
     cache_dir = params.path(params.paths.teacher_logits)
     # Terms that read the guide's internals run it live and take its logits from the same pass; the
     # logit terms alone read a cache, which for the source is computed here, once.

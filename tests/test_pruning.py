@@ -16,6 +16,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.family import family
 from pipeline.evaluation.plots import read_curve
 from pipeline.evaluation.record import ModelRecord
+from pipeline.io import read_json
 from pipeline.models import load_tokenizer, load_trained, predict_logits
 from pipeline.training.encoding import Collator, encode
 from scripts.tiny_project import make_tiny_model, read_tiny_texts
@@ -172,8 +173,11 @@ def test_prune_recovery_can_distil_from_the_unpruned_source_without_the_teacher(
         trained_project, tmp_path, student={"num_layers": 2},
         prune={"num_layers": 1, "ffn_ratio": 0.5, "vocab": "none", "recovery": recovery},
     )
-    # The recovery reads neither the teacher's logits nor its internals: without its cache it still runs.
-    shutil.rmtree(params.path(params.paths.teacher_logits))
+    if hidden_weight > 0:
+        # The teacher's cache holds its internals of the kept layer; the recovery must not read them.
+        assert 2 in read_json(params.path(params.paths.teacher_logits) / "internals.json")["layers"]
+    else:  # the recovery reads neither the teacher's logits nor its internals: without its cache it still runs
+        shutil.rmtree(params.path(params.paths.teacher_logits))
     prune.STAGE.execute(params)
     record = ModelRecord.read(params.path(params.paths.pruned))
     assert record.details["recovery_distils_from"] == "source" and record.details["layers_kept"] == [2]
