@@ -51,7 +51,8 @@ def main() -> None:
         "ONNX Runtime": lambda: onnx.logits(texts, batch_size=BATCH),
     }
     if args.int8:
-        int8_dir = Path(tempfile.mkdtemp(prefix="teacher_int8_"))
+        scratch = tempfile.TemporaryDirectory(prefix="teacher_int8_")  # removed when main returns
+        int8_dir = Path(scratch.name)
         quantize_int8(args.onnx, int8_dir, detect_isa(), per_channel=True, quantize_embeddings=False)
         copy_serving_files(args.onnx, int8_dir)
         int8 = OnnxClassifier.load(int8_dir, intra_op_threads=args.threads)

@@ -131,16 +131,16 @@ def run(params: Params) -> dict[str, Any]:
 
     # Importance is measured on the labelled split; the recovery also learns from the unlabelled texts.
     phases = plan(recovery, recovery.epochs, build, "prune.recovery", scale=1 / cfg.steps)
+    fingerprint = state_fingerprint(guide)
     if source is not None:  # teacher_logits cached the teacher's internals, never the source's
         phases = [dataclasses.replace(phase, internals="live") for phase in phases]
     cache_dir = params.path(params.paths.teacher_logits)
     # Terms that read the guide's internals run it live and take its logits from the same pass; the
     # logit terms alone read a cache, which for the source is computed here, once.
     if source is not None and not nothing_removed and any(p.kd.needs_teacher and not p.kd.needs_internals for p in phases):
-        cache_dir = source_logits(source, tokenizer, texts, max_length, scratch_root / "source_logits",
+        cache_dir = source_logits(source, fingerprint, tokenizer, texts, max_length, scratch_root / "source_logits",
                                   resolve_precision(recovery.precision, "prune.recovery.precision"))
     pos_weight = loss.pos_weight(task, datasets["train"], names)
-    fingerprint = state_fingerprint(guide)
 
     magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
     removed: dict[int, list[int]] = {}
@@ -272,10 +272,10 @@ def run(params: Params) -> dict[str, Any]:
 
 
 def source_logits(
-    source: Any, tokenizer: Any, texts: KDTexts, max_length: int, out: Path, precision: str
+    source: Any, fingerprint: str, tokenizer: Any, texts: KDTexts, max_length: int, out: Path, precision: str
 ) -> Path:
     """The unpruned student's logits on every KD text, cached in `out` as teacher_logits caches the
-    teacher's (the recovery reads them the same way, checked against this source's fingerprint)."""
+    teacher's (the recovery reads them the same way, checked against the source's `fingerprint`)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -283,7 +283,7 @@ def source_logits(
         part: teacher_logits.compute(source, tokenizer, read, max_length, precision=precision)[0]
         for part, read in texts.read_by(tokenizer).items()
     }
-    teacher_logits.save(out, texts.parts(), logits, max_length, state_fingerprint(source))
+    teacher_logits.save(out, texts.parts(), logits, max_length, fingerprint)
     log.info("prune.recovery.distil_from=source: the unpruned student's logits on %d texts in %s",
              sum(len(values) for values in logits.values()), out)
     return out

@@ -77,15 +77,16 @@ def build_student(
                 f"widths; these differ (student, teacher): {differs}. Use student.init=random to change them."
             )
         chosen = init_layer_choice(cfg.init_layers, layers, t_layers, "the teacher")
-        if architecture_for(t_cfg).shared_layers:
-            if cfg.init_layers != "evenly":
-                raise ConfigError(
-                    f"student.init_layers={cfg.init_layers}: this teacher shares one layer across its depth "
-                    "(ALBERT), so there is no layer to choose; leave init_layers at evenly"
-                )
-            return keep_layers(teacher, chosen).train(), {"init": "teacher", "shared_layer_repetitions": layers}
-        student = keep_layers(teacher, chosen)
-        return student.train(), {"init": "teacher", "init_layers": chosen}
+        shared = architecture_for(t_cfg).shared_layers
+        if shared and cfg.init_layers != "evenly":
+            raise ConfigError(
+                f"student.init_layers={cfg.init_layers}: this teacher shares one layer across its depth "
+                "(ALBERT), so there is no layer to choose; leave init_layers at evenly"
+            )
+        student = keep_layers(teacher, chosen).train()
+        if shared:
+            return student, {"init": "teacher", "shared_layer_repetitions": layers}
+        return student, {"init": "teacher", "init_layers": chosen}
     if cfg.init == "random":
         hidden = cfg.hidden_size or t_hidden
         heads = cfg.num_heads or t_cfg.num_attention_heads
