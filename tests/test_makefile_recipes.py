@@ -34,7 +34,7 @@ def overrides(command: str) -> list[str]:
 
 
 def test_the_makefile_has_the_documented_recipes():
-    assert {"kd", "kd-unpruned"} <= set(recipes())
+    assert {"kd", "kd-unpruned", "kd-two-layers"} <= set(recipes())
 
 
 @pytest.mark.parametrize("recipe", recipes())
@@ -45,10 +45,16 @@ def test_each_recipe_expands_to_valid_params(recipe):
     assert "transfer.augment.enabled=true" in keys
     params = load_params(ROOT / "params.yaml", keys)
     assert params.transfer.augment.enabled and params.student.num_layers == 6
-    if recipe == "kd-unpruned":  # the student goes to export unpruned, from the logit-KD stage
+    if recipe in ("kd-unpruned", "kd-two-layers"):  # prune starts from the logit-KD student
         assert params.prune.source == "models/student_vanilla"
         assert params.prune.ffn_ratio == 0 and params.prune.heads_ratio == 0
         assert not params.distill_intermediate.enabled, "its champion does not come from this student"
+    if recipe == "kd-unpruned":  # ...and passes it through unpruned
+        assert params.prune.num_layers is None
+    if recipe == "kd-two-layers":  # ...and cuts it to two layers, re-distilled as the KD stage trains
+        assert params.prune.num_layers == 2 and params.prune.recovery.soft_loss == "mse"
+        assert params.prune.recovery.epochs == params.student.epochs
+        assert params.prune.recovery.learning_rate == params.student.learning_rate
 
 
 def test_an_unknown_recipe_stops_make_and_names_the_recipes():
