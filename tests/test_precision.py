@@ -42,6 +42,23 @@ def test_bf16_on_a_bf16_cpu_sets_the_trainer_flags(cpu_only, monkeypatch, tmp_pa
     assert args.bf16 and not args.fp16 and args.use_cpu  # HF Trainer refuses CPU bf16 without use_cpu
 
 
+def test_an_fp32_run_after_a_bf16_one_in_the_same_process_trains_in_fp32(tiny_bert, cpu_only, monkeypatch, tmp_path):
+    """TrainingArguments writes its precision to ACCELERATE_MIXED_PRECISION and reads it back as the
+    default: stages run in one process (a notebook, a test session) must not inherit the last one's."""
+    from transformers import AutoModelForSequenceClassification, Trainer
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # restored after the test
+    no_eval = dict(eval_strategy="no", load_best_model_at_end=False)
+
+    def mixed_precision_of(budget: TrainingBudget) -> str:
+        model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=3)
+        return Trainer(model=model, args=training_arguments(budget, tmp_path, **no_eval)).accelerator.mixed_precision
+
+    assert mixed_precision_of(TrainingBudget(precision="bf16")) == "bf16"
+    assert mixed_precision_of(TrainingBudget(precision="fp32")) == "no"
+
+
 def test_unknown_precision_is_a_config_error():
     with pytest.raises(ValueError, match="precision"):
         TrainingBudget(precision="fp8")
@@ -89,3 +106,4 @@ def test_bf16_refused_by_a_stage_names_the_section_it_came_from(trained_project,
     stage = importlib.import_module(f"stages.{stage_name}").STAGE
     with pytest.raises(ConfigError, match=rf"{key}=bf16: this CPU has no native bf16.*use {key}=fp32"):
         stage.execute(params)
+

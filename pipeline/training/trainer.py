@@ -217,6 +217,9 @@ def training_arguments(
         ddp_backend="gloo" if cpu_ddp else None,
     )
     args.update(overrides)
+    # TrainingArguments starts from ACCELERATE_MIXED_PRECISION and writes its choice back to it: after
+    # a bf16 run in this process, an fp32 run would silently train in bf16. The flags above decide.
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
     return TrainingArguments(**args)
 
 
