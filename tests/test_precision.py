@@ -107,3 +107,48 @@ def test_bf16_refused_by_a_stage_names_the_section_it_came_from(trained_project,
     with pytest.raises(ConfigError, match=rf"{key}=bf16: this CPU has no native bf16.*use {key}=fp32"):
         stage.execute(params)
 
+
+def test_validation_while_training_in_bf16_runs_in_fp32(tiny_bert, cpu_only, monkeypatch, tmp_path):
+    """The best checkpoint is chosen on fp32 validation (the model as saved and served), not on the
+    bf16 numbers of the training's autocast; the training steps themselves stay bf16."""
+    import csv
+    from pathlib import Path
+
+    from pipeline.config import DistillVanillaConfig
+    from pipeline.data.labels import problem_type
+    from pipeline.kd.terms import build_kd_loss
+    from pipeline.models import load_pretrained_classifier, load_tokenizer
+    from pipeline.training.encoding import Collator, encode
+    from pipeline.training.trainer import DistillationTrainer
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # autocast emulates bf16 where it is not native
+    names = ["negative", "neutral", "positive"]
+    torch.manual_seed(0)
+    model = load_pretrained_classifier(str(tiny_bert), names, problem_type("single_label"))
+    with torch.no_grad():  # a random head's logits are all near zero: spread them so rows differ
+        model.classifier.weight.mul_(30)
+    tokenizer = load_tokenizer(str(tiny_bert))
+    with open(Path(__file__).parent / "data" / "tiny_sentiment.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:16]
+    dataset = encode(rows, tokenizer, 32, names, "single_label")
+    args = training_arguments(
+        TrainingBudget(precision="bf16", batch_size=8, eval_batch_size=16), tmp_path, max_steps=1,
+        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, disable_tqdm=True,
+        group_by_length=False,  # else the evaluation batches come in a random order too
+    )
+    trainer = DistillationTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=Collator(tokenizer),
+        kd=build_kd_loss(DistillVanillaConfig(alpha=0.0), "single_label", label_names=names, key="test"),
+    )
+    trainer.train()
+    predicted = torch.as_tensor(trainer.predict(dataset).predictions)
+    model.eval()
+    with torch.no_grad():
+        batches = [{key: value for key, value in batch.items() if key != "labels"}
+                   for batch in trainer.get_test_dataloader(dataset)]
+        # accelerate's bf16 autocast wrapper is still on the model's forward; its own forward is fp32
+        mixed = torch.cat([model(**batch).logits.float() for batch in batches])
+        fp32 = torch.cat([model._original_forward(**batch).logits for batch in batches])
+    assert fp32.dtype == torch.float32
+    assert torch.allclose(predicted, fp32, atol=1e-5)
+    assert not torch.allclose(mixed, fp32, atol=1e-5)  # so the check above can tell the two apart

@@ -57,3 +57,19 @@ def autocast(precision: Precision, device: torch.device) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=DTYPES[precision]):
         yield
+
+
+@contextlib.contextmanager
+def unwrapped_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, `model` runs its own forward: under mixed precision accelerate wraps a
+    prepared model's forward in autocast and keeps the original as `_original_forward`."""
+    original = getattr(model, "_original_forward", None)
+    if original is None:
+        yield
+        return
+    wrapped = model.forward
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped

@@ -4,6 +4,7 @@ shares, the metrics computed while training, and the NaN guard."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
@@ -67,6 +68,7 @@ class DistillationTrainer(Trainer):
         self.pos_weight = pos_weight.to(self.args.device) if pos_weight is not None else None
         self._sums: dict[str, float] = defaultdict(float)
         self._batches = 0
+        self._fp32_evaluation = False
 
     # The terms' parameters train with the student: one more parameter group in the same optimizer.
     def create_optimizer(self):  # noqa: D401 (Trainer API)
@@ -115,6 +117,22 @@ class DistillationTrainer(Trainer):
         if return_outputs:
             outputs = type(outputs)(loss=loss, logits=logits)
         return (loss, outputs) if return_outputs else loss
+
+    # Validation runs in fp32 even when training is mixed: the best checkpoint is then chosen on the
+    # numbers of the model as it is saved, exported and served (bf16 evaluation moved a two-layer
+    # student's validation F1 by up to 0.3 points against the stage's own fp32 evaluation).
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._fp32_evaluation = True
+        try:
+            with precision.unwrapped_forward(model):
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._fp32_evaluation = False
+
+    def compute_loss_context_manager(self):
+        if self._fp32_evaluation:
+            return contextlib.nullcontext()
+        return super().compute_loss_context_manager()
 
     def _accumulate(self, parts: dict[str, torch.Tensor]) -> None:
         for name, value in parts.items():
