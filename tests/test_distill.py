@@ -443,6 +443,8 @@ def test_student_stages(trained_project, tmp_path, module, stage, out_key, membe
     out = params.path(getattr(params.paths, out_key))
     record = ModelRecord.read(out)
     assert record.member == member and record.stage == stage and record.details["student"]["num_layers"] == 1
+    if stage == "distill_intermediate":  # the map as resolved, not the params' `auto`
+        assert record.details["kd"]["layer_map"] == [2]
     assert metrics == record.metrics()
     # The record describes the saved model: evaluating the reloaded student gives the recorded numbers.
     model, tokenizer = load_trained_with_tokenizer(out)

@@ -234,8 +234,9 @@ def train_student(params: Params, stage: str, member: str, out_path: str, terms:
         details={
             "student": {**init_info, "num_layers": s_cfg.num_hidden_layers, "hidden_size": s_cfg.hidden_size},
             "kd": {
-                "layer_map": layer_map, "projection": any(getattr(t, "projection", None) is not None for t in kd_terms),
                 **(terms.model_dump() if terms else {}),
+                # The resolved map: the params may say `auto`.
+                "layer_map": layer_map, "projection": any(getattr(t, "projection", None) is not None for t in kd_terms),
                 "token_alignment": alignment.kind,
                 "phases": {phase.name: {"terms": [t.name for t in phase.kd.terms], "texts": trained.rows.get(phase.name, 0)}
                            for phase in phases},
