@@ -1,7 +1,8 @@
 """Make the distilled student smaller in ways a CPU notices: remove the least important attention
 heads and FFN neurons (optionally over several steps), recover by distillation against the
-teacher (or against the unpruned student itself, `prune.recovery.distil_from: source`) after each
-step, then trim the vocabulary to what the data uses.
+teacher (or against the unpruned student itself, `prune.recovery.distil_from: source`, or its
+layers beside the teacher's logits, `source_layers`) after each step, then trim the vocabulary to
+what the data uses.
 
 The recovery distils as distill_intermediate does: the same texts (labelled, transfer, augmented),
 the same token-level terms and the same schedule (pipeline/kd/phases.py). A student with its own
@@ -73,7 +74,7 @@ def run(params: Params) -> dict[str, Any]:
     layers_kept = list(range(1, layers_before + 1))
     recovery = cfg.recovery
     # A frozen copy of the unpruned student, taken before anything is removed.
-    source = copy.deepcopy(student).eval().requires_grad_(False) if recovery.distil_from == "source" else None
+    source = copy.deepcopy(student).eval().requires_grad_(False) if recovery.distil_from != "teacher" else None
     if cfg.num_layers is not None:
         student, layers_kept = pruning.drop_layers(student, cfg.num_layers)
         log.info("kept %d of the source's %d layers: %s", len(layers_kept), layers_before, layers_kept)
@@ -131,13 +132,17 @@ def run(params: Params) -> dict[str, Any]:
 
     # Importance is measured on the labelled split; the recovery also learns from the unlabelled texts.
     phases = plan(recovery, recovery.epochs, build, "prune.recovery", scale=1 / cfg.steps)
-    fingerprint = state_fingerprint(guide)
+    # source_layers: the guide serves the layer terms only; the soft term reads the teacher's cache.
+    logits_from_teacher = recovery.distil_from == "source_layers"
+    fingerprint = state_fingerprint(teacher if logits_from_teacher else guide)
     if source is not None:  # teacher_logits cached the teacher's internals, never the source's
         phases = [dataclasses.replace(phase, internals="live") for phase in phases]
     cache_dir = params.path(params.paths.teacher_logits)
     # Terms that read the guide's internals run it live and take its logits from the same pass; the
     # logit terms alone read a cache, which for the source is computed here, once.
-    if source is not None and not nothing_removed and any(p.kd.needs_teacher and not p.kd.needs_internals for p in phases):
+    if recovery.distil_from == "source" and not nothing_removed and any(
+        p.kd.needs_teacher and not p.kd.needs_internals for p in phases
+    ):
         cache_dir = source_logits(source, fingerprint, tokenizer, texts, max_length, scratch_root / "source_logits",
                                   resolve_precision(recovery.precision, "prune.recovery.precision"))
     pos_weight = loss.pos_weight(task, datasets["train"], names)
@@ -170,6 +175,7 @@ def run(params: Params) -> dict[str, Any]:
             scratch=scratch, resume=None,  # a pruned architecture is not resumable mid-way
             max_length=max_length, task_type=task.type, threshold=task.threshold, collator=collator,
             pos_weight=pos_weight, callbacks=[magnitude] if magnitude else None, layer_map=layer_map,
+            logits_from_cache=logits_from_teacher,
             # Magnitude pruning ends at its final sparsity; an earlier "best" epoch would be denser.
             load_best_model_at_end=structured,
         )

@@ -201,6 +201,50 @@ def test_prune_recovery_can_distil_from_the_unpruned_source_without_the_teacher(
         RecoveryConfig(distil_from="source", teacher_internals="cached")
 
 
+def test_source_layers_recovery_learns_the_sources_layers_and_the_teachers_logits(trained_project, tmp_path, monkeypatch):
+    """distil_from=source_layers (Patient KD for a cut student): the unpruned student runs live for the
+    layer terms, each kept layer against the source layer it was; the soft term reads the teacher's
+    cached logits, not the source's."""
+    from pipeline.kd import phases
+    from pipeline.kd import teacher_logits as cache
+    from pipeline.models import state_fingerprint
+    from pipeline.training.trainer import DistillationTrainer
+
+    recovery = {**trained_project.prune.recovery.model_dump(mode="json"), "distil_from": "source_layers",
+                "hidden_weight": 1.0, "attention_weight": 1.0, "epochs": 1}
+    params = project_with_student(
+        trained_project, tmp_path, student={"num_layers": 2},
+        prune={"num_layers": 1, "ffn_ratio": 0.0, "vocab": "none", "recovery": recovery},
+    )
+    seen = []
+
+    class Spy(DistillationTrainer):
+        def __init__(self, *args, **kwargs):
+            seen.append((kwargs["teacher"], kwargs["teacher_internals"], kwargs["train_dataset"], kwargs["kd"]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(phases, "DistillationTrainer", Spy)
+    prune.STAGE.execute(params)
+    (guide, store, dataset, kd), = seen
+    source = load_trained(params.path(params.prune.source))
+    assert state_fingerprint(guide) == state_fingerprint(source) and store is None  # live, the source itself
+    terms = {term.name: term for term in kd.terms}  # the kept layer learns layer 2 of 2, as it was
+    assert terms["hidden"].pairs == [(0, 0), (1, 2)] and terms["attention"].layer_map == [2]
+    teacher = load_trained(params.path(params.paths.teacher))
+    train_texts = [row["text"] for row in load_split(params.path(params.paths.prepared), "train")]
+    expected = cache.load(params.path(params.paths.teacher_logits), "train", train_texts, params.task.max_length,
+                          state_fingerprint(teacher))
+    assert np.allclose(np.array(dataset["teacher_logits"][:len(train_texts)]), expected)
+    source_says = predict_logits(source, load_tokenizer(str(params.path(params.prune.source))), train_texts, 32)
+    assert not np.allclose(expected, source_says.numpy(), atol=1e-3)  # the two guides differ: the test can tell
+    record = ModelRecord.read(params.path(params.paths.pruned))
+    assert record.details["recovery_distils_from"] == "source_layers"
+    header = (params.path(params.paths.curves) / "prune.csv").read_text().splitlines()[0]
+    assert all(f"loss_{name}" in header for name in ("kl", "hidden", "attention"))
+    with pytest.raises(ValueError, match="distil_from=source_layers with teacher_internals=cached"):
+        RecoveryConfig(distil_from="source_layers", teacher_internals="cached")
+
+
 def test_prune_stage_magnitude(trained_project, tmp_path):
     params = project_with_student(trained_project, tmp_path, prune={"method": "magnitude", "sparsity": 0.6, "vocab": "none"})
     metrics = prune.STAGE.execute(params)

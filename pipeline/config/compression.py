@@ -17,16 +17,18 @@ class RecoveryConfig(TrainingBudget, KDTerms, LayerTerms):
     learning_rate: float = Field(1e-4, gt=0, le=1)
     attention_weight: float = Field(0.0, ge=0)
     # Whom the recovery distils from: `teacher` (the verified teacher, as the student's own
-    # distillation did) or `source` (the unpruned student, as Minitron recovers a pruned model: the
-    # pruned one learns the outputs and layers it should keep, on the same tokens, layer for layer).
-    distil_from: Literal["teacher", "source"] = "teacher"
+    # distillation did), `source` (the unpruned student, as Minitron recovers a pruned model: the
+    # pruned one learns the outputs and layers it should keep, on the same tokens, layer for layer), or
+    # `source_layers`: the teacher's logits (its cache) for the soft term and the unpruned student's
+    # layers for the layer terms (Patient KD: a cut student learns the layers it was cut from).
+    distil_from: Literal["teacher", "source", "source_layers"] = "teacher"
 
     @model_validator(mode="after")
     def _source_runs_live(self) -> RecoveryConfig:
-        if self.distil_from == "source" and self.teacher_internals == "cached":
+        if self.distil_from != "teacher" and self.teacher_internals == "cached":
             raise ValueError(
-                "distil_from=source with teacher_internals=cached: the teacher_logits cache holds the teacher's "
-                "internals, not the unpruned student's; set teacher_internals: auto or live (the source runs live)"
+                f"distil_from={self.distil_from} with teacher_internals=cached: the teacher_logits cache holds the "
+                "teacher's internals, not the unpruned student's; set teacher_internals: auto or live (the source runs live)"
             )
         return self
 

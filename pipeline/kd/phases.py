@@ -103,10 +103,13 @@ def train_phases(
     layer_map: list[int] | None = None,
     pos_weight: Any = None,
     callbacks: list[Any] | None = None,
+    logits_from_cache: bool = False,
     **overrides: Any,
 ) -> Trained:
     """Train `student` through the phases in order; the last keeps its best epoch on validation and
-    may resume from `resume` (a checkpoint of an interrupted run: the earlier phases are then done)."""
+    may resume from `resume` (a checkpoint of an interrupted run: the earlier phases are then done).
+    `logits_from_cache`: `teacher` serves the layer terms only; the soft term reads the teacher's
+    logits from the teacher_logits cache (kd_train_dataset)."""
     seconds, curve, rows = 0.0, [], {}
     trainer = None
     for phase in phases:
@@ -116,6 +119,7 @@ def train_phases(
         store = cached_store(phase, texts, cache_dir, layer_map) if phase.internals != "live" and phase.kd.needs_internals else None
         dataset = teacher_logits.kd_train_dataset(
             labelled, texts, tokenizer, max_length, phase.kd, cache_dir, teacher_fingerprint, phase.parts, store,
+            logits_from_cache,
         )
         rows[phase.name] = len(dataset)
         quiet = {} if phase.last else {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}

@@ -237,6 +237,7 @@ def kd_train_dataset(
     teacher_fingerprint: str,
     parts: tuple[str, ...] = PARTS,
     internals: InternalsStore | None = None,
+    logits_from_cache: bool = False,
 ) -> Dataset:
     """What a KD stage trains on: the labelled train split (encoded, in prepared order) and the
     unlabelled parts among `parts` that have texts (transfer, augmented), with `has_label` 0 (KD
@@ -244,12 +245,14 @@ def kd_train_dataset(
     read the teacher's internals run it live on the same tokens. The pooled hidden-state term (a
     student whose tokens do not line up with the teacher's) gets its targets from the cache too, as a
     `teacher_pooled` column. With `internals` (the teacher's cached per-token states of these parts),
-    the terms that read them need no live teacher either: each row gets its `teacher_row` there. A
-    section without a teacher term (the baseline) gets `train` as is.
+    the terms that read them need no live teacher either: each row gets its `teacher_row` there.
+    `logits_from_cache`: the logits come from the cache even though the layer terms run a live model
+    (distill_intermediate.layer_teacher, whose logits are not the teacher's). A section without a
+    teacher term (the baseline) gets `train` as is.
     """
     if not kd.needs_teacher:
         return train
-    cached = not kd.needs_internals or internals is not None
+    cached = logits_from_cache or not kd.needs_internals or internals is not None
     layers = kd.pooled_teacher_layers
 
     def add_rows(dataset: Dataset, part: str) -> Dataset:
