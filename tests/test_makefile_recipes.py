@@ -55,6 +55,9 @@ def test_each_recipe_expands_to_valid_params(recipe):
         assert params.prune.num_layers == 2 and params.prune.recovery.soft_loss == "mse"
         assert params.prune.recovery.epochs == params.student.epochs
         assert params.prune.recovery.learning_rate == params.student.learning_rate
+        # the teacher's logits, and the layers of the six-layer student it was cut from
+        assert params.prune.recovery.distil_from == "source_layers"
+        assert params.prune.recovery.hidden_weight > 0 and params.prune.recovery.attention_weight > 0
 
 
 def test_an_unknown_recipe_stops_make_and_names_the_recipes():
