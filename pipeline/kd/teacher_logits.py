@@ -247,8 +247,8 @@ def kd_train_dataset(
     `teacher_pooled` column. With `internals` (the teacher's cached per-token states of these parts),
     the terms that read them need no live teacher either: each row gets its `teacher_row` there.
     `logits_from_cache`: the logits come from the cache even though the layer terms run a live model
-    (distill_intermediate.layer_teacher, whose logits are not the teacher's). A section without a
-    teacher term (the baseline) gets `train` as is.
+    (`prune.recovery.distil_from: source_layers`, whose guide's logits are not the teacher's). A
+    section without a teacher term (the baseline) gets `train` as is.
     """
     if not kd.needs_teacher:
         return train
