@@ -227,3 +227,30 @@ def test_a_checkpoint_changed_after_it_was_saved_is_not_resumed(tmp_path, caplog
     assert resume == str(saved[0])
     assert "checkpoint-30: ['model.safetensors'] changed since it was saved" in caplog.text
     assert not saved[1].exists() and not saved[2].exists()
+
+
+def test_a_checkpoint_key_changes_with_the_code_and_not_with_where_it_is_installed(tmp_path, monkeypatch):
+    """A run stopped before the code was upgraded or edited is not resumed by the new code."""
+    import subprocess
+    import sys
+
+    from pipeline.training import checkpoints
+
+    for package in ("pipeline", "stages"):
+        shutil.copytree(Path(checkpoints.__file__).parents[2] / package, tmp_path / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    edited = tmp_path / "stages" / "prune.py"
+    script = (
+        "from pathlib import Path; from pipeline.training import checkpoints as c; "
+        "print(c.__file__); print(c.code_digest.__wrapped__()); "
+        f"Path({str(edited)!r}).write_text(Path({str(edited)!r}).read_text() + '# edited'); "
+        "print(c.code_digest.__wrapped__())"
+    )
+    printed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert Path(printed[0]).is_relative_to(tmp_path)  # the copy ran, not this checkout
+    assert printed[1] == checkpoints.code_digest()  # the same sources elsewhere: the same key
+    assert printed[2] != printed[1]
+    key = checkpoints.fingerprint("train_teacher", {"epochs": 3})
+    monkeypatch.setattr(checkpoints, "code_digest", lambda: printed[2])
+    assert checkpoints.fingerprint("train_teacher", {"epochs": 3}) != key

@@ -3,6 +3,7 @@ params and data, and removed once the final model is written."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,14 +24,28 @@ DIGESTS_FILE = "fincompress-digests.json"
 
 
 def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    """The key of a stage's checkpoints: the params and data it trains on (`parts`) and this pipeline's code,
+    so a run interrupted before an upgrade or an edit of the code is not resumed by the new code."""
+    return hashlib.sha256(json.dumps([code_digest(), *parts], sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 over the Python sources of `pipeline` and `stages`, wherever they are installed."""
+    import stages  # the stages import this module: imported here, not at the top
+
+    digest = hashlib.sha256()
+    for package in (Path(__file__).resolve().parents[1], Path(stages.__file__).resolve().parent):
+        for source in sorted(package.rglob("*.py")):
+            digest.update(source.relative_to(package.parent).as_posix().encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()
 
 
 def checkpoint_dir(params: Params, stage: str, key: str) -> tuple[Path, str | None]:
     """The stage's Trainer scratch directory and the checkpoint to resume from, if any.
 
-    A checkpoint is only resumed when it was written for the same params and data (`key`); otherwise
-    the directory is cleared so a stale run can never leak into a new one.
+    A checkpoint is only resumed when it was written for the same params, data and code (`key`, from
+    `fingerprint`); otherwise the directory is cleared so a stale run can never leak into a new one.
     """
     directory = params.path(params.paths.checkpoints) / stage
     stamp = directory / "fingerprint.txt"
