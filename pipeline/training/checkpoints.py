@@ -1,5 +1,5 @@
 """Resumable training: the Trainer's scratch checkpoints of a stage, resumed only by a run with the same
-params and data, and removed once the final model is written."""
+params, data and code, and removed once the final model is written."""
 
 from __future__ import annotations
 
