@@ -31,13 +31,12 @@ def fingerprint(*parts: Any) -> str:
 
 @functools.cache
 def code_digest() -> str:
-    """SHA-256 over the Python sources of `pipeline` and `stages`, wherever they are installed."""
-    import stages  # the stages import this module: imported here, not at the top
-
+    """SHA-256 over the Python sources of `pipeline` and of `stages` beside it (one distribution installs
+    both in one place; pipeline never imports stages), wherever they are installed."""
+    root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
-    for package in (Path(__file__).resolve().parents[1], Path(stages.__file__).resolve().parent):
-        for source in sorted(package.rglob("*.py")):
-            digest.update(source.relative_to(package.parent).as_posix().encode() + b"\0" + source.read_bytes())
+    for source in sorted([*(root / "pipeline").rglob("*.py"), *(root / "stages").rglob("*.py")]):
+        digest.update(source.relative_to(root).as_posix().encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()
 
 
