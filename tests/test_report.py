@@ -114,7 +114,11 @@ def test_no_champion_says_why():
             row("onnx_b", 0.8, 0.95, validation=0.80)]
     champion, note = pick_champion(rows, SLAConfig(max_latency_ms=0.5, min_f1_retention=0.95))
     assert champion is None and "nothing was registered" in note
-    assert "the fastest, onnx_b, has p50 0.80 ms" in note and "onnx_a's, is 0.979" in note
+    # What the members meeting one half of the SLA miss of the other: onnx_a keeps the retention at 1.5 ms,
+    # and nothing is within 0.5 ms.
+    assert "the fastest keeping the retention, onnx_a, has p50 1.50 ms; none has p50 <= 0.5 ms" in note
+    champion, note = pick_champion(rows, SLAConfig(max_latency_ms=1, min_f1_retention=0.99))
+    assert "none keeps a validation F1 retention of 0.99; the best retention within 1.0 ms, onnx_b's, is 0.842" in note
     champion, note = pick_champion(rows[:1], SLAConfig(max_latency_ms=100, min_f1_retention=0.5))
     assert champion is None and "no servable member was benchmarked" in note
 
