@@ -45,6 +45,7 @@ from pipeline.export.onnx_export import (
     quantize_int8,
     quantize_with_fallback,
     resolve_isa,
+    unsigned_weights,
 )
 from pipeline.export.onnx_static import calibration_sample, quantize_int8_static
 from pipeline.io import OUTPUT_MARKER, atomic_dir, read_json, write_json, write_text_atomic
@@ -181,23 +182,32 @@ def dynamic_int8_variants(
     texts = prepared.texts("validation")
     candidates: dict[str, dict[str, Any]] = {}
     built: dict[str, Path] = {}
-    for name in cfg.int8_variants:
+    weights = ["u8", "s8"] if unsigned_weights(isa) and cfg.int8_try_signed_weights else [
+        "u8" if unsigned_weights(isa) else "s8"
+    ]
+    for graph in cfg.int8_variants:
         source = fp32_dir
-        if name == "fused":
+        if graph == "fused":
             source = scratch / "fused_fp32"
             fused = fuse_attention(fp32_dir, source)
             if not fused:
                 log.info("INT8 variant 'fused' skipped: ONNX Runtime's transformer optimizer fused no attention here")
-                candidates[name] = {"skipped": "not applied, no attention fused (not a BERT-like graph)"}
+                candidates[graph] = {"skipped": "not applied, no attention fused (not a BERT-like graph)"}
                 continue
-            candidates[name] = {"fused_operators": fused}
-        out = built[name] = scratch / name
-        quantize = functools.partial(quantize_int8, source, out, isa, cfg.per_channel, cfg.quantize_embeddings)
-        fallback = quantize_with_fallback(
-            quantize, source, texts, validation_gate(f"student ONNX INT8 ({name})", *reference),
-            operators, cfg.fallback_rounds, cfg.fallback_nodes_per_round,
-        )
-        candidates.setdefault(name, {})["fallback"] = fallback
+        for weight in weights:
+            # The ISA's own weight type keeps the graph's name; s8 where the ISA's config uses u8 is "<graph>_s8".
+            name = graph if weight == weights[0] else f"{graph}_{weight}"
+            candidates[name] = {"fused_operators": fused} if graph == "fused" else {}
+            candidates[name]["weights"] = weight
+            out = built[name] = scratch / name
+            quantize = functools.partial(
+                quantize_int8, source, out, isa, cfg.per_channel, cfg.quantize_embeddings,
+                signed_weights=weight == "s8",
+            )
+            candidates[name]["fallback"] = quantize_with_fallback(
+                quantize, source, texts, validation_gate(f"student ONNX INT8 ({name})", *reference),
+                operators, cfg.fallback_rounds, cfg.fallback_nodes_per_round,
+            )
     if not built:  # only `fused` asked for, on a graph it does not apply to: the plain export it is
         raise ConfigError(
             "export_onnx.int8_variants: the only variant asked for, 'fused', does not apply to this architecture "
@@ -263,11 +273,12 @@ def run(params: Params) -> dict[str, Any]:
             with tempfile.TemporaryDirectory(dir=student_tmp.parent) as scratch:
                 variant = dynamic_int8_variants(Path(scratch), reference, isa, operators)
                 shutil.move(variant.pop("directory"), int8_dir)  # the chosen variant; the others go with scratch
-            fused = variant["chosen"] == "fused"
+            fused = variant["chosen"].startswith("fused")
             metrics["student_onnx_int8"], int8_failures = gate_int8(
                 "student_onnx_int8", "student ONNX INT8", int8_dir, *reference,
                 details={"precision": "int8 (ONNX Runtime dynamic quantization" + (", attention fused)" if fused else ")"),
-                         "isa": isa, "per_channel": cfg.per_channel, "quantized_operators": operators,
+                         "isa": isa, "weights": variant["candidates"][variant["chosen"]]["weights"],
+                         "per_channel": cfg.per_channel, "quantized_operators": operators,
                          "fallback": variant["candidates"][variant["chosen"]]["fallback"], "variant": variant},
             )
             if int8_failures:

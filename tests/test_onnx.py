@@ -42,6 +42,8 @@ from pipeline.export.onnx_export import (
     quantization_operators,
     quantize_int8,
     quantize_with_fallback,
+    resolve_isa,
+    unsigned_weights,
 )
 from pipeline.export.onnx_static import calibration_sample
 from pipeline.io import OUTPUT_MARKER, write_json
@@ -477,6 +479,15 @@ def test_optimum_and_transformers_load_an_exported_directory_with_its_card(proje
 # --------------------------------------------------------------------------- fusion and INT8 variants
 
 
+def quantized_weight_types(model_path: Path) -> set[int]:
+    """The element types of the quantized GEMM weights (the second input of each quantized MatMul and
+    of QAttention): u8 or s8."""
+    graph = onnx.load(str(model_path)).graph
+    types = {tensor.name: tensor.data_type for tensor in graph.initializer}
+    gemms = ("DynamicQuantizeMatMul", "MatMulInteger", "QAttention")
+    return {types[node.input[1]] for node in graph.node if node.op_type in gemms and node.input[1] in types}
+
+
 def attention_heads(model_path: Path) -> list[int]:
     graph = onnx.load(str(model_path)).graph
     return [next(a.i for a in node.attribute if a.name == "num_heads") for node in graph.node if node.op_type == "Attention"]
@@ -497,6 +508,12 @@ def test_attention_fuses_with_each_layers_own_heads_when_heads_are_pruned(projec
     ops = {node.op_type for node in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node}
     assert "QAttention" in ops, "dynamic INT8 quantizes the fused attention"
     assert OnnxClassifier.load(tmp_path / "int8").logits(texts).shape == reference.shape
+    # AVX2's config quantizes weights to u8; asked for s8, the same graph gets s8 weights and computes the same labels.
+    quantize_int8(tmp_path / "fused", tmp_path / "int8_s8", "avx2", True, True, signed_weights=True)
+    assert quantized_weight_types(tmp_path / "int8" / "model.onnx") == {onnx.TensorProto.UINT8}
+    assert quantized_weight_types(tmp_path / "int8_s8" / "model.onnx") == {onnx.TensorProto.INT8}
+    signed = OnnxClassifier.load(tmp_path / "int8_s8").logits(texts)
+    assert (signed.argmax(1) == reference.argmax(1)).mean() >= 0.9 and np.abs(signed - reference).max() < 0.1
     # The fallback can measure the fused graph's nodes (its embedding node reads int32 ids).
     feeds = [OnnxClassifier.load(tmp_path / "fused").feed(texts[:4])]
     errors = onnx_export.node_errors(
@@ -543,13 +560,22 @@ def test_the_export_records_the_int8_variant_it_kept(project, exported):
     student = project.path(project.paths.onnx_student)
     variant = ModelRecord.read(student / "int8").details["variant"]
     candidates = variant["candidates"]
-    assert list(candidates) == ["fused", "unfused"] and candidates["fused"]["fused_operators"]["Attention"] == 2
+    # Where the ISA's weights are u8 (AVX2), each graph is also built with s8 weights: its kernel is faster there.
+    isa = resolve_isa(project.export_onnx.isa)
+    names = ["fused", "fused_s8", "unfused", "unfused_s8"] if unsigned_weights(isa) else ["fused", "unfused"]
+    assert list(candidates) == names and candidates["fused"]["fused_operators"]["Attention"] == 2
+    assert {c["weights"] for c in candidates.values()} == ({"u8", "s8"} if unsigned_weights(isa) else {"s8"})
     passing = [name for name, c in candidates.items() if not c["fallback"]["rounds"][-1]["validation_failures"]]
     assert variant["chosen"] == choose_int8_variant(list(candidates), passing, variant["timing"].get("p50_ms", {}))
     if len(passing) > 1:  # timed side by side, with the load average beside the figures
         assert set(variant["timing"]["p50_ms"]) == set(passing) and variant["timing"]["threads"] == 1
     ops = {node.op_type for node in onnx.load(str(student / "int8" / "model.onnx")).graph.node}
-    assert ("QAttention" in ops) == (variant["chosen"] == "fused")
+    assert ("QAttention" in ops) == variant["chosen"].startswith("fused")
+    record = ModelRecord.read(student / "int8").details
+    assert record["weights"] == candidates[variant["chosen"]]["weights"]
+    assert quantized_weight_types(student / "int8" / "model.onnx") == {
+        onnx.TensorProto.INT8 if record["weights"] == "s8" else onnx.TensorProto.UINT8
+    }
     assert "| INT8 variant | " + variant["chosen"] in (student / "int8" / "README.md").read_text()
     assert not list(student.parent.glob("tmp*")), "the variants' scratch directory is gone"
 

@@ -88,6 +88,10 @@ class ExportOnnxConfig(Section):
     # `fused`: ONNX Runtime's transformer optimizer fuses attention first (BERT-like graphs only;
     # skipped elsewhere); `unfused`: the exported graph as it is.
     int8_variants: list[Literal["fused", "unfused"]] = Field(["fused", "unfused"], min_length=1)
+    # Where the ISA's config quantizes weights to u8 (AVX2 without VNNI, against VPMADDUBSW's saturation),
+    # also build each variant with s8 weights ("fused_s8", ...): the u8 x s8 kernel is faster there
+    # (docs/performance.md); the same gates and timing decide.
+    int8_try_signed_weights: bool = True
     int8_timing: ShortLatency = ShortLatency(rounds=5)  # more rounds than a trial: two models alternate
     # Static INT8: at most this many training texts calibrate the activation ranges, with this method.
     calibration_texts: int = Field(256, ge=1)

@@ -28,6 +28,8 @@ def _f(value: Any, digits: int = 3) -> str:
 VARIANTS = {
     "fused": "attention fused by ONNX Runtime's transformer optimizer, then dynamic INT8",
     "unfused": "the exported graph, dynamic INT8",
+    "fused_s8": "attention fused, then dynamic INT8 with s8 weights (u8 x s8 GEMMs; this ISA's default is u8 x u8)",
+    "unfused_s8": "the exported graph, dynamic INT8 with s8 weights (u8 x s8 GEMMs; this ISA's default is u8 x u8)",
 }
 
 
@@ -224,7 +226,7 @@ def render_card(
             "`pipeline.export.predict` and the MLflow model apply them, the transformers pipeline does not "
             "(it returns scores: compare each with its label's threshold)."
         )
-    if info.get("variant", {}).get("chosen") == "fused":
+    if info.get("variant", {}).get("chosen", "").startswith("fused"):
         lines.append(
             "- The fused graph uses ONNX Runtime's own operators (QAttention, EmbedLayerNormalization): it "
             "runs in ONNX Runtime only, not in other ONNX runtimes."

@@ -130,12 +130,20 @@ def quantization_operators(quantize_embeddings: bool) -> list[str]:
     return operators + ["Gather"] if quantize_embeddings else operators
 
 
+def unsigned_weights(isa: str) -> bool:
+    """Whether ONNX Runtime's config for `isa` quantizes weights to u8: on AVX2 without VNNI, where the
+    u8 x s8 kernel's VPMADDUBSW can saturate its 16-bit sums (every other ISA's config uses s8)."""
+    return isa == "avx2"
+
+
 def quantize_int8(
     fp32_dir: Path, out_dir: Path, isa: str, per_channel: bool, quantize_embeddings: bool,
-    nodes_to_exclude: list[str] | None = None,
+    nodes_to_exclude: list[str] | None = None, signed_weights: bool = False,
 ) -> Path:
     """ONNX Runtime dynamic INT8 of `fp32_dir`/model.onnx into `out_dir` (with config and tokenizer);
-    `nodes_to_exclude` stay fp32."""
+    `nodes_to_exclude` stay fp32. `signed_weights`: s8 weights whatever the ISA's config uses (on AVX2
+    its u8 x s8 kernel is faster than u8 x u8, and may saturate: the caller's gates judge)."""
+    from onnxruntime.quantization import QuantType
     from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
 
     if isa not in ISAS:
@@ -144,6 +152,8 @@ def quantize_int8(
         is_static=False, per_channel=per_channel, operators_to_quantize=quantization_operators(quantize_embeddings),
         nodes_to_exclude=nodes_to_exclude or [],
     )
+    if signed_weights:
+        config.weights_dtype = QuantType.QInt8
     quantizer = ORTQuantizer.from_pretrained(fp32_dir, file_name=MODEL_FILE)
     # Keep the weights outside the protobuf whenever the fp32 model needed to (conservative: always valid).
     external = onnx_size_mb(fp32_dir) * 1e6 >= PROTOBUF_LIMIT_BYTES
