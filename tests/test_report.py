@@ -144,6 +144,23 @@ def test_the_closest_member_to_the_sla_and_the_search_that_may_close_the_gap():
         'make search SEARCH_ARGS="search.goals.min_retention=null search.goals.max_latency_ms=0.5"')
 
 
+def test_a_p50_whose_interval_straddles_the_sla_says_a_rerun_may_decide_otherwise():
+    # The demo's INT8 member on an AVX2 CPU: 1.95 ms in one benchmark run (champion), 2.00 in the next (none).
+    sla = SLAConfig(max_latency_ms=2, min_f1_retention=0.98)
+    over = row("onnx", 2.002, 0.95) | {"latency_p50_ci95": [1.936, 2.051]}
+    rows = [row("teacher", 60, 0.95, "torch"), over]
+    message = no_champion_message(closest_member(rows, sla), sla)
+    assert "Its p50's 95% interval, [1.94, 2.05] ms, reaches under 2 ms" in message
+    assert "dvc repro -f -s benchmark" in message
+    under = over | {"latency_ms_p50": 1.946}
+    champion, note = pick_champion([rows[0], under], sla)
+    assert champion["name"] == "onnx" and "[1.94, 2.05] ms, reaches over 2 ms: another benchmark run may not" in note
+    # Clear of the SLA on its side: nothing said.
+    clear = over | {"latency_ms_p50": 2.6, "latency_p50_ci95": [2.5, 2.7]}
+    assert "interval" not in no_champion_message(closest_member([rows[0], clear], sla), sla)
+    assert "interval" not in pick_champion([rows[0], clear | {"latency_ms_p50": 1.0, "latency_p50_ci95": [0.9, 1.1]}], sla)[1]
+
+
 def test_loss_curves_draw_every_loss_column(tmp_path):
     path = tmp_path / "curve.csv"
     path.write_text("step,loss_total,loss_ce,loss_contrastive,train_loss,eval_macro_f1\n1,1.0,0.6,0.4,,0.8\n"
