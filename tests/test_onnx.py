@@ -291,6 +291,10 @@ def test_export_without_the_teacher_still_writes_its_directory(project, exported
     written = []
     original_write = ModelRecord.write
     monkeypatch.setattr(ModelRecord, "write", lambda self, model_dir: written.append(Path(model_dir).name) or original_write(self, model_dir))
+    # Which INT8 graph is kept is decided by timing; on a tiny model the candidates (u8 and s8 weights on
+    # AVX2) tie within noise, so this run keeps the fixture's choice to compare like with like.
+    kept = ModelRecord.read(project.path(project.paths.onnx_student) / "int8").details["variant"]["chosen"]
+    monkeypatch.setattr(export_onnx, "choose_int8_variant", lambda built, passing, p50: kept if kept in passing else None)
     metrics = export_onnx.STAGE.execute(params)
     assert sorted(written) == ["fp32", "int8"], "each member's record is written once, with its parity checks"
     teacher = params.path(params.paths.onnx_teacher)
