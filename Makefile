@@ -120,11 +120,13 @@ search: setup
 	FINCOMPRESS_PIPELINE_RUN=search-$$(date -u +%Y%m%dT%H%M%SZ) $(BIN)/python -m scripts.search --build-winner $(SEARCH_ARGS)
 
 # Tests run on two workers (pytest-xdist); one file stays on one worker since files share fixtures.
+# Files start in collection order (tests/conftest.py puts the longest first), not xdist's default
+# most-tests-first, which started the tiny `dvc repro` last.
 TEST_WORKERS ?= 2
 # The Dask-cluster search tests run last in a pytest process of their own: in a long xdist worker the
 # cluster's spawned worker processes failed to import the search's stages (not reproduced alone).
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not dask_cluster"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 -m "not dask_cluster"
 	$(BIN)/python -m pytest -q -m dask_cluster
 
 lint: setup

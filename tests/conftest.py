@@ -21,6 +21,15 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # spinning threads made a one-second training take thirty. Stages started by tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The longest files start first (a test file stays on one xdist worker): started last, the tiny
+# `dvc repro` of test_dvc_pipeline kept one worker busy minutes after the other was done.
+LONGEST_FILES_FIRST = ("test_dvc_pipeline.py", "test_flow.py", "test_reliability.py", "test_scaleout.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_db(tmp_path_factory) -> str:
