@@ -182,9 +182,8 @@ def dynamic_int8_variants(
     texts = prepared.texts("validation")
     candidates: dict[str, dict[str, Any]] = {}
     built: dict[str, Path] = {}
-    weights = ["u8", "s8"] if unsigned_weights(isa) and cfg.int8_try_signed_weights else [
-        "u8" if unsigned_weights(isa) else "s8"
-    ]
+    default = "u8" if unsigned_weights(isa) else "s8"
+    weights = [default] + (["s8"] if default == "u8" and cfg.int8_try_signed_weights else [])
     for graph in cfg.int8_variants:
         source = fp32_dir
         if graph == "fused":

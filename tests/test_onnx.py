@@ -28,6 +28,7 @@ from pipeline.compression.quantization import (
 from pipeline.data.prepared import load_split
 from pipeline.errors import ConfigError, GateError, ModelError
 from pipeline.evaluation.family import EXCLUDED_FILE
+from pipeline.evaluation.model_card import SIGNED_WEIGHTS, variant_description
 from pipeline.evaluation.record import ModelRecord
 from pipeline.export import onnx_export, onnx_static
 from pipeline.export.onnx import OnnxClassifier, check_onnx_file, create_session
@@ -463,7 +464,10 @@ def test_every_exported_directory_has_its_model_card(project, exported):
         # Latency comes from the benchmark, which runs later: the card says where to find it.
         assert "Not measured when this directory was written" in card and "reports/comparison.md" in card
         assert f"--model {directory.relative_to(project.root)}" in card
-    assert "quantized for" in (student / "int8" / "README.md").read_text()
+    int8_card = (student / "int8" / "README.md").read_text()
+    chosen = ModelRecord.read(student / "int8").details["variant"]["chosen"]
+    assert "quantized for" in int8_card and f"{chosen} ({variant_description(chosen)})" in int8_card
+    assert variant_description("unfused_s8") == variant_description("unfused") + SIGNED_WEIGHTS
 
 
 def test_optimum_and_transformers_load_an_exported_directory_with_its_card(project, exported):

@@ -25,19 +25,24 @@ def _f(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-VARIANTS = {
+GRAPHS = {
     "fused": "attention fused by ONNX Runtime's transformer optimizer, then dynamic INT8",
     "unfused": "the exported graph, dynamic INT8",
-    "fused_s8": "attention fused, then dynamic INT8 with s8 weights (u8 x s8 GEMMs; this ISA's default is u8 x u8)",
-    "unfused_s8": "the exported graph, dynamic INT8 with s8 weights (u8 x s8 GEMMs; this ISA's default is u8 x u8)",
 }
+SIGNED_WEIGHTS = " with s8 weights (u8 x s8 GEMMs; this ISA's default is u8 x u8)"
+
+
+def variant_description(name: str) -> str:
+    """`fused`, `unfused`, or either with `_s8` (the export's s8-weight build where the ISA uses u8)."""
+    graph, _, weights = name.partition("_")
+    return GRAPHS.get(graph, name) + (SIGNED_WEIGHTS if weights == "s8" else "")
 
 
 def _variant(variant: dict[str, Any]) -> str:
     """Which INT8 variant the export kept, and why (export_onnx.int8_variants)."""
     chosen, candidates = variant["chosen"], variant.get("candidates", {})
     timed = {name: c["p50_ms"] for name, c in candidates.items() if "p50_ms" in c}
-    text = f"{chosen} ({VARIANTS.get(chosen, chosen)})"
+    text = f"{chosen} ({variant_description(chosen)})"
     if len(timed) > 1:
         load = (variant.get("timing", {}).get("load_average") or [None])[0]
         return text + ": the fastest passing the gates on validation, p50 " + ", ".join(

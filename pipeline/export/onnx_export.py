@@ -131,9 +131,14 @@ def quantization_operators(quantize_embeddings: bool) -> list[str]:
 
 
 def unsigned_weights(isa: str) -> bool:
-    """Whether ONNX Runtime's config for `isa` quantizes weights to u8: on AVX2 without VNNI, where the
-    u8 x s8 kernel's VPMADDUBSW can saturate its 16-bit sums (every other ISA's config uses s8)."""
-    return isa == "avx2"
+    """Whether optimum's dynamic INT8 config for `isa` quantizes weights to u8 (its avx2 one: without
+    VNNI, the u8 x s8 kernel's VPMADDUBSW can saturate its 16-bit sums)."""
+    from onnxruntime.quantization import QuantType
+    from optimum.onnxruntime import AutoQuantizationConfig
+
+    if isa not in ISAS:
+        raise ConfigError(f"export_onnx.isa={isa}: expected one of {ISAS}")
+    return getattr(AutoQuantizationConfig, isa)(is_static=False).weights_dtype == QuantType.QUInt8
 
 
 def quantize_int8(
