@@ -14,6 +14,9 @@ import yaml
 
 from pipeline.config import ConfigError, Params, SearchConfig, SearchGoals, load_params, params_from_dict
 from pipeline.data import prepared as prepared_module
+from pipeline.errors import GateError
+from pipeline.evaluation.family import EXCLUDED_FILE
+from pipeline.io import write_json
 from pipeline.orchestration.search.answer import exp_command
 from pipeline.orchestration.search.goals import (
     Outcome,
@@ -24,7 +27,7 @@ from pipeline.orchestration.search.goals import (
     trials_without_improvement,
 )
 from pipeline.orchestration.search.space import check_space, overrides_for, suggest, with_overrides
-from pipeline.orchestration.search.study import make_sampler, worker_seed
+from pipeline.orchestration.search.study import ONNX_DIR, make_sampler, measure_trial, worker_seed
 from tests.helpers import copy_project
 
 
@@ -165,6 +168,17 @@ def test_pareto_front_and_closest_goal():
     # Trial 3: 0.02/0.99 + 0.2/2.0 = 0.120; trial 0: 0.04/0.99 = 0.040; trial 1: 0.008/0.99 + 0.5 = 0.508.
     assert near["overall"]["trial"] == 0
     assert closest([trials[4]], goals) == {}
+
+
+def test_a_trial_whose_int8_model_failed_its_gate_fails_with_the_gates_reason(tiny_params, tmp_path):
+    """export_onnx leaves a member that fails its parity gate out (EXCLUDED.json, no model): the trial
+    fails saying so, not that a record is missing (seen with static INT8 on the demo)."""
+    trial = tmp_path / "trial-0"
+    (trial / ONNX_DIR / "int8_static").mkdir(parents=True)
+    reason = "failed its parity gate on validation: label agreement 0.9000 is below 0.98"
+    write_json(trial / ONNX_DIR / "int8_static" / EXCLUDED_FILE, {"reason": reason})
+    with pytest.raises(GateError, match=f"export_onnx left out the trial's static INT8 model: {reason}"):
+        measure_trial(tiny_params, {"quantization": "static"}, trial, 0)
 
 
 # --------------------------------------------------------------------------- a tiny real search

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import Params, params_from_dict
 from pipeline.config.search import SearchConfig
-from pipeline.errors import FinCompressError
+from pipeline.errors import FinCompressError, GateError
 from pipeline.orchestration.search.goals import Outcome, constraints, meets_goals, stop_reason
 from pipeline.orchestration.search.space import INT8_DIR, overrides_for, suggest, with_overrides
 
@@ -157,6 +157,9 @@ def measure_trial(params: Params, values: dict[str, Any], directory: Path, numbe
     from pipeline.evaluation.record import ModelRecord
 
     member = int8_member(values, directory, f"trial-{number}")
+    excluded = member.excluded_reason()
+    if excluded:  # e.g. static INT8 failing its parity gate: the trial fails with export_onnx's reason
+        raise GateError(f"export_onnx left out the trial's {values['quantization']} INT8 model: {excluded}")
     record = ModelRecord.read(member.path)
     texts = load_prepared(params.path(params.paths.prepared)).texts("validation")
     cfg = params.search.latency
