@@ -99,6 +99,10 @@ def pareto_front(rows: list[dict[str, Any]], x: str = "latency_ms_p50", y: str =
     return [row["name"] for row in sorted(front, key=lambda r: r[x])]
 
 
+def _interval(interval: list[float]) -> str:
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}] ms"
+
+
 def pick_champion(rows: list[dict[str, Any]], sla: SLAConfig) -> tuple[dict[str, Any] | None, str]:
     """The fastest servable member (one that can be registered and served) that meets the SLA, and a
     sentence saying why it won or why nothing qualified. `rows` are not changed.
@@ -137,7 +141,7 @@ def pick_champion(rows: list[dict[str, Any]], sla: SLAConfig) -> tuple[dict[str,
     best = min(eligible, key=lambda r: (r["latency_ms_p50"], -(r["validation_macro_f1"] or 0)))
     interval = best.get("latency_p50_ci95")
     edge = (
-        f"; its p50's 95% interval, [{interval[0]:.2f}, {interval[1]:.2f}] ms, reaches over {sla.max_latency_ms:g} ms: "
+        f"; its p50's 95% interval, {_interval(interval)}, reaches over {sla.max_latency_ms:g} ms: "
         "another benchmark run may not register it"
         if interval and interval[1] > sla.max_latency_ms else ""
     )
@@ -192,7 +196,7 @@ def no_champion_message(near: dict[str, Any] | None, sla: SLAConfig) -> str:
     interval = near.get("latency_p50_ci95")
     if near["distance"]["max_latency_ms"] > 0 and interval and interval[0] <= sla.max_latency_ms:
         lines.append(
-            f"Its p50's 95% interval, [{interval[0]:.2f}, {interval[1]:.2f}] ms, reaches under {sla.max_latency_ms:g} ms: "
+            f"Its p50's 95% interval, {_interval(interval)}, reaches under {sla.max_latency_ms:g} ms: "
             "the gap is within the benchmark's noise, and a re-run on a quiet machine "
             "(dvc repro -f -s benchmark && dvc repro report) may register it."
         )

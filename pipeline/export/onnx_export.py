@@ -130,15 +130,21 @@ def quantization_operators(quantize_embeddings: bool) -> list[str]:
     return operators + ["Gather"] if quantize_embeddings else operators
 
 
-def unsigned_weights(isa: str) -> bool:
-    """Whether optimum's dynamic INT8 config for `isa` quantizes weights to u8 (its avx2 one: without
-    VNNI, the u8 x s8 kernel's VPMADDUBSW can saturate its 16-bit sums)."""
-    from onnxruntime.quantization import QuantType
+def dynamic_config(isa: str, **options: Any) -> Any:
+    """optimum's dynamic INT8 config for `isa` (one of ISAS), with `options` passed to it."""
     from optimum.onnxruntime import AutoQuantizationConfig
 
     if isa not in ISAS:
         raise ConfigError(f"export_onnx.isa={isa}: expected one of {ISAS}")
-    return getattr(AutoQuantizationConfig, isa)(is_static=False).weights_dtype == QuantType.QUInt8
+    return getattr(AutoQuantizationConfig, isa)(is_static=False, **options)
+
+
+def unsigned_weights(isa: str) -> bool:
+    """Whether optimum's dynamic INT8 config for `isa` quantizes weights to u8 (its avx2 one: without
+    VNNI, the u8 x s8 kernel's VPMADDUBSW can saturate its 16-bit sums)."""
+    from onnxruntime.quantization import QuantType
+
+    return dynamic_config(isa).weights_dtype == QuantType.QUInt8
 
 
 def quantize_int8(
@@ -149,12 +155,10 @@ def quantize_int8(
     `nodes_to_exclude` stay fp32. `signed_weights`: s8 weights whatever the ISA's config uses (on AVX2
     its u8 x s8 kernel is faster than u8 x u8, and may saturate: the caller's gates judge)."""
     from onnxruntime.quantization import QuantType
-    from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
+    from optimum.onnxruntime import ORTQuantizer
 
-    if isa not in ISAS:
-        raise ConfigError(f"export_onnx.isa={isa}: expected one of {ISAS}")
-    config = getattr(AutoQuantizationConfig, isa)(
-        is_static=False, per_channel=per_channel, operators_to_quantize=quantization_operators(quantize_embeddings),
+    config = dynamic_config(
+        isa, per_channel=per_channel, operators_to_quantize=quantization_operators(quantize_embeddings),
         nodes_to_exclude=nodes_to_exclude or [],
     )
     if signed_weights:
