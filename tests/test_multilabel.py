@@ -23,7 +23,7 @@ from pipeline.errors import DataError, GateError
 from pipeline.export.onnx import OnnxClassifier
 from pipeline.models import load_trained
 from stages import export_onnx, prepare_data, train_teacher, verify_teacher
-from tests.helpers import TOPICS, multilabel_tree, write_tiny_topics
+from tests.helpers import TOPICS, copy_project, multilabel_tree, write_tiny_topics
 
 
 def test_iterative_stratification_reaches_every_split_with_a_rare_label():
@@ -123,9 +123,7 @@ def test_the_multilabel_family_runs_every_stage(multilabel_project, tmp_path):
     report ranks the family and the ONNX member serves per-label thresholds. (The single-label DAG goes
     through `dvc repro` in test_dvc_pipeline; the stages' code is the same, and a second `dvc repro`
     spent four of the suite's minutes starting a process per stage.)"""
-    for name in ("data", "models"):
-        shutil.copytree(multilabel_project.root / name, tmp_path / name)
-    params = params_from_dict(multilabel_project.model_dump(mode="json"), root=tmp_path)
+    params = copy_project(multilabel_project, tmp_path, ("data", "models"))
     assert DVC_STAGES[:2] == ["prepare_data", "train_teacher"]  # what the fixture ran
     for name in DVC_STAGES[2:]:
         importlib.import_module(f"stages.{name}").STAGE.execute(params)
