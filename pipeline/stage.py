@@ -14,12 +14,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline import tracking
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, load_params
 from pipeline.errors import FinCompressError, TransientError, log_file_for, unexpected_error_message
 from pipeline.io import check_output_paths, read_json, stage_lock, write_json
+from pipeline.processes import exit_process
 
 log = logging.getLogger("fincompress")
 
@@ -131,14 +132,16 @@ class Stage:
             tracking.log_artifact(path, "metrics")
         return metrics
 
-    def main(self) -> None:
-        """The command line: `python -m stages.<name> [--params FILE] [key=value ...]`."""
+    def main(self) -> NoReturn:
+        """The command line: `python -m stages.<name> [--params FILE] [key=value ...]`. Ends the process:
+        status 0, 1 (an error), 75 (a transient one, worth retrying) or 130 (interrupted)."""
         parser = argparse.ArgumentParser(prog=f"python -m stages.{self.name}", description=self.run.__doc__)
         parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="params file (default: params.yaml)")
         parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=1")
         args = parser.parse_args()
         log_file = log_file_for(self.name, Path(args.params).resolve().parent / LOG_DIR)
         setup_logging(log_file)
+        status = 0
         try:
             params = load_params(args.params, args.overrides)
             check_output_paths(params)
@@ -149,13 +152,13 @@ class Stage:
         except TransientError as error:
             # Not "error: <stage>:": orchestrators retry this one (the inputs are not at fault).
             report_error(f"transient error: {self.name}: {one_line(error)}")
-            sys.exit(EX_TEMPFAIL)
+            status = EX_TEMPFAIL
         except FinCompressError as error:
             report_error(f"error: {self.name}: {one_line(error)}")
-            sys.exit(1)
+            status = 1
         except KeyboardInterrupt:
             report_error(f"error: {self.name}: interrupted; previous outputs are untouched")
-            sys.exit(130)
+            status = 130
         except Exception as error:  # a bug or the environment: a message here, the traceback in the log
             if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
                 where = f" writing {error.filename}" if error.filename else ""
@@ -163,4 +166,5 @@ class Stage:
                              "raise your quota), then run again; previous outputs are untouched")
             else:
                 report_error(f"error: {unexpected_error_message(self.name, error, log_file)}")
-            sys.exit(1)
+            status = 1
+        exit_process(status)

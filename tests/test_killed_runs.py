@@ -134,3 +134,31 @@ def test_benchmark_workers_end_with_a_killed_benchmark(tmp_path):
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     wait_for(lambda: not any(alive(pid) for pid in workers), 15, "the workers to end with the benchmark")
+
+
+EXITING = """
+import atexit, sys, threading, time
+from pathlib import Path
+from pipeline.processes import exit_process
+
+atexit.register(lambda: Path("atexit_ran").write_text("yes"))
+log = open("log.txt", "w")  # a buffered file its owner closes at exit, as logging's handlers are
+atexit.register(log.close)
+log.write("logged")
+print("buffered output", end="")  # stdout to a pipe is block-buffered: lost unless flushed
+if sys.argv[1] == "with a worker thread":
+    threading.Thread(target=lambda: (time.sleep(0.5), Path("thread_done").write_text("yes"))).start()
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("case", ["alone", "with a worker thread"])
+def test_exit_process_runs_atexit_flushes_and_waits_for_threads(tmp_path, case):
+    """A stage's and a benchmark worker's last call (it skips the interpreter's teardown of torch): the
+    status, the atexit handlers, buffered output and a running non-daemon thread's work all survive."""
+    result = subprocess.run([sys.executable, "-c", EXITING, case], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered output"
+    assert (tmp_path / "atexit_ran").read_text() == "yes" and (tmp_path / "log.txt").read_text() == "logged"
+    assert (tmp_path / "thread_done").exists() == (case == "with a worker thread")
