@@ -1,14 +1,15 @@
 """Make the distilled student smaller in ways a CPU notices: remove the least important attention
-heads and FFN neurons (optionally over several steps), recover by distillation against the
-teacher (or against the unpruned student itself, `prune.recovery.distil_from: source`, or its
-layers beside the teacher's logits, `source_layers`) after each step, then trim the vocabulary to
-what the data uses.
+heads and FFN neurons (optionally over several steps), recover by distillation after each step
+(by default the teacher's logits and the unpruned student's layers, `prune.recovery.distil_from:
+source_layers`; or the teacher alone, `teacher`, or the unpruned student alone, `source`), then trim
+the vocabulary to what the data uses.
 
 The recovery distils as distill_intermediate does: the same texts (labelled, transfer, augmented),
 the same token-level terms and the same schedule (pipeline/kd/phases.py). A student with its own
-tokenizer is pruned and trimmed on its own tokenizer; its recovery maps its ids into the teacher's
-vocabulary when the pieces are the same, or reads the teacher's cached logits and pooled hidden
-states by text, as its distillation did (pipeline/kd/students.py). The pruned student should keep
+tokenizer is pruned and trimmed on its own tokenizer: the unpruned student's layers share its tokens,
+and the teacher's terms map its ids into the teacher's vocabulary when the pieces are the same, or
+read the teacher's cached logits and pooled hidden states by text, as its distillation did
+(pipeline/kd/students.py). The pruned student should keep
 its source's validation macro-F1 within prune.max_f1_drop: the stage says so, with the numbers, when
 it does not."""
 

@@ -268,9 +268,16 @@ def test_a_family_from_a_student_with_its_own_tokenizer(cross_project, student_i
     assert "loss_hidden" in curve and "loss_kl" in curve and "loss_attention" not in curve
     assert ModelRecord.read(params.path(params.paths.student_vanilla)).details["transfer_texts"] == 2
 
+    # Recovered from the teacher alone, the layer terms read its pooled states (its tokens are not the student's);
+    teacher_guided = copy_project(params, tmp_path / "teacher_guided", prune={
+        "recovery": {**params.prune.recovery.model_dump(mode="json"), "distil_from": "teacher", "attention_weight": 0.0}})
+    prune.STAGE.execute(teacher_guided)
+    assert ModelRecord.read(teacher_guided.path(teacher_guided.paths.pruned)).details["recovery_hidden_targets"] == "pooled"
+    # by default (source_layers) they read the unpruned student's layers, on its own tokens: token-level, attention too.
     metrics = prune.STAGE.execute(params)
     pruned = ModelRecord.read(params.path(params.paths.pruned))
-    assert pruned.details["tokenizer"] == "own" and pruned.details["recovery_hidden_targets"] == "pooled"
+    assert pruned.details["tokenizer"] == "own" and "recovery_hidden_targets" not in pruned.details
+    assert pruned.details["recovery_phases"] == {"joint": ["ce", "kl", "hidden", "attention"]}
     assert pruned.details["vocab_trimmed"] and pruned.details["vocab_size_before"] == len(own_vocab)
     trimmed = vocabulary(params.path(params.paths.pruned))
     assert set(trimmed) < set(own_vocab)

@@ -146,7 +146,7 @@ def test_alpha_zero_and_no_other_term_is_exactly_the_baseline_loss(task_type):
     no_kd = [
         DistillVanillaConfig(alpha=0.0, temperature=9.0),
         DistillIntermediateConfig(alpha=0.0, hidden_weight=0.0, attention_weight=0.0, layer_map=[2, 4]),
-        RecoveryConfig(alpha=0.0, hidden_weight=0.0),
+        RecoveryConfig(alpha=0.0, hidden_weight=0.0, attention_weight=0.0),
     ]
     plain = (
         F.binary_cross_entropy_with_logits(batch.student.logits, batch.labels)
@@ -224,8 +224,9 @@ def test_intermediate_terms_use_the_mapped_layers_and_the_embedding_pair():
     assert parts["hidden"].item() == pytest.approx(hidden.item(), rel=1e-6)
     assert parts["attention"].item() == pytest.approx(attention.item(), rel=1e-6)
     assert total.item() == pytest.approx((vanilla + 1.5 * hidden + 10.0 * attention).item(), rel=1e-6)
-    # The pruning recovery has a hidden term but no attention term; a narrower student gets a projection.
-    recovery = build_kd_loss(RecoveryConfig(), "single_label", layer_map=[2, 4], hidden_sizes=(8, 16))
+    # The pruning recovery's terms are its own (here a hidden term and no attention term); a narrower
+    # student gets a projection.
+    recovery = build_kd_loss(RecoveryConfig(attention_weight=0.0), "single_label", layer_map=[2, 4], hidden_sizes=(8, 16))
     assert recovery.needs_hidden_states and not recovery.needs_attentions and recovery.has_projection
 
 
@@ -301,7 +302,8 @@ CASES = {  # task type, student, KD section, cached teacher logits
     "vanilla": ("single_label", ONE_LAYER, DistillVanillaConfig(temperature=2.0, alpha=0.5, relation_weight=0.1), True),
     "intermediate": ("single_label", ONE_LAYER, INTERMEDIATE, False),
     "projection": ("single_label", NARROW, INTERMEDIATE, False),
-    "recovery": ("single_label", ONE_LAYER, RecoveryConfig(temperature=4.0, alpha=0.7, hidden_weight=1.0), False),
+    "recovery": ("single_label", ONE_LAYER, RecoveryConfig(temperature=4.0, alpha=0.7, hidden_weight=1.0, attention_weight=0.0),
+                 False),
     "multilabel": ("multi_label", ONE_LAYER, DistillVanillaConfig(temperature=2.0, alpha=0.7), False),
     "label_alpha": (
         "multi_label", ONE_LAYER, DistillVanillaConfig(temperature=2.0, alpha=0.7, label_alpha=[0.2, 0.5, 0.9]), False,

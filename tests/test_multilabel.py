@@ -123,7 +123,10 @@ def test_the_multilabel_family_runs_every_stage(multilabel_project, tmp_path):
     report ranks the family and the ONNX member serves per-label thresholds. (The single-label DAG goes
     through `dvc repro` in test_dvc_pipeline; the stages' code is the same, and a second `dvc repro`
     spent four of the suite's minutes starting a process per stage.)"""
-    params = copy_project(multilabel_project, tmp_path, ("data", "models"))
+    # The tiny model's logits sit close to ties: one flipped label of its 15 test texts (agreement 0.933)
+    # must not leave the INT8 member out here (the gates are tested in test_onnx).
+    params = copy_project(multilabel_project, tmp_path, ("data", "models"),
+                          export_onnx={"min_int8_label_agreement": 0.9, "max_int8_f1_drop": 0.2})
     assert DVC_STAGES[:2] == ["prepare_data", "train_teacher"]  # what the fixture ran
     for name in DVC_STAGES[2:]:
         importlib.import_module(f"stages.{name}").STAGE.execute(params)

@@ -168,7 +168,8 @@ def test_prune_stage_drops_layers_and_recovers(trained_project, tmp_path):
 
 @pytest.mark.parametrize("hidden_weight", [0.0, 1.0])
 def test_prune_recovery_can_distil_from_the_unpruned_source_without_the_teacher(trained_project, tmp_path, hidden_weight):
-    recovery = {**trained_project.prune.recovery.model_dump(mode="json"), "distil_from": "source", "hidden_weight": hidden_weight}
+    recovery = {**trained_project.prune.recovery.model_dump(mode="json"), "distil_from": "source", "hidden_weight": hidden_weight,
+                "attention_weight": 0.0}  # hidden_weight=0: the logit terms alone
     params = project_with_student(
         trained_project, tmp_path, student={"num_layers": 2},
         prune={"num_layers": 1, "ffn_ratio": 0.5, "vocab": "none", "recovery": recovery},

@@ -185,7 +185,7 @@ def mapped_project(trained_project, shifted_init, tmp_path_factory):
     tree["distill_intermediate"].update(schedule="two_phase", phase1_epochs=1, layer_texts="original",
                                         teacher_internals="cached")
     tree["prune"]["recovery"].update(epochs=1, attention_weight=1.0, schedule="two_phase", phase1_epochs=1,
-                                     layer_texts="original", teacher_internals="cached")
+                                     layer_texts="original", teacher_internals="cached", distil_from="teacher")
     tree["tracking"]["experiment"] = "fincompress-token-kd"
     params = params_from_dict(tree, root=root)
     prepare_data.STAGE.execute(params)
