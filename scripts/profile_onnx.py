@@ -45,6 +45,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from pipeline.errors import FinCompressError
 from pipeline.export.onnx import MODEL_FILE, TOKENIZER_FILE, OnnxClassifier, session_options
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "financial_news_sentiment.csv"
@@ -181,7 +182,7 @@ def report(profile: Profile, top: int) -> None:
         print(f"  {ms:8.4f} ms  {op:<28} {node}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="exported directories [@KEY=VALUE]")
     parser.add_argument("--texts", type=Path, default=DEMO, help="a CSV file with a `text` column")
@@ -192,7 +193,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="slowest nodes to list")
     parser.add_argument("--keep-profiles", action="store_true", help="keep ONNX Runtime's profile JSON files")
     parser.add_argument("--floor", action="store_true", help="print multiply-adds and the compute floor instead")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     texts = read_texts(args.texts)
     if args.floor:
         print_floor([Path(spec.partition("@")[0]) for spec in args.model_dirs], texts)
@@ -200,11 +201,13 @@ def main() -> None:
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} cores; "
           f"onnxruntime {ort.__version__}; batch 1, {args.threads or os.cpu_count()} intra-op thread(s)")
 
+    # Every directory is checked (its plain session, as served) before any profiled session exists: a
+    # profiled session writes its profile file when it ends, also when a later directory fails to load.
+    plain = [OnnxClassifier.load(Path(str(spec).partition("@")[0]), intra_op_threads=args.threads) for spec in args.model_dirs]
     loaded = []
-    for spec in args.model_dirs:
+    for spec, classifier in zip(args.model_dirs, plain):
         model_dir, _, entry = str(spec).partition("@")
         model_dir = Path(model_dir)
-        classifier = OnnxClassifier.load(model_dir, intra_op_threads=args.threads)  # the plain session, as served
         sessions = []
         for profiling in (False, True):
             options = session_options(args.threads)
@@ -242,4 +245,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FinCompressError as error:
+        raise SystemExit(f"error: profile_onnx: {error}") from None

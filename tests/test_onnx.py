@@ -470,6 +470,30 @@ def test_every_exported_directory_has_its_model_card(project, exported):
     assert variant_description("unfused_s8") == variant_description("unfused") + SIGNED_WEIGHTS
 
 
+def test_profile_onnx_splits_each_directorys_call_and_checks_every_directory_first(project, exported, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """scripts/profile_onnx.py (issue 27's profile): per directory, the plain session's p50 and how a
+    profiled call splits into op kernels; a directory that is not an export fails before any profile
+    file is written, and no profile file is left behind either way."""
+    from scripts import profile_onnx
+
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\nProfit rose.\nSales fell sharply in the quarter.\n")
+    monkeypatch.chdir(tmp_path)
+    student = project.path(project.paths.onnx_student)
+    common = ["--texts", str(texts), "--runs", "8", "--rounds", "2", "--warmup", "2", "--top", "3"]
+    profile_onnx.main([str(student / "int8"), str(student / "fp32"), *common])
+    out = capsys.readouterr().out
+    for name in ("int8", "fp32"):
+        block = out.split(f"== {student / name}\n")[1]
+        assert block.startswith("session call p50 ") and "(plain session, 8 calls)" in block
+        assert "profiled call p50 " in block and "kernels per call" in block and "slowest 3 nodes" in block
+    assert "MatMulInteger" in out or "DynamicQuantize" in out, "the INT8 graph's quantized kernels are listed"
+    with pytest.raises(ModelError, match="model directory not found"):
+        profile_onnx.main([str(student / "int8"), str(tmp_path / "not_an_export"), *common])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["texts.csv"], "no profile file is left behind"
+
+
 def test_optimum_and_transformers_load_an_exported_directory_with_its_card(project, exported):
     from optimum.onnxruntime import ORTModelForSequenceClassification
     from transformers import AutoTokenizer, pipeline
