@@ -195,19 +195,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--floor", action="store_true", help="print multiply-adds and the compute floor instead")
     args = parser.parse_args(argv)
     texts = read_texts(args.texts)
+    # MODEL_DIR[@KEY=VALUE]: a directory and, optionally, a session config entry to time it with.
+    specs = [(Path(directory), entry) for directory, _, entry in (spec.partition("@") for spec in args.model_dirs)]
     if args.floor:
-        print_floor([Path(spec.partition("@")[0]) for spec in args.model_dirs], texts)
+        print_floor([model_dir for model_dir, _ in specs], texts)
         return
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} cores; "
           f"onnxruntime {ort.__version__}; batch 1, {args.threads or os.cpu_count()} intra-op thread(s)")
 
     # Every directory is checked (its plain session, as served) before any profiled session exists: a
     # profiled session writes its profile file when it ends, also when a later directory fails to load.
-    plain = [OnnxClassifier.load(Path(str(spec).partition("@")[0]), intra_op_threads=args.threads) for spec in args.model_dirs]
+    plain = [OnnxClassifier.load(model_dir, intra_op_threads=args.threads) for model_dir, _ in specs]
     loaded = []
-    for spec, classifier in zip(args.model_dirs, plain):
-        model_dir, _, entry = str(spec).partition("@")
-        model_dir = Path(model_dir)
+    for spec, (model_dir, entry), classifier in zip(args.model_dirs, specs, plain):
         sessions = []
         for profiling in (False, True):
             options = session_options(args.threads)

@@ -15,7 +15,6 @@ class RecoveryConfig(TrainingBudget, KDTerms, LayerTerms):
 
     epochs: float = Field(3, gt=0, le=1000)
     learning_rate: float = Field(1e-4, gt=0, le=1)
-    attention_weight: float = Field(10.0, ge=0)
     # Whom the recovery distils from: `teacher` (the verified teacher, as the student's own
     # distillation did), `source` (the unpruned student, as Minitron recovers a pruned model: the
     # pruned one learns the outputs and layers it should keep, on the same tokens, layer for layer), or
