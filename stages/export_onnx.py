@@ -28,7 +28,7 @@ from pipeline import tracking
 from pipeline.config import Params
 from pipeline.data.labels import decide
 from pipeline.data.prepared import Prepared, load_prepared
-from pipeline.errors import ConfigError, GateError
+from pipeline.errors import ConfigError, GateError, OutputError
 from pipeline.evaluation.family import EXCLUDED_FILE
 from pipeline.evaluation.metrics import macro_f1
 from pipeline.evaluation.model_card import write_export_cards
@@ -246,6 +246,20 @@ def time_variants(directories: dict[str, Path], texts: list[str], params: Params
     }
 
 
+def keep_teacher_export(teacher_out: Path) -> None:
+    """With export_teacher false the stage replaces paths.onnx_teacher by a "not exported" note. DVC
+    removes a stage's outputs before it runs it, so an export still there means a run by hand, usually a
+    scratch export of another student: refuse rather than lose the teacher's export."""
+    if (teacher_out / "model.onnx").is_file():
+        raise OutputError(
+            f"export_onnx.export_teacher is false, but {teacher_out} (paths.onnx_teacher) holds the teacher's "
+            "ONNX export, which this run would replace by a 'not exported' note. For an export of another "
+            "student beside the workspace's, give it its own teacher path too, e.g. "
+            "paths.onnx_teacher=scratch/teacher_onnx; to drop the teacher's export, delete that directory "
+            "first. Nothing was written."
+        )
+
+
 def run(params: Params) -> dict[str, Any]:
     """Read paths.pruned and paths.teacher; write paths.onnx_student/{fp32,int8,int8_static} (the INT8
     directories export_onnx.quantization asks for) and paths.onnx_teacher."""
@@ -253,6 +267,8 @@ def run(params: Params) -> dict[str, Any]:
     prepared = load_prepared(params.path(paths.prepared))
     isa = resolve_isa(cfg.isa)
     student_out, teacher_out = params.path(paths.onnx_student), params.path(paths.onnx_teacher)
+    if not cfg.export_teacher:
+        keep_teacher_export(teacher_out)
     failures: list[str] = []  # of the student's fp32 export: fatal
     excluded: dict[str, str] = {}  # members left out, with their reason
     metrics: dict[str, Any] = {}

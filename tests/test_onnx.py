@@ -26,7 +26,7 @@ from pipeline.compression.quantization import (
     resolve_engine,
 )
 from pipeline.data.prepared import load_split
-from pipeline.errors import ConfigError, GateError, ModelError
+from pipeline.errors import ConfigError, GateError, ModelError, OutputError
 from pipeline.evaluation.family import EXCLUDED_FILE
 from pipeline.evaluation.model_card import SIGNED_WEIGHTS, variant_description
 from pipeline.evaluation.record import ModelRecord
@@ -296,9 +296,16 @@ def test_export_without_the_teacher_still_writes_its_directory(project, exported
     # AVX2) tie within noise, so this run keeps the fixture's choice to compare like with like.
     kept = ModelRecord.read(project.path(project.paths.onnx_student) / "int8").details["variant"]["chosen"]
     monkeypatch.setattr(export_onnx, "choose_int8_variant", lambda built, passing, p50: kept if kept in passing else None)
+    teacher = params.path(params.paths.onnx_teacher)
+    # Run by hand over a workspace, it would replace the teacher's export with its note: it refuses.
+    before = [snapshot(params.path(params.paths.onnx_student)), snapshot(teacher)]
+    with pytest.raises(OutputError, match=r"paths\.onnx_teacher=scratch/teacher_onnx"):
+        export_onnx.STAGE.execute(params)
+    assert [snapshot(params.path(params.paths.onnx_student)), snapshot(teacher)] == before
+    assert not written
+    shutil.rmtree(teacher)  # what DVC does with a stage's outputs before it runs it
     metrics = export_onnx.STAGE.execute(params)
     assert sorted(written) == ["fp32", "int8"], "each member's record is written once, with its parity checks"
-    teacher = params.path(params.paths.onnx_teacher)
     names = sorted(path.name for path in teacher.iterdir())
     assert names == sorted([export_onnx.NOT_EXPORTED_FILE, OUTPUT_MARKER])  # DVC needs the out
     assert "teacher_onnx" not in metrics
