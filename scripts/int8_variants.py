@@ -1,7 +1,7 @@
-"""Two INT8 variants the export stage does not build, written next to each other for scripts/profile_onnx.py.
+"""INT8 variants the export stage does not build, written next to each other for scripts/profile_onnx.py.
 
-    python -m scripts.int8_variants models/student_onnx/fp32 OUT_DIR
-    python scripts/profile_onnx.py models/student_onnx/int8 OUT_DIR/mha_int8 OUT_DIR/head_fp32_int8
+    python -m scripts.int8_variants models/student_onnx/fp32 OUT_DIR [--texts VALIDATION.csv TEST.csv]
+    python scripts/profile_onnx.py models/student_onnx/int8 OUT_DIR/mha_int8 OUT_DIR/head_fp32_int8 ...
 
 FP32_DIR is an export_onnx fp32 directory (model, config, tokenizer). Written to OUT_DIR:
 
@@ -10,9 +10,14 @@ FP32_DIR is an export_onnx fp32 directory (model, config, tokenizer). Written to
   fused graph's QAttention does the QKV GEMM in INT8 inside the attention kernel.
 - head_fp32_int8: the served fused graph with the pooler and the classifier (one-token GEMMs, where
   activation quantization costs more than the arithmetic) kept fp32.
+- int4_embeddings_bN (N = 32, 64, 128): the fused graph without the embedding LayerNorm fusion, its
+  MatMuls dynamic INT8 with s8 weights, then the embedding tables' Gathers int4 in blocks of N
+  (ONNX Runtime's GatherBlockQuantized, symmetric): the word embeddings are most of a small member's
+  size. Needs `pip install onnx_ir` (ONNX Runtime's weight-only quantizer imports it).
 
-Each is quantized as export_onnx quantizes (dynamic, per-channel, embeddings included) and printed with
-its label agreement against FP32_DIR on the bundled demo texts (docs/performance.md has the measurements).
+Each is quantized as export_onnx quantizes (dynamic, per-channel) and printed with its size and its
+label agreement against FP32_DIR on each CSV of --texts (a `text` column; default: the bundled demo
+texts). docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from pathlib import Path
 
 import onnx
 
+from pipeline.export.onnx import onnx_size_mb
 from pipeline.export.onnx_export import (
     MODEL_FILE,
+    copy_serving_files,
     detect_isa,
     fuse_attention,
     quantize_int8,
@@ -41,10 +48,29 @@ def head_nodes(model_dir: Path) -> list[str]:
     ]
 
 
+def int4_embeddings(int8_dir: Path, out_dir: Path, block_size: int) -> None:
+    """`int8_dir` with every embedding table's Gather int4 (GatherBlockQuantized), written to `out_dir`."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),),  # blocks along the hidden axis
+    )
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(int8_dir / MODEL_FILE)), algo_config=config)
+    quantizer.process()
+    copy_serving_files(int8_dir, out_dir)
+    quantizer.model.save_model_to_file(str(out_dir / MODEL_FILE))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fp32_dir", type=Path, metavar="FP32_DIR")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    parser.add_argument("--texts", type=Path, nargs="+", default=[DEMO], help="CSV files with a text column")
     args = parser.parse_args()
     isa = detect_isa()
 
@@ -62,12 +88,24 @@ def main() -> None:
     )
     print("kept fp32 in head_fp32_int8:", excluded)
 
-    texts = read_texts(DEMO)
-    reference = load_classifier(args.fp32_dir, threads=1).logits(texts).argmax(-1)
-    for name in ("mha_int8", "head_fp32_int8"):
-        labels = load_classifier(args.out_dir / name, threads=1).logits(texts).argmax(-1)
-        agreement = float((labels == reference).mean())
-        print(f"{name}: label agreement with fp32 {agreement:.3f} on {len(texts)} demo texts")
+    print("fused_gather_fp32:", fuse_attention(args.fp32_dir, args.out_dir / "fused_gather_fp32", embed_layer_norm=False))
+    quantize_int8(
+        args.out_dir / "fused_gather_fp32", args.out_dir / "int8_gather_fp32", isa, per_channel=True,
+        quantize_embeddings=False, signed_weights=True,
+    )
+    blocks = (32, 64, 128)
+    for block in blocks:
+        int4_embeddings(args.out_dir / "int8_gather_fp32", args.out_dir / f"int4_embeddings_b{block}", block)
+
+    built = ["mha_int8", "head_fp32_int8", "int8_gather_fp32"] + [f"int4_embeddings_b{block}" for block in blocks]
+    for path in args.texts:
+        texts = read_texts(path)
+        reference = load_classifier(args.fp32_dir, threads=1).logits(texts).argmax(-1)
+        for name in built:
+            labels = load_classifier(args.out_dir / name, threads=1).logits(texts).argmax(-1)
+            differ = int((labels != reference).sum())
+            print(f"{name}: {onnx_size_mb(args.out_dir / name):.2f} MB, label agreement with fp32 "
+                  f"{1 - differ / len(texts):.3f} ({differ} of {len(texts)} {path.name} texts differ)")
 
 
 if __name__ == "__main__":

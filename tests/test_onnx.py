@@ -568,6 +568,11 @@ def test_attention_fuses_in_an_unpruned_tiny_bert(tiny_bert, tmp_path):
     texts = read_tiny_texts()[:12]
     reference = OnnxClassifier.load(fp32_dir).logits(texts, batch_size=5)
     assert np.abs(OnnxClassifier.load(tmp_path / "fused").logits(texts, batch_size=5) - reference).max() <= 1e-4
+    # Without the embedding LayerNorm fusion the embeddings' Gathers stay (scripts/int8_variants.py makes them int4).
+    fused = fuse_attention(fp32_dir, tmp_path / "fused_gather", embed_layer_norm=False)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "fused_gather" / "model.onnx")).graph.node}
+    assert fused["Attention"] == 2 and "EmbedLayerNormalization" not in ops and "Gather" in ops
+    assert np.abs(OnnxClassifier.load(tmp_path / "fused_gather").logits(texts, batch_size=5) - reference).max() <= 1e-4
 
 
 def test_fusion_that_does_not_apply_writes_nothing(tmp_path):
