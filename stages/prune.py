@@ -303,10 +303,15 @@ def source_f1_drop(source: ModelRecord, pruned: ModelRecord, tolerance: float) -
     drop = before - after
     out: dict[str, Any] = {"source_validation_macro_f1": before, "validation_f1_drop": drop, "within_max_f1_drop": int(drop <= tolerance)}
     if drop > tolerance:
+        # How many sentences the drop is: on a small split one sentence moves macro-F1 by about a point,
+        # and the source's score is its best epoch on this split (docs/distillation.md#pruning).
+        examples = pruned.validation.get("examples")
+        scale = f" (one of the {examples} validation texts is about {100 / examples:.1f} points)" if examples else ""
         out["f1_drop_note"] = (
             f"the pruned student's validation macro-F1 is {after:.4f}, {drop * 100:.2f} points below its source's "
-            f"{before:.4f}: more than prune.max_f1_drop={tolerance} ({tolerance * 100:.1f} points). Prune less "
-            "(prune.heads_ratio, prune.ffn_ratio), in more steps (prune.steps), or recover longer (prune.recovery.epochs)"
+            f"{before:.4f}{scale}: more than prune.max_f1_drop={tolerance} ({tolerance * 100:.1f} points). Prune "
+            "less (prune.heads_ratio, prune.ffn_ratio) or in more steps (prune.steps). A longer recovery "
+            "(prune.recovery.epochs, learning_rate) raised validation but not test in our runs: check test before keeping one"
         )
         log.warning("%s", out["f1_drop_note"])
     return out

@@ -294,5 +294,7 @@ def test_a_pruned_student_that_falls_too_far_says_so_with_the_numbers(trained_pr
     drop = source_f1_drop(source, worse, 0.005)
     assert drop["within_max_f1_drop"] == 0 and drop["validation_f1_drop"] == pytest.approx(0.02)
     assert "2.00 points below its source's" in drop["f1_drop_note"] and "prune.max_f1_drop=0.005" in drop["f1_drop_note"]
+    examples = source.validation["examples"]
+    assert f"one of the {examples} validation texts is about {100 / examples:.1f} points" in drop["f1_drop_note"]
     kept = source_f1_drop(source, source, 0.005)
     assert kept["within_max_f1_drop"] == 1 and "f1_drop_note" not in kept
