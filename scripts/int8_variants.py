@@ -51,10 +51,14 @@ def head_nodes(model_dir: Path) -> list[str]:
 def int4_embeddings(int8_dir: Path, out_dir: Path, block_size: int) -> None:
     """`int8_dir` with every embedding table's Gather int4 (GatherBlockQuantized), written to `out_dir`."""
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+    except ModuleNotFoundError as error:  # onnx_ir: imported by the quantizer, not a FinCompress dependency
+        raise SystemExit(f"int4 embeddings need ONNX Runtime's weight-only quantizer: {error}; pip install onnx_ir") from error
 
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QOperator,
