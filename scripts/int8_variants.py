@@ -102,12 +102,13 @@ def main() -> None:
         int4_embeddings(args.out_dir / "int8_gather_fp32", args.out_dir / f"int4_embeddings_b{block}", block)
 
     built = ["mha_int8", "head_fp32_int8", "int8_gather_fp32"] + [f"int4_embeddings_b{block}" for block in blocks]
+    fp32 = load_classifier(args.fp32_dir, threads=1)
+    variants = {name: load_classifier(args.out_dir / name, threads=1) for name in built}
     for path in args.texts:
         texts = read_texts(path)
-        reference = load_classifier(args.fp32_dir, threads=1).logits(texts).argmax(-1)
-        for name in built:
-            labels = load_classifier(args.out_dir / name, threads=1).logits(texts).argmax(-1)
-            differ = int((labels != reference).sum())
+        reference = fp32.logits(texts).argmax(-1)
+        for name, classifier in variants.items():
+            differ = int((classifier.logits(texts).argmax(-1) != reference).sum())
             print(f"{name}: {onnx_size_mb(args.out_dir / name):.2f} MB, label agreement with fp32 "
                   f"{1 - differ / len(texts):.3f} ({differ} of {len(texts)} {path.name} texts differ)")
 

@@ -33,7 +33,7 @@ from pipeline.evaluation.family import EXCLUDED_FILE
 from pipeline.evaluation.metrics import macro_f1
 from pipeline.evaluation.model_card import write_export_cards
 from pipeline.evaluation.record import INFO_FILE, ModelRecord, evaluate_record
-from pipeline.export.onnx import OnnxClassifier, onnx_size_mb
+from pipeline.export.onnx import MODEL_FILE, OnnxClassifier, onnx_size_mb
 from pipeline.export.onnx_export import (
     choose_int8_variant,
     export_fp32,
@@ -250,7 +250,7 @@ def keep_teacher_export(teacher_out: Path) -> None:
     """With export_teacher false the stage replaces paths.onnx_teacher by a "not exported" note. DVC
     removes a stage's outputs before it runs it, so an export still there means a run by hand, usually a
     scratch export of another student: refuse rather than lose the teacher's export."""
-    if (teacher_out / "model.onnx").is_file():
+    if (teacher_out / MODEL_FILE).is_file():
         raise OutputError(
             f"export_onnx.export_teacher is false, but {teacher_out} (paths.onnx_teacher) holds the teacher's "
             "ONNX export, which this run would replace by a 'not exported' note. For an export of another "
