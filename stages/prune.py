@@ -19,14 +19,18 @@ import copy
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.compression import pruning
 from pipeline.config import Params
+from pipeline.config.students import KDTerms
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import ConfigError
 from pipeline.evaluation.record import ModelRecord, evaluate_and_record
@@ -34,7 +38,7 @@ from pipeline.io import atomic_dir
 from pipeline.kd import teacher_logits
 from pipeline.kd.layer_map import uniform_layer_map
 from pipeline.kd.phases import plan, train_phases
-from pipeline.kd.terms import build_kd_loss
+from pipeline.kd.terms import build_kd_loss, soft_term
 from pipeline.kd.texts import KDTexts, load_kd_texts
 from pipeline.kd.token_map import Alignment
 from pipeline.models import (
@@ -48,6 +52,7 @@ from pipeline.models import (
 from pipeline.not_built import not_built_reason
 from pipeline.stage import Stage
 from pipeline.training import checkpoints, encoding, loss, results
+from pipeline.training.loss import KDBatch, KDLoss
 from pipeline.training.precision import resolve as resolve_precision
 
 log = logging.getLogger(__name__)
@@ -148,6 +153,12 @@ def run(params: Params) -> dict[str, Any]:
                                   resolve_precision(recovery.precision, "prune.recovery.precision"))
     pos_weight = loss.pos_weight(task, datasets["train"], names)
 
+    scoring, score_loss = datasets["train"], pruning.task_loss
+    if structured and cfg.importance_from == "teacher" and not nothing_removed:
+        scoring, score_loss = teacher_agreement(
+            recovery, task.type, datasets["train"], texts, tokenizer, max_length,
+            params.path(params.paths.teacher_logits), state_fingerprint(teacher), phases[-1].parts,
+        )
     magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
     removed: dict[int, list[int]] = {}
     curve: list[dict[str, Any]] = []
@@ -156,10 +167,9 @@ def run(params: Params) -> dict[str, Any]:
         if structured:
             generator = torch.Generator().manual_seed(recovery.seed + step)
             loader = DataLoader(
-                datasets["train"], batch_size=recovery.batch_size, shuffle=True, collate_fn=collator,
-                generator=generator,
+                scoring, batch_size=recovery.batch_size, shuffle=True, collate_fn=collator, generator=generator,
             )
-            head_scores, neuron_scores = pruning.importance_scores(student, loader, cfg.importance_batches)
+            head_scores, neuron_scores = pruning.importance_scores(student, loader, cfg.importance_batches, score_loss)
             for layer, heads in pruning.prune_heads(student, head_scores, heads_plan[step]).items():
                 removed.setdefault(layer, []).extend(heads)
             pruning.prune_ffn(student, neuron_scores, width_plan[step])
@@ -187,7 +197,7 @@ def run(params: Params) -> dict[str, Any]:
     student = student.cpu().eval()
 
     info: dict[str, Any] = {
-        "method": cfg.method, "source": cfg.source, "tokenizer": "teacher" if shared else "own",
+        "method": cfg.method, "source": cfg.source, "importance_from": cfg.importance_from, "tokenizer": "teacher" if shared else "own",
         "token_alignment": alignment.kind, "recovery_distils_from": recovery.distil_from,
         "recovery_phases": {phase.name: [t.name for t in phase.kd.terms] for phase in phases},
         **{f"{part}_texts": len(part_texts) for part, part_texts in texts.parts().items() if part != "train"},
@@ -315,6 +325,33 @@ def source_f1_drop(source: ModelRecord, pruned: ModelRecord, tolerance: float) -
         )
         log.warning("%s", out["f1_drop_note"])
     return out
+
+
+# Columns of a KD training row that are not model inputs.
+NOT_INPUTS = ("labels", "has_label", "teacher_logits", "teacher_pooled", "teacher_row")
+
+
+def teacher_agreement(
+    terms: KDTerms, task_type: str, train: Dataset, texts: KDTexts, tokenizer: PreTrainedTokenizerBase,
+    max_length: int, cache_dir: Path, teacher_fingerprint: str, parts: tuple[str, ...],
+) -> tuple[Dataset, Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor]]:
+    """`prune.importance_from: teacher`: the texts the recovery trains on, with the teacher's cached
+    logits, and the recovery's soft term against them. The gradient of the task loss is near zero on
+    labelled texts a distilled student already fits; this one is largest where the student still
+    departs from the teacher, on every text KD taught it from."""
+    soft = KDLoss([soft_term(terms, task_type == "multi_label", 1.0)], task_type)
+    dataset = teacher_logits.kd_train_dataset(
+        train, texts, tokenizer, max_length, soft, cache_dir, teacher_fingerprint, parts, logits_from_cache=True
+    )
+
+    def soft_against_teacher(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        outputs = model(**{key: value for key, value in batch.items() if key not in NOT_INPUTS})
+        return soft(KDBatch(
+            student=outputs, labels=batch["labels"], attention_mask=batch["attention_mask"],
+            teacher_logits=batch["teacher_logits"].to(outputs.logits.dtype),
+        ))[0]
+
+    return dataset, soft_against_teacher
 
 
 STAGE = Stage("prune", run, member="student_pruned", sections=("prune",),

@@ -4,6 +4,7 @@ and KD students training on transfer texts while nothing changes without them.""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -231,6 +232,50 @@ def test_pruning_recovery_trains_on_the_transfer_texts(transfer_project, tmp_pat
     distill_intermediate.STAGE.execute(params)
     prune.STAGE.execute(params)
     assert ModelRecord.read(params.path(params.paths.pruned)).details["transfer_texts"] == 3
+
+
+def test_pruning_importance_from_the_teacher_reads_every_kd_text_and_the_teachers_logits(
+    transfer_project, tmp_path, monkeypatch
+):
+    """prune.importance_from=teacher: heads and neurons are scored by the recovery's soft term against
+    the teacher's cached logits, on the labelled and the transfer texts (not the task loss on the
+    labelled split alone)."""
+    from pipeline.compression import pruning
+
+    recovery = {**transfer_project.prune.recovery.model_dump(), "epochs": 1, "temperature": 2.0}
+    params = copy_project(
+        transfer_project, tmp_path, student={"epochs": 1},
+        prune={"importance_from": "teacher", "heads_ratio": 0.5, "recovery": recovery},
+    )
+    distill_intermediate.STAGE.execute(params)
+    scored = []
+    real_scores = pruning.importance_scores
+
+    def spy(model, loader, max_batches, loss_fn):
+        scored.append((copy.deepcopy(model), loader.dataset, loss_fn, next(iter(loader))))
+        return real_scores(model, loader, max_batches, loss_fn)
+
+    monkeypatch.setattr(pruning, "importance_scores", spy)
+    prune.STAGE.execute(params)
+    (student, dataset, loss_fn, batch), = scored
+    prepared = load_prepared(params.path(params.paths.prepared))
+    teacher, tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), prepared.label_names)
+    texts = prepared.texts("train") + prepared.transfer_texts()
+    assert len(dataset) == len(texts) and sum(dataset["has_label"]) == len(prepared.texts("train"))
+    expected = predict_logits(teacher, tokenizer, texts, params.task.max_length).numpy()
+    np.testing.assert_allclose(np.array(dataset["teacher_logits"]), expected, atol=1e-5)
+    # The loss is T^2 KL(teacher || student) at T=2 on the batch's cached teacher logits, by hand.
+    student.eval()
+    with torch.no_grad():
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+        logits = student(**inputs).logits
+        by_hand = F.kl_div(F.log_softmax(logits / 2, -1), F.softmax(batch["teacher_logits"] / 2, -1),
+                           reduction="batchmean") * 4
+        assert torch.allclose(loss_fn(student, batch), by_hand, atol=1e-6)
+        # ... zero for the teacher itself: what it scores is what the student has not yet learnt from it.
+        assert loss_fn(teacher, batch).abs() < 1e-6
+    record = ModelRecord.read(params.path(params.paths.pruned))
+    assert record.details["importance_from"] == "teacher" and set(record.details["heads_per_layer"]) == {1}
 
 
 def test_transfer_path_auto_is_the_demos_companion_only_with_the_demo_data():

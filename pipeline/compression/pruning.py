@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -99,10 +99,19 @@ def schedule(start: int, final: int, steps: int) -> list[int]:
 # --------------------------------------------------------------------------- importance
 
 
+def task_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss on a labelled batch (cross-entropy, or BCE when multi-label)."""
+    return model(**{key: value for key, value in batch.items() if key != "teacher_logits"}).loss
+
+
 def importance_scores(
-    model: PreTrainedModel, batches: Iterable[dict[str, torch.Tensor]], max_batches: int
+    model: PreTrainedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    max_batches: int,
+    loss_fn: Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor] = task_loss,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head importance (Michel et al., 2019) and FFN neuron importance, from the task loss.
+    """Head importance (Michel et al., 2019) and FFN neuron importance, from `loss_fn` (by default
+    the task loss on labelled batches; the prune stage may pass the distillation loss instead).
 
     Heads: |dL/d g_h| for a gate of ones multiplying each head's share of the input of the attention
     output linear (the same gradient as Michel et al.'s head mask, without needing the model to take
@@ -140,10 +149,9 @@ def importance_scores(
     model.eval()  # no dropout: the scores should reflect the model as it will run
     try:
         for batch in itertools.islice(batches, max_batches):
-            batch = {key: value.to(device) for key, value in batch.items() if key != "teacher_logits"}
+            batch = {key: value.to(device) for key, value in batch.items()}
             activations.clear()
-            loss = model(**batch).loss
-            loss.backward()
+            loss_fn(model, batch).backward()
             head_importance += gates.grad.abs().detach()
             gates.grad = None
             for index, activation in activations:

@@ -56,8 +56,12 @@ class PruneConfig(Section):
     sparsity: float = Field(0.5, ge=0, lt=1)
     # Prune in this many equal steps, each followed by recovery with 1/steps of the budget.
     steps: int = Field(1, ge=1, le=20)
-    # Training batches used to accumulate head and neuron importance.
+    # Batches over which head and neuron importance is accumulated.
     importance_batches: int = Field(32, ge=1)
+    # What importance is the gradient of. `labels`: the task loss on the labelled training split
+    # (Michel et al.). `teacher`: the recovery's soft term against the teacher's cached logits, on
+    # every text the recovery trains on (labelled, transfer, augmented): what KD taught the source.
+    importance_from: Literal["labels", "teacher"] = "labels"
     # `corpus`: keep only the tokens the training data uses (plus specials, single characters or
     # bytes, and vocab_keep_top others), an error if this tokenizer cannot be trimmed; `auto`: trim
     # when the tokenizer is WordPiece, byte-level BPE or Unigram, else keep it and say so; `none`: keep.
