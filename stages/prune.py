@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -30,9 +31,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.compression import pruning
 from pipeline.config import Params
+from pipeline.config.data import TaskConfig
+from pipeline.config.evaluation import EvaluationConfig
 from pipeline.config.students import KDTerms
-from pipeline.data.prepared import load_prepared
+from pipeline.data.labels import decide
+from pipeline.data.prepared import Prepared, load_prepared
 from pipeline.errors import ConfigError
+from pipeline.evaluation.metrics import paired_bootstrap_difference
 from pipeline.evaluation.record import ModelRecord, evaluate_and_record
 from pipeline.io import atomic_dir
 from pipeline.kd import teacher_logits
@@ -43,6 +48,7 @@ from pipeline.kd.texts import KDTexts, load_kd_texts
 from pipeline.kd.token_map import Alignment
 from pipeline.models import (
     count_parameters,
+    decision_thresholds,
     load_trained_with_tokenizer,
     logits_fn,
     save_model,
@@ -256,12 +262,13 @@ def run(params: Params) -> dict[str, Any]:
         if magnitude:
             info["gzip_size_mb"] = round(pruning.gzip_size_mb(tmp / "model.safetensors"), 3)
             info["source_gzip_size_mb"] = round(pruning.gzip_size_mb(source_dir / "model.safetensors"), 3)
-        record, _ = evaluate_and_record(
+        record, logits = evaluate_and_record(
             predict, prepared, params.evaluation, tmp, member=STAGE.member, stage=STAGE.name, source=cfg.source,
             max_length=max_length, num_parameters=params_after, size_mb=weights_size_mb(tmp),
             thresholds=thresholds, training_seconds=seconds, params={"prune": params.section("prune")}, details=info,
         )
-        drop = source_f1_drop(ModelRecord.read(source_dir), record, cfg.max_f1_drop)
+        interval = drop_interval(source_dir, prepared, logits["validation"], thresholds, task, params.evaluation)
+        drop = source_f1_drop(ModelRecord.read(source_dir), record, cfg.max_f1_drop, interval, params.evaluation.confidence)
         record.details.update(drop)
         record.write(tmp)
 
@@ -306,20 +313,48 @@ def source_logits(
     return out
 
 
-def source_f1_drop(source: ModelRecord, pruned: ModelRecord, tolerance: float) -> dict[str, Any]:
-    """How far the pruned student fell below its source on the validation split, and a warning with
-    the numbers when that is more than `tolerance` (prune.max_f1_drop)."""
+def drop_interval(
+    source_dir: Path, prepared: Prepared, pruned_logits: np.ndarray, pruned_thresholds: float | list[float],
+    task: TaskConfig, evaluation: EvaluationConfig,
+) -> tuple[float, float]:
+    """The paired bootstrap interval of the source's validation macro-F1 minus the pruned student's."""
+    source, tokenizer = load_trained_with_tokenizer(source_dir, prepared.label_names)
+    source_logits = logits_fn(source, tokenizer, task.max_length)(prepared.texts("validation"))
+    labels = np.asarray(prepared.labels("validation"))
+    if task.type == "multi_label":
+        labels = labels.astype(int)
+    return paired_bootstrap_difference(
+        labels, decide(source_logits, task.type, decision_thresholds(source, task.threshold)),
+        decide(pruned_logits, task.type, pruned_thresholds),
+        samples=evaluation.bootstrap_samples, confidence=evaluation.confidence, seed=evaluation.seed,
+    )
+
+
+def source_f1_drop(
+    source: ModelRecord, pruned: ModelRecord, tolerance: float,
+    interval: tuple[float, float] | None = None, confidence: float = 0.95,
+) -> dict[str, Any]:
+    """How far the pruned student fell below its source on the validation split (with the paired
+    bootstrap `interval` of that drop, when given), and a warning with the numbers when that is more
+    than `tolerance` (prune.max_f1_drop)."""
     before, after = source.validation["macro_f1"], pruned.validation["macro_f1"]
     drop = before - after
     out: dict[str, Any] = {"source_validation_macro_f1": before, "validation_f1_drop": drop, "within_max_f1_drop": int(drop <= tolerance)}
+    if interval is not None:
+        out["validation_f1_drop_ci95_low"], out["validation_f1_drop_ci95_high"] = interval
     if drop > tolerance:
         # How many sentences the drop is: on a small split one sentence moves macro-F1 by about a point,
         # and the source's score is its best epoch on this split (docs/distillation.md#pruning).
         examples = pruned.validation.get("examples")
         scale = f" (one of the {examples} validation texts is about {100 / examples:.1f} points)" if examples else ""
+        if interval is not None:
+            low, high = (100 * bound for bound in interval)
+            scale += f"; paired bootstrap {confidence:.0%} interval of the drop: {low:.1f} to {high:.1f} points"
+            if low <= 0:
+                scale += ", which includes no drop at all: this split cannot tell the two apart"
         out["f1_drop_note"] = (
             f"the pruned student's validation macro-F1 is {after:.4f}, {drop * 100:.2f} points below its source's "
-            f"{before:.4f}{scale}: more than prune.max_f1_drop={tolerance} ({tolerance * 100:.1f} points). Prune "
+            f"{before:.4f}{scale}. That is more than prune.max_f1_drop={tolerance} ({tolerance * 100:.1f} points). Prune "
             "less (prune.heads_ratio, prune.ffn_ratio) or in more steps (prune.steps). A longer recovery "
             "(prune.recovery.epochs, learning_rate) raised validation but not test in our runs: check test before keeping one"
         )

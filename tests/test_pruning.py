@@ -11,9 +11,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.compression import pruning
 from pipeline.config.compression import RecoveryConfig
-from pipeline.data.prepared import load_split
+from pipeline.data.prepared import load_prepared, load_split
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.family import family
+from pipeline.evaluation.metrics import paired_bootstrap_difference
 from pipeline.evaluation.plots import read_curve
 from pipeline.evaluation.record import ModelRecord
 from pipeline.io import read_json
@@ -115,6 +116,14 @@ def test_prune_stage_structured_in_two_steps(trained_project, tmp_path):
     assert set(record.details["unk_share"]) == {"validation", "test"}
     curve = (params.path(params.paths.curves) / "prune.csv").read_text().splitlines()
     assert "prune_step" in curve[0] and "loss_hidden" in curve[0] and len(curve) == 3
+    # The drop's paired interval: both students' validation answers on the same resamples.
+    prepared = load_prepared(params.path(params.paths.prepared))
+    labels, texts = prepared.labels("validation"), prepared.texts("validation")
+    answers = [predict_logits(load_trained(d), load_tokenizer(str(d)), texts, 32).numpy().argmax(-1)
+               for d in (params.path(params.prune.source), out)]
+    expected = paired_bootstrap_difference(labels, *answers, samples=params.evaluation.bootstrap_samples,
+                                           seed=params.evaluation.seed)
+    assert (metrics["validation_f1_drop_ci95_low"], metrics["validation_f1_drop_ci95_high"]) == pytest.approx(expected)
 
 
 def test_prune_stage_with_nothing_to_remove_passes_the_source_through(trained_project, tmp_path):

@@ -14,7 +14,12 @@ import pytest
 from pipeline.config import SLAConfig, params_from_dict
 from pipeline.evaluation.family import family
 from pipeline.evaluation.latency import all_cores_layouts
-from pipeline.evaluation.metrics import bootstrap_ci, macro_f1, resampled_macro_f1
+from pipeline.evaluation.metrics import (
+    bootstrap_ci,
+    macro_f1,
+    paired_bootstrap_difference,
+    resampled_macro_f1,
+)
 from pipeline.evaluation.plots import label_members, loss_columns, loss_curves_plot, read_curve, read_phases
 from pipeline.evaluation.record import ModelRecord
 from pipeline.evaluation.report import (
@@ -65,6 +70,25 @@ def test_default_bootstrap_is_the_scikit_learn_interval():
     y_true = rng.integers(0, 3, 113)
     y_pred = np.where(rng.random(113) < 0.8, y_true, rng.integers(0, 3, 113))
     assert bootstrap_ci(y_true, y_pred, samples=300) == pytest.approx(bootstrap_ci(y_true, y_pred, macro_f1, samples=300))
+
+
+def test_paired_bootstrap_interval_of_a_difference():
+    """macro-F1(a) - macro-F1(b) with both scored on the same resamples (by hand with scikit-learn):
+    two models that differ on two of 113 examples get an interval far narrower than either one's own."""
+    rng = np.random.default_rng(3)
+    y_true = rng.integers(0, 3, 113)
+    a = np.where(rng.random(113) < 0.8, y_true, rng.integers(0, 3, 113))
+    b = a.copy()
+    flipped = np.flatnonzero(a == y_true)[:2]  # b gets two of a's right answers wrong
+    b[flipped] = (y_true[flipped] + 1) % 3
+    low, high = paired_bootstrap_difference(y_true, a, b, samples=300, seed=5)
+    index = np.random.default_rng(5).integers(0, 113, (300, 113))
+    by_hand = [macro_f1(y_true[rows], a[rows]) - macro_f1(y_true[rows], b[rows]) for rows in index]
+    assert (low, high) == pytest.approx(tuple(np.percentile(by_hand, [2.5, 97.5])))
+    assert 0 <= low < high < 0.05
+    own_low, own_high = bootstrap_ci(y_true, b, samples=300, seed=5)
+    assert high - low < (own_high - own_low) / 2
+    assert paired_bootstrap_difference(y_true, a, a, samples=50) == (0.0, 0.0)
 
 
 def row(name, latency, f1, fmt="onnx", size=10.0, retention=None, validation=None):

@@ -298,3 +298,11 @@ def test_a_pruned_student_that_falls_too_far_says_so_with_the_numbers(trained_pr
     assert f"one of the {examples} validation texts is about {100 / examples:.1f} points" in drop["f1_drop_note"]
     kept = source_f1_drop(source, source, 0.005)
     assert kept["within_max_f1_drop"] == 1 and "f1_drop_note" not in kept
+    # With the paired bootstrap interval of the drop: whether the split can tell the two apart at all.
+    unclear = source_f1_drop(source, worse, 0.005, (-0.012, 0.051))
+    assert (unclear["validation_f1_drop_ci95_low"], unclear["validation_f1_drop_ci95_high"]) == (-0.012, 0.051)
+    assert ("paired bootstrap 95% interval of the drop: -1.2 to 5.1 points, which includes no drop at all: "
+            "this split cannot tell the two apart") in unclear["f1_drop_note"]
+    clear = source_f1_drop(source, worse, 0.005, (0.011, 0.03), confidence=0.9)
+    assert "90% interval of the drop: 1.1 to 3.0 points." in clear["f1_drop_note"]
+    assert "includes no drop" not in clear["f1_drop_note"]
