@@ -347,14 +347,14 @@ def source_f1_drop(
         # and the source's score is its best epoch on this split (docs/distillation.md#pruning).
         examples = pruned.validation.get("examples")
         scale = f" (one of the {examples} validation texts is about {100 / examples:.1f} points)" if examples else ""
+        spread = ""
         if interval is not None:
             low, high = (100 * bound for bound in interval)
-            scale += f"; paired bootstrap {confidence:.0%} interval of the drop: {low:.1f} to {high:.1f} points"
-            if low <= 0:
-                scale += ", which includes no drop at all: this split cannot tell the two apart"
+            spread = f" The paired bootstrap {confidence:.0%} interval of the drop is {low:.1f} to {high:.1f} points"
+            spread += ", which includes no drop at all: this split cannot tell the two apart." if low <= 0 else "."
         out["f1_drop_note"] = (
             f"the pruned student's validation macro-F1 is {after:.4f}, {drop * 100:.2f} points below its source's "
-            f"{before:.4f}{scale}. That is more than prune.max_f1_drop={tolerance} ({tolerance * 100:.1f} points). Prune "
+            f"{before:.4f}{scale}: more than prune.max_f1_drop={tolerance} ({tolerance * 100:.1f} points).{spread} Prune "
             "less (prune.heads_ratio, prune.ffn_ratio) or in more steps (prune.steps). A longer recovery "
             "(prune.recovery.epochs, learning_rate) raised validation but not test in our runs: check test before keeping one"
         )

@@ -301,8 +301,8 @@ def test_a_pruned_student_that_falls_too_far_says_so_with_the_numbers(trained_pr
     # With the paired bootstrap interval of the drop: whether the split can tell the two apart at all.
     unclear = source_f1_drop(source, worse, 0.005, (-0.012, 0.051))
     assert (unclear["validation_f1_drop_ci95_low"], unclear["validation_f1_drop_ci95_high"]) == (-0.012, 0.051)
-    assert ("paired bootstrap 95% interval of the drop: -1.2 to 5.1 points, which includes no drop at all: "
-            "this split cannot tell the two apart") in unclear["f1_drop_note"]
+    assert ("(0.5 points). The paired bootstrap 95% interval of the drop is -1.2 to 5.1 points, which includes no "
+            "drop at all: this split cannot tell the two apart. Prune less") in unclear["f1_drop_note"]
     clear = source_f1_drop(source, worse, 0.005, (0.011, 0.03), confidence=0.9)
-    assert "90% interval of the drop: 1.1 to 3.0 points." in clear["f1_drop_note"]
+    assert "90% interval of the drop is 1.1 to 3.0 points. Prune less" in clear["f1_drop_note"]
     assert "includes no drop" not in clear["f1_drop_note"]
