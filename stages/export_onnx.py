@@ -218,7 +218,7 @@ def dynamic_int8_variants(
         timing = time_variants({name: built[name] for name in passing}, texts, params)
         for name in passing:
             candidates[name]["p50_ms"] = timing["p50_ms"][name]
-    chosen = choose_int8_variant(list(built), passing, timing.get("p50_ms", {}))
+    chosen = choose_int8_variant(list(built), passing, timing.get("p50_ms", {}), cfg.int8_timing_tie)
     log.info("student ONNX INT8: kept variant %r of %s (passing on validation: %s; p50 ms: %s)",
              chosen, list(built), passing, timing.get("p50_ms", "not timed"))
     return {"chosen": chosen, "candidates": candidates, "timing": timing, "directory": str(built[chosen])}
@@ -243,6 +243,7 @@ def time_variants(directories: dict[str, Path], texts: list[str], params: Params
     return {
         "p50_ms": {name: round(result["p50"], 4) for name, result in timing.items()},
         "texts": "validation", "threads": 1, "batch_size": 1, "load_average": before,
+        "tie": params.export_onnx.int8_timing_tie,
     }
 
 

@@ -230,13 +230,15 @@ def fuse_attention(
     return fused
 
 
-def choose_int8_variant(built: list[str], passing: list[str], p50_ms: dict[str, float]) -> str:
-    """The INT8 variant to keep: of those passing their validation gates, the fastest by p50 (the first
-    listed on a tie, or when they were not timed); when none passes, the first built, which the gate
-    on the judged split then judges as any INT8 model."""
+def choose_int8_variant(built: list[str], passing: list[str], p50_ms: dict[str, float], tie: float = 0.0) -> str:
+    """The INT8 variant to keep: of those passing their validation gates, the fastest by p50, where a
+    p50 within `tie` (a share) of the fastest counts as a tie and the first listed of the tied ones is
+    kept (also when they were not timed); when none passes, the first built, which the gate on the
+    judged split then judges as any INT8 model."""
     if not passing:
         return built[0]
-    return min(passing, key=lambda name: p50_ms.get(name, 0.0))
+    fastest = min(p50_ms.get(name, 0.0) for name in passing)
+    return next(name for name in passing if p50_ms.get(name, 0.0) <= fastest * (1 + tie))
 
 
 # --------------------------------------------------------------------------- accuracy-aware fallback
