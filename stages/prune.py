@@ -371,9 +371,9 @@ def teacher_agreement(
     max_length: int, cache_dir: Path, teacher_fingerprint: str, parts: tuple[str, ...],
 ) -> tuple[Dataset, Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor]]:
     """`prune.importance_from: teacher`: the texts the recovery trains on, with the teacher's cached
-    logits, and the recovery's soft term against them. The gradient of the task loss is near zero on
-    labelled texts a distilled student already fits; this one is largest where the student still
-    departs from the teacher, on every text KD taught it from."""
+    logits, and the recovery's soft term against them: the task loss sees only the labelled texts, which
+    a distilled student mostly fits already; this term is largest where the student still departs from
+    the teacher, on every text KD taught it from."""
     soft = KDLoss([soft_term(terms, task_type == "multi_label", 1.0)], task_type)
     dataset = teacher_logits.kd_train_dataset(
         train, texts, tokenizer, max_length, soft, cache_dir, teacher_fingerprint, parts, logits_from_cache=True
