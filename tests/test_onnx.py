@@ -295,7 +295,7 @@ def test_export_without_the_teacher_still_writes_its_directory(project, exported
     # Which INT8 graph is kept is decided by timing; on a tiny model the candidates (u8 and s8 weights on
     # AVX2) tie within noise, so this run keeps the fixture's choice to compare like with like.
     kept = ModelRecord.read(project.path(project.paths.onnx_student) / "int8").details["variant"]["chosen"]
-    monkeypatch.setattr(export_onnx, "choose_int8_variant", lambda built, passing, p50: kept if kept in passing else None)
+    monkeypatch.setattr(export_onnx, "choose_int8_variant", lambda built, passing, p50, tie: kept if kept in passing else None)
     teacher = params.path(params.paths.onnx_teacher)
     # Run by hand over a workspace, it would replace the teacher's export with its note: it refuses.
     before = [snapshot(params.path(params.paths.onnx_student)), snapshot(teacher)]
