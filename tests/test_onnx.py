@@ -28,7 +28,7 @@ from pipeline.compression.quantization import (
 from pipeline.data.prepared import load_split
 from pipeline.errors import ConfigError, GateError, ModelError, OutputError
 from pipeline.evaluation.family import EXCLUDED_FILE
-from pipeline.evaluation.model_card import SIGNED_WEIGHTS, variant_description
+from pipeline.evaluation.model_card import SIGNED_WEIGHTS, variant_description, variant_line
 from pipeline.evaluation.record import ModelRecord
 from pipeline.export import onnx_export, onnx_static
 from pipeline.export.onnx import OnnxClassifier, check_onnx_file, create_session
@@ -605,6 +605,17 @@ def test_the_fastest_passing_variant_is_kept(built, passing, p50, chosen):
     assert choose_int8_variant(built, passing, p50, tie=0.03) == chosen
     if len(p50) > 1:  # without a tie the fastest alone
         assert choose_int8_variant(built, passing, p50) == min(passing, key=p50.get)
+
+
+def test_the_model_card_says_why_a_variant_was_kept():
+    p50 = {"fused": 2.3552, "fused_s8": 1.898, "unfused": 2.0296, "unfused_s8": 1.8699}
+    timing = {"p50_ms": p50, "load_average": [1.2], "tie": 0.03}
+    candidates = {name: {"p50_ms": ms} for name, ms in p50.items()}
+    tied = variant_line({"chosen": "fused_s8", "candidates": candidates, "timing": timing})
+    assert tied.startswith("fused_s8 (") and ("passing the gates on validation within 3% of the fastest, unfused_s8 "
+                                              "(export_onnx.int8_timing_tie), and built before it, p50 fused 2.355 ms") in tied
+    fastest = variant_line({"chosen": "unfused_s8", "candidates": candidates, "timing": timing})
+    assert ": the fastest passing the gates on validation, p50 fused 2.355 ms" in fastest
 
 
 def test_the_export_records_the_int8_variant_it_kept(project, exported):

@@ -38,14 +38,20 @@ def variant_description(name: str) -> str:
     return GRAPHS.get(graph, name) + (SIGNED_WEIGHTS if weights == "s8" else "")
 
 
-def _variant(variant: dict[str, Any]) -> str:
+def variant_line(variant: dict[str, Any]) -> str:
     """Which INT8 variant the export kept, and why (export_onnx.int8_variants)."""
     chosen, candidates = variant["chosen"], variant.get("candidates", {})
     timed = {name: c["p50_ms"] for name, c in candidates.items() if "p50_ms" in c}
     text = f"{chosen} ({variant_description(chosen)})"
     if len(timed) > 1:
-        load = (variant.get("timing", {}).get("load_average") or [None])[0]
-        return text + ": the fastest passing the gates on validation, p50 " + ", ".join(
+        timing = variant.get("timing", {})
+        load = (timing.get("load_average") or [None])[0]
+        fastest = min(timed, key=timed.__getitem__)
+        why = "the fastest passing the gates on validation" if timed[chosen] == timed[fastest] else (
+            f"passing the gates on validation within {timing.get('tie', 0):.0%} of the fastest, {fastest} "
+            "(export_onnx.int8_timing_tie), and built before it"
+        )
+        return text + f": {why}, p50 " + ", ".join(
             f"{name} {ms:.3f} ms" for name, ms in timed.items()
         ) + f" (batch 1, 1 thread, timed at export, load average {_f(load, 1)})"
     for name, candidate in candidates.items():
@@ -146,7 +152,7 @@ def render_card(
         f"| size of {'its weight files' if reference else 'model.onnx'} | {_f(info.get('size_mb'), 2)} MB |",
         f"| precision | {info.get('precision', 'fp32')}"
         + (f", quantized for {info['isa']}" if info.get("isa") else "") + " |",
-        *([f"| INT8 variant | {_variant(info['variant'])} |"] if info.get("variant") else []),
+        *([f"| INT8 variant | {variant_line(info['variant'])} |"] if info.get("variant") else []),
         f"| max sequence length | {info.get('max_length')} tokens (longer texts are truncated) |" if info.get("max_length")
         else "| max sequence length | none: every word counts |",
         *([] if reference else [f"| ONNX opset / ONNX Runtime | {info.get('opset', '?')} / {info.get('onnxruntime', '?')} |"]),
