@@ -32,7 +32,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.compression import pruning
 from pipeline.config import Params
 from pipeline.config.data import TaskConfig
-from pipeline.config.evaluation import EvaluationConfig
 from pipeline.config.students import KDTerms
 from pipeline.data.labels import decide
 from pipeline.data.prepared import Prepared, load_prepared
@@ -58,6 +57,7 @@ from pipeline.models import (
 from pipeline.not_built import not_built_reason
 from pipeline.stage import Stage
 from pipeline.training import checkpoints, encoding, loss, results
+from pipeline.training.encoding import EXTRA_FLOAT_COLUMNS, ROW_COLUMN
 from pipeline.training.loss import KDBatch, KDLoss
 from pipeline.training.precision import resolve as resolve_precision
 
@@ -77,6 +77,9 @@ def run(params: Params) -> dict[str, Any]:
         )
     teacher, teacher_tokenizer = load_trained_with_tokenizer(params.path(params.paths.teacher), names)
     student, tokenizer = load_trained_with_tokenizer(source_dir, names)
+    # The source's validation answers, taken before anything is removed, for the drop's paired interval.
+    source_logits_validation = logits_fn(student, tokenizer, task.max_length)(prepared.texts("validation"))
+    source_answers = decide(source_logits_validation, task.type, decision_thresholds(student, task.threshold))
     texts = load_kd_texts(prepared, params.transfer.augment, params.path(params.paths.augmented))
     alignment = texts.align(teacher_tokenizer, tokenizer, params.task.max_length)
     shared = alignment.kind == "shared"
@@ -267,8 +270,12 @@ def run(params: Params) -> dict[str, Any]:
             max_length=max_length, num_parameters=params_after, size_mb=weights_size_mb(tmp),
             thresholds=thresholds, training_seconds=seconds, params={"prune": params.section("prune")}, details=info,
         )
-        interval = drop_interval(source_dir, prepared, logits["validation"], thresholds, task, params.evaluation)
-        drop = source_f1_drop(ModelRecord.read(source_dir), record, cfg.max_f1_drop, interval, params.evaluation.confidence)
+        evaluation = params.evaluation
+        interval = paired_bootstrap_difference(
+            validation_labels(prepared, task), source_answers, decide(logits["validation"], task.type, thresholds),
+            samples=evaluation.bootstrap_samples, confidence=evaluation.confidence, seed=evaluation.seed,
+        )
+        drop = source_f1_drop(ModelRecord.read(source_dir), record, cfg.max_f1_drop, interval, evaluation.confidence)
         record.details.update(drop)
         record.write(tmp)
 
@@ -313,21 +320,10 @@ def source_logits(
     return out
 
 
-def drop_interval(
-    source_dir: Path, prepared: Prepared, pruned_logits: np.ndarray, pruned_thresholds: float | list[float],
-    task: TaskConfig, evaluation: EvaluationConfig,
-) -> tuple[float, float]:
-    """The paired bootstrap interval of the source's validation macro-F1 minus the pruned student's."""
-    source, tokenizer = load_trained_with_tokenizer(source_dir, prepared.label_names)
-    source_logits = logits_fn(source, tokenizer, task.max_length)(prepared.texts("validation"))
+def validation_labels(prepared: Prepared, task: TaskConfig) -> np.ndarray:
+    """The validation split's labels as the metrics read them (0/1 indicator rows when multi-label)."""
     labels = np.asarray(prepared.labels("validation"))
-    if task.type == "multi_label":
-        labels = labels.astype(int)
-    return paired_bootstrap_difference(
-        labels, decide(source_logits, task.type, decision_thresholds(source, task.threshold)),
-        decide(pruned_logits, task.type, pruned_thresholds),
-        samples=evaluation.bootstrap_samples, confidence=evaluation.confidence, seed=evaluation.seed,
-    )
+    return labels.astype(int) if task.type == "multi_label" else labels
 
 
 def source_f1_drop(
@@ -363,7 +359,7 @@ def source_f1_drop(
 
 
 # Columns of a KD training row that are not model inputs.
-NOT_INPUTS = ("labels", "has_label", "teacher_logits", "teacher_pooled", "teacher_row")
+NOT_INPUTS = ("labels", *EXTRA_FLOAT_COLUMNS, ROW_COLUMN)
 
 
 def teacher_agreement(
