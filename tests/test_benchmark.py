@@ -256,6 +256,7 @@ def test_benchmark_on_the_tiny_family(trained_project, tmp_path):
     members = {entry["name"]: entry for entry in result["members"]}
     assert set(members) == {"teacher", "teacher_onnx", "student_pruned", "student_int8_torch"}
     assert result["machine"]["cores"] >= 1 and result["settings"]["test_sentences"] == 15
+    assert result["machine"]["load"]["other_work_cores_before"] >= 0
     cfg = params.benchmark
     for entry in members.values():
         timings = [entry["latency_ms"][setting] for setting in result["settings"]["thread_counts"]]

@@ -267,11 +267,32 @@ def test_one_benchmark_at_a_time_with_the_load_recorded(tmp_path, monkeypatch, c
     assert f"waiting for another process (pid {holder.pid}) to finish its benchmark" in caplog.text
     assert len(load["load_average_before"]) == 3 and len(load["load_average_after"]) == 3
     assert load["cores"] >= 1 and isinstance(load["busy"], bool)
+    assert 0 <= load["other_work_cores_before"] <= os.cpu_count()
+
+    import psutil
 
     cores = load["cores"]
-    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * cores, 1.0, 1.0))  # another job saturating the CPU
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * cores, 1.0, 1.0))  # the stage that ran just before
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval: 0.0)  # ... and is over now
     caplog.clear()
     with caplog.at_level(logging.WARNING), latency.quiet_machine(lock) as load:
         pass
+    assert load["busy"] is False and load["other_work_cores_before"] == 0.0
+    assert "busy" not in caplog.text
+
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval: 100.0)  # another job saturating the CPU
+    with caplog.at_level(logging.WARNING), latency.quiet_machine(lock) as load:
+        pass
     assert load["busy"] is True
-    assert "the machine was busy when the benchmark started" in caplog.text
+    assert (f"the machine was busy when the benchmark started (other processes used {psutil.cpu_count():.2f} of "
+            f"{cores} cores in the 0.5 s before timing)") in caplog.text
+
+    def unreadable(interval):
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(psutil, "cpu_percent", unreadable)  # the load average decides where psutil cannot read
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), latency.quiet_machine(lock) as load:
+        pass
+    assert load["busy"] is True and load["other_work_cores_before"] is None
+    assert f"(1-minute load average {4.0 * cores:.2f} on {cores} cores)" in caplog.text

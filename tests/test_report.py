@@ -254,7 +254,8 @@ def hand_made_family(tmp_path, onnx_dir, report_params=None, not_built=()):
         if member.parallel_sessions:  # ONNX: the static INT8 member serves best as 2 one-thread sessions
             sessions = 2100 / latency if member.name == "student_onnx_int8_static" else 1500 / latency
             entries[-1]["all_cores_throughput"] = all_cores_layouts(2, 1800 / latency, sessions)
-    benchmark = {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1"},
+    benchmark = {"machine": {"cpu": "Test CPU", "cores": 2, "machine": "x86_64", "python": "3.11", "onnxruntime": "1",
+                             "load": {"other_work_cores_before": 1.25, "load_average_before": [0.4, 0.3, 0.2], "busy": True}},
                  "settings": {"thread_counts": ["1", "2"], "test_sentences": 10, "max_length": 32, "min_runs": 5,
                               "rel_ci": 0.02, "min_rounds": 1, "max_runs": 50, "max_seconds": 1.0,
                               "throughput_batch_size": 4},
@@ -290,6 +291,8 @@ def test_report_stage_on_a_hand_made_family(tmp_path, onnx_dir):
     assert int8["compression_vs_teacher"] == pytest.approx(90 / 6.5)
     markdown = (reports / "comparison.md").read_text()
     assert "Test CPU" in markdown and "**0.200**" in markdown and "student_onnx_int8" in markdown  # static: the fastest
+    assert ("Other processes used 1.25 of its cores when the timing started (busy: the timings are likely slower "
+            "than on a quiet machine).") in markdown
     assert "- student_onnx_int8: use one session with 2 threads (2000/s; 2 sessions with 1 thread each: 1667/s)." in markdown
     assert "- student_onnx_int8_static: use 2 sessions with 1 thread each (1909/s; one session with 2 threads: 1636/s)" in markdown
     assert "- student_pruned:" not in markdown, "torch members have no side-by-side sessions"

@@ -330,9 +330,11 @@ def run_benchmark(
 
 # --------------------------------------------------------------------------- quiet machine
 
-# 1-minute load average per core above which timings are likely disturbed by other work.
+# Cores' worth of other work, per core, above which timings are likely disturbed by it.
 BUSY_LOAD_PER_CORE = 0.5
 BENCHMARK_LOCK = Path(tempfile.gettempdir()) / "fincompress-benchmark.lock"
+# How long other processes' CPU use is sampled before timing starts.
+OTHER_WORK_SAMPLE_SECONDS = 0.5
 
 
 def load_average() -> list[float]:
@@ -343,21 +345,47 @@ def load_average() -> list[float]:
         return []
 
 
+def other_work_cores(seconds: float = OTHER_WORK_SAMPLE_SECONDS) -> float | None:
+    """Cores' worth of CPU that other processes use now, sampled over `seconds` while this one sleeps
+    (None where psutil cannot read it). Unlike the 1-minute load average, which decays for minutes and
+    in `make run` still counts the export stage that ran just before the benchmark, it sees only work
+    that is running when the timing starts."""
+    import psutil
+
+    try:
+        return round(psutil.cpu_percent(interval=seconds) / 100 * (psutil.cpu_count() or 1), 2)
+    except (OSError, RuntimeError, psutil.Error):
+        return None
+
+
 @contextlib.contextmanager
 def quiet_machine(lock_path: Path = BENCHMARK_LOCK) -> Iterator[dict[str, Any]]:
-    """One benchmark per machine at a time (a second one waits), and the load average recorded beside
-    the numbers: before and after timing, with a warning when the machine was busy."""
+    """One benchmark per machine at a time (a second one waits), and the machine's load recorded beside
+    the numbers: other processes' CPU use just before timing (which decides `busy` and the warning) and
+    the load averages before and after."""
     from pipeline.io import exclusive_lock
 
     with exclusive_lock(lock_path, "its benchmark", wait=True):
-        record: dict[str, Any] = {"load_average_before": load_average(), "cores": all_cores()}
+        record: dict[str, Any] = {
+            "other_work_cores_before": other_work_cores(),
+            "load_average_before": load_average(),
+            "cores": all_cores(),
+        }
         yield record
         record["load_average_after"] = load_average()
-    before = record["load_average_before"]
-    record["busy"] = bool(before) and before[0] > BUSY_LOAD_PER_CORE * record["cores"]
+    other, before = record["other_work_cores_before"], record["load_average_before"]
+    # The load average only where the sample is missing: it counts the stage that ran just before.
+    busy_cores = other if other is not None else (before[0] if before else 0.0)
+    record["busy"] = busy_cores > BUSY_LOAD_PER_CORE * record["cores"]
     if record["busy"]:
+        measured = (
+            f"other processes used {other:.2f} of {record['cores']} cores in the "
+            f"{OTHER_WORK_SAMPLE_SECONDS:g} s before timing"
+            if other is not None
+            else f"1-minute load average {busy_cores:.2f} on {record['cores']} cores"
+        )
         log.warning(
-            "the machine was busy when the benchmark started (1-minute load average %.2f on %d cores): the "
-            "timings are likely slower and noisier than on a quiet machine; re-run the benchmark when it is idle",
-            before[0], record["cores"],
+            "the machine was busy when the benchmark started (%s): the timings are likely slower and noisier "
+            "than on a quiet machine; re-run the benchmark when it is idle",
+            measured,
         )

@@ -287,6 +287,15 @@ def alternatives_verdict(
     return line + "." + skipped
 
 
+def other_work_sentence(load: dict[str, Any]) -> str:
+    """How much other work shared the CPU when the timing started (empty for records without it)."""
+    other = load.get("other_work_cores_before")
+    if other is None:
+        return ""
+    verdict = "busy: the timings are likely slower than on a quiet machine" if load.get("busy") else "quiet"
+    return f" Other processes used {other:.2f} of its cores when the timing started ({verdict})."
+
+
 def comparison_markdown(
     rows: list[dict[str, Any]], benchmark: dict[str, Any], front: list[str], champion_note: str, sla: SLAConfig,
     excluded: dict[str, str] | None = None,
@@ -303,7 +312,8 @@ def comparison_markdown(
             "# FinCompress family comparison",
             "",
             f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['machine']}); "
-            f"torch {machine.get('torch', 'n/a')}, onnxruntime {machine['onnxruntime']}, Python {machine['python']}.",
+            f"torch {machine.get('torch', 'n/a')}, onnxruntime {machine['onnxruntime']}, Python {machine['python']}."
+            + other_work_sentence(machine.get("load", {})),
             f"Latency: batch 1 on {settings['test_sentences']} real test sentences (max length "
             f"{settings['max_length']}), model only, {threads[0]} thread, after warm-up; the members interleaved in "
             f"rounds (a new random order each), each timed until its p50's 95% interval is within "
