@@ -226,23 +226,23 @@ def dynamic_int8_variants(
 
 def time_variants(directories: dict[str, Path], texts: list[str], params: Params) -> dict[str, Any]:
     """Batch-1, one-thread p50 of each INT8 variant, side by side in one interleaved run (the search's
-    short benchmark harness), with the machine's load average.
+    short benchmark harness), with other processes' CPU use as it started and the machine's load average.
 
     Not under the benchmark lock (`quiet_machine`): the choice compares models alternated within one
     run, which a busy machine slows alike, and waiting for the lock would stall the export behind
     any other benchmark on the machine."""
     from pipeline.evaluation.family import OnnxInt8Member
-    from pipeline.evaluation.latency import load_average, one_thread_latency
+    from pipeline.evaluation.latency import load_average, one_thread_latency, other_work_cores
 
     cfg = params.export_onnx.int8_timing
     members = [OnnxInt8Member(name, directory) for name, directory in directories.items()]
-    before = load_average()
+    other, before = other_work_cores(), load_average()
     timing = one_thread_latency(
         members, texts, params.task.max_length, cfg.min_runs, cfg.min_seconds, cfg.warmup_runs, cfg.rounds
     )
     return {
         "p50_ms": {name: round(result["p50"], 4) for name, result in timing.items()},
-        "texts": "validation", "threads": 1, "batch_size": 1, "load_average": before,
+        "texts": "validation", "threads": 1, "batch_size": 1, "other_work_cores": other, "load_average": before,
         "tie": params.export_onnx.int8_timing_tie,
     }
 

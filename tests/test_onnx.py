@@ -574,6 +574,11 @@ def test_attention_fuses_in_an_unpruned_tiny_bert(tiny_bert, tmp_path):
     ops = {node.op_type for node in onnx.load(str(tmp_path / "fused_gather" / "model.onnx")).graph.node}
     assert fused["Attention"] == 2 and "EmbedLayerNormalization" not in ops and "Gather" in ops
     assert np.abs(OnnxClassifier.load(tmp_path / "fused_gather").logits(texts, batch_size=5) - reference).max() <= 1e-4
+    # The GELU approximation (FastGelu, tanh) instead of BiasGelu (erf): close to, not equal to, the erf graph.
+    fused = fuse_attention(fp32_dir, tmp_path / "fastgelu", gelu_approximation=True)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "fastgelu" / "model.onnx")).graph.node}
+    assert fused["FastGelu"] == 2 and "BiasGelu" not in ops and "Gelu" not in ops
+    assert np.abs(OnnxClassifier.load(tmp_path / "fastgelu").logits(texts, batch_size=5) - reference).max() <= 1e-2
 
 
 def test_fusion_that_does_not_apply_writes_nothing(tmp_path):
@@ -616,6 +621,11 @@ def test_the_model_card_says_why_a_variant_was_kept():
                                               "(export_onnx.int8_timing_tie), and built before it, p50 fused 2.355 ms") in tied
     fastest = variant_line({"chosen": "unfused_s8", "candidates": candidates, "timing": timing})
     assert ": the fastest passing the gates on validation, p50 fused 2.355 ms" in fastest
+    assert fastest.endswith("(batch 1, 1 thread, timed at export, load average 1.2)")  # a record from before
+    timing["other_work_cores"] = 0.04
+    assert variant_line({"chosen": "unfused_s8", "candidates": candidates, "timing": timing}).endswith(
+        "(batch 1, 1 thread, timed at export, other processes using 0.04 cores)"
+    )
 
 
 def test_the_export_records_the_int8_variant_it_kept(project, exported):
@@ -631,8 +641,9 @@ def test_the_export_records_the_int8_variant_it_kept(project, exported):
     assert variant["chosen"] == choose_int8_variant(
         list(candidates), passing, variant["timing"].get("p50_ms", {}), project.export_onnx.int8_timing_tie
     )
-    if len(passing) > 1:  # timed side by side, with the load average beside the figures
+    if len(passing) > 1:  # timed side by side, with the machine's load beside the figures
         assert set(variant["timing"]["p50_ms"]) == set(passing) and variant["timing"]["threads"] == 1
+        assert variant["timing"]["other_work_cores"] >= 0 and len(variant["timing"]["load_average"]) == 3
     ops = {node.op_type for node in onnx.load(str(student / "int8" / "model.onnx")).graph.node}
     assert ("QAttention" in ops) == variant["chosen"].startswith("fused")
     record = ModelRecord.read(student / "int8").details
