@@ -10,6 +10,8 @@ FP32_DIR is an export_onnx fp32 directory (model, config, tokenizer). Written to
   fused graph's QAttention does the QKV GEMM in INT8 inside the attention kernel.
 - head_fp32_int8: the served fused graph with the pooler and the classifier (one-token GEMMs, where
   activation quantization costs more than the arithmetic) kept fp32.
+- fastgelu_int8: the served fused graph with the optimizer's GELU approximation (FastGelu, tanh)
+  instead of BiasGelu (erf).
 - int4_embeddings_bN (N = 32, 64, 128): the fused graph without the embedding LayerNorm fusion, its
   MatMuls dynamic INT8 with s8 weights, then the embedding tables' Gathers int4 in blocks of N
   (ONNX Runtime's GatherBlockQuantized, symmetric): the word embeddings are most of a small member's
@@ -92,6 +94,9 @@ def main() -> None:
     )
     print("kept fp32 in head_fp32_int8:", excluded)
 
+    print("fastgelu_fp32:", fuse_attention(args.fp32_dir, args.out_dir / "fastgelu_fp32", gelu_approximation=True))
+    quantize_int8(args.out_dir / "fastgelu_fp32", args.out_dir / "fastgelu_int8", isa, per_channel=True, quantize_embeddings=True)
+
     print("fused_gather_fp32:", fuse_attention(args.fp32_dir, args.out_dir / "fused_gather_fp32", embed_layer_norm=False))
     quantize_int8(
         args.out_dir / "fused_gather_fp32", args.out_dir / "int8_gather_fp32", isa, per_channel=True,
@@ -101,7 +106,7 @@ def main() -> None:
     for block in blocks:
         int4_embeddings(args.out_dir / "int8_gather_fp32", args.out_dir / f"int4_embeddings_b{block}", block)
 
-    built = ["mha_int8", "head_fp32_int8", "int8_gather_fp32"] + [f"int4_embeddings_b{block}" for block in blocks]
+    built = ["mha_int8", "head_fp32_int8", "fastgelu_int8", "int8_gather_fp32"] + [f"int4_embeddings_b{block}" for block in blocks]
     fp32 = load_classifier(args.fp32_dir, threads=1)
     variants = {name: load_classifier(args.out_dir / name, threads=1) for name in built}
     for path in args.texts:

@@ -187,7 +187,8 @@ def copy_serving_files(source_dir: Path, out_dir: Path) -> None:
 
 
 def fuse_attention(
-    fp32_dir: Path, out_dir: Path, multi_head: bool = False, embed_layer_norm: bool = True
+    fp32_dir: Path, out_dir: Path, multi_head: bool = False, embed_layer_norm: bool = True,
+    gelu_approximation: bool = False,
 ) -> dict[str, int]:
     """ONNX Runtime's transformer optimizer (BERT fusions) on `fp32_dir`/model.onnx, written to `out_dir`
     with the config and tokenizer; returns how many of each fused operator it made, or {} (nothing
@@ -196,8 +197,9 @@ def fuse_attention(
     The fused Attention (one QKV MatMul, softmax and mask inside one kernel) is what dynamic INT8 then
     quantizes as QAttention: a third fewer kernels to dispatch and fewer activation quantizations.
     `multi_head` fuses MultiHeadAttention instead (Q, K, V stay MatMuls; the attention core is fp32):
-    measured slower, built only by scripts/int8_variants.py for that comparison, as is `embed_layer_norm`
-    false (the embeddings' Gather kept out of the fusion, for int4 embeddings)."""
+    measured slower, built only by scripts/int8_variants.py for that comparison, as are `embed_layer_norm`
+    false (the embeddings' Gather kept out of the fusion, for int4 embeddings) and `gelu_approximation`
+    (FastGelu's tanh instead of BiasGelu's erf: measured no faster, and it moves labels)."""
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -209,6 +211,7 @@ def fuse_attention(
     options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
     options.use_multi_head_attention = multi_head
     options.enable_embed_layer_norm = embed_layer_norm
+    options.enable_gelu_approximation = gelu_approximation
     # num_heads and hidden_size 0: read per layer from each attention's Reshape, so head-pruned layers
     # fuse with their own head count (their attention is narrower than the hidden size). The optimizer
     # warns (its loggers inherit the root's level) that the detected width differs from the weights'
