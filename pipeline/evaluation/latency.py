@@ -353,7 +353,7 @@ def other_work_cores(seconds: float = OTHER_WORK_SAMPLE_SECONDS) -> float | None
     import psutil
 
     try:
-        return round(psutil.cpu_percent(interval=seconds) / 100 * (psutil.cpu_count() or 1), 2)
+        return round(psutil.cpu_percent(interval=seconds) / 100 * all_cores(), 2)
     except (OSError, RuntimeError, psutil.Error):
         return None
 
