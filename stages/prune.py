@@ -42,7 +42,7 @@ from pipeline.io import atomic_dir
 from pipeline.kd import teacher_logits
 from pipeline.kd.layer_map import uniform_layer_map
 from pipeline.kd.phases import plan, train_phases
-from pipeline.kd.terms import build_kd_loss, soft_term
+from pipeline.kd.terms import build_kd_loss, match_guide_heads, soft_term
 from pipeline.kd.texts import KDTexts, load_kd_texts
 from pipeline.kd.token_map import Alignment
 from pipeline.models import (
@@ -170,6 +170,7 @@ def run(params: Params) -> dict[str, Any]:
         )
     magnitude = None if structured else pruning.GradualMagnitudePruning(student, cfg.sparsity)
     removed: dict[int, list[int]] = {}
+    heads_matched = False
     curve: list[dict[str, Any]] = []
     seconds = 0.0
     for step in range(0 if nothing_removed else cfg.steps):
@@ -182,6 +183,9 @@ def run(params: Params) -> dict[str, Any]:
             for layer, heads in pruning.prune_heads(student, head_scores, heads_plan[step]).items():
                 removed.setdefault(layer, []).extend(heads)
             pruning.prune_ffn(student, neuron_scores, width_plan[step])
+            if source is not None and removed:  # each kept head learns the source head it was, not a head average
+                guide_heads = pruning.guide_head_index(student, source, layer_map)
+                heads_matched = any([match_guide_heads(phase.kd, guide_heads) for phase in phases])
             log.info(
                 "step %d/%d: %s heads per layer, FFN width %d, %d parameters",
                 step + 1, cfg.steps, pruning.heads_per_layer(student), width_plan[step], count_parameters(student),
@@ -209,6 +213,7 @@ def run(params: Params) -> dict[str, Any]:
         "method": cfg.method, "source": cfg.source, "importance_from": cfg.importance_from, "tokenizer": "teacher" if shared else "own",
         "token_alignment": alignment.kind, "recovery_distils_from": recovery.distil_from,
         "recovery_phases": {phase.name: [t.name for t in phase.kd.terms] for phase in phases},
+        **({"recovery_attention_heads": "each kept head against the source head it was"} if heads_matched else {}),
         **{f"{part}_texts": len(part_texts) for part, part_texts in texts.parts().items() if part != "train"},
     }
     if nothing_removed:

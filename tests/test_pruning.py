@@ -112,6 +112,8 @@ def test_prune_stage_structured_in_two_steps(trained_project, tmp_path):
     out = params.path(params.paths.pruned)
     record = ModelRecord.read(out)
     assert record.details["heads_per_layer"] == [1, 1] and record.details["ffn_width"] == 32
+    # Recovered from the source's layers (the default), each kept head learned the source head it was.
+    assert record.details["recovery_attention_heads"] == "each kept head against the source head it was"
     assert record.num_parameters < record.details["params_before"] and metrics["parameter_reduction"] > 0
     assert set(record.details["unk_share"]) == {"validation", "test"}
     curve = (params.path(params.paths.curves) / "prune.csv").read_text().splitlines()
@@ -160,6 +162,49 @@ def test_drop_layers_keeps_evenly_spaced_layers_ending_at_the_last(teacher_and_d
     assert model.config.num_hidden_layers == total  # the source is not changed
     with pytest.raises(ConfigError, match=f"prune.num_layers={total + 1}: the source student has only {total} layers"):
         pruning.drop_layers(model, total + 1)
+
+
+def test_a_pruned_student_learns_each_kept_head_from_the_source_head_it_was():
+    """With heads removed, the attention term compares each kept head with the source head it was
+    (guide_head_index), which the head average cannot: in a one-layer model the kept heads' maps equal
+    their source heads' exactly, so the matched term is zero and the averaged one is not."""
+    import copy
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pipeline.errors import ModelError
+    from pipeline.kd.terms import AttentionMSE, match_guide_heads
+    from pipeline.training.loss import KDBatch, KDLoss
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32,
+                        num_labels=3, initializer_range=0.5, attn_implementation="eager")  # peaked maps, not uniform
+    source = BertForSequenceClassification(config).eval()
+    source.prune_heads({0: [1]})  # the source had lost a head before: it holds original heads 0, 2, 3
+    student = copy.deepcopy(source)
+    assert pruning.prune_heads(student, torch.tensor([[3.0, 1.0, 2.0]]), keep=2) == {0: [2]}
+    assert pruning.guide_head_index(student, source, [1]) == [[0, 2]]  # original heads 0 and 3, in the source's order
+
+    inputs = {"input_ids": torch.randint(0, 40, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}
+    with torch.no_grad():
+        batch = KDBatch(student=student(**inputs, output_attentions=True), labels=torch.zeros(2, dtype=torch.long),
+                        attention_mask=inputs["attention_mask"], teacher=source(**inputs, output_attentions=True))
+    term = AttentionMSE(1.0, [1])
+    averaged = term(batch).item()
+    assert match_guide_heads(KDLoss([term], "single_label"), [[0, 2]]) and term.guide_heads == [[0, 2]]
+    assert averaged > 1e-3 and term(batch).item() < averaged * 1e-6
+    assert not match_guide_heads(None, [[0, 2]])
+
+    # A student cut to the source's second layer, then pruned: the index follows the cut.
+    deep = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_hidden_layers": 2, "pruned_heads": {}}))
+    deep.prune_heads({1: [1]})
+    cut, kept = pruning.drop_layers(deep, 1)
+    pruning.prune_heads(cut, torch.tensor([[3.0, 1.0, 2.0]]), keep=2)
+    assert kept == [2] and pruning.guide_head_index(cut, deep, kept) == [[0, 2]]
+    stranger = BertForSequenceClassification(BertConfig(**{**config.to_dict(), "num_hidden_layers": 2, "pruned_heads": {}}))
+    stranger.prune_heads({1: [0, 3]})  # a guide without the student's heads 0 and 3
+    with pytest.raises(ModelError, match=r"student layer 1 has heads \[0, 3\] that its guide's layer 2 does not"):
+        pruning.guide_head_index(cut, stranger, kept)
 
 
 def test_prune_stage_drops_layers_and_recovers(trained_project, tmp_path):
@@ -249,6 +294,10 @@ def test_source_layers_recovery_learns_the_sources_layers_and_the_teachers_logit
     assert not np.allclose(expected, source_says.numpy(), atol=1e-3)  # the two guides differ: the test can tell
     record = ModelRecord.read(params.path(params.paths.pruned))
     assert record.details["recovery_distils_from"] == "source_layers"
+    # Half the heads went too (the tiny project's heads_ratio): the kept head learned the one it was in layer 2.
+    pruned = load_trained(params.path(params.paths.pruned))
+    assert terms["attention"].guide_heads == pruning.guide_head_index(pruned, source, [2])
+    assert record.details["recovery_attention_heads"] == "each kept head against the source head it was"
     header = (params.path(params.paths.curves) / "prune.csv").read_text().splitlines()[0]
     assert all(f"loss_{name}" in header for name in ("kl", "hidden", "attention"))
     with pytest.raises(ValueError, match="distil_from=source_layers with teacher_internals=cached"):

@@ -195,6 +195,26 @@ def _alive_heads(model: PreTrainedModel, layer: int, count: int) -> list[int]:
     return [h for h in range(count + len(gone)) if h not in gone]
 
 
+def guide_head_index(student: PreTrainedModel, guide: PreTrainedModel, layer_map: list[int]) -> list[list[int]]:
+    """Per student layer, where each of its heads sits among the heads of the guide layer it was
+    (`layer_map`, 1-based): the student was cut and pruned from `guide`, and both configs record the
+    original ids of the heads they removed (`pruned_heads`)."""
+    arch, guide_arch = architecture_for(student), architecture_for(guide)
+    guide_layers = guide_arch.layers(guide)
+    index = []
+    for position, (layer, source) in enumerate(zip(arch.layers(student), layer_map)):
+        heads = _alive_heads(student, position, arch.head_count(layer))
+        guide_heads = _alive_heads(guide, source - 1, guide_arch.head_count(guide_layers[source - 1]))
+        missing = sorted(set(heads) - set(guide_heads))
+        if missing:
+            raise ModelError(
+                f"student layer {position + 1} has heads {missing} that its guide's layer {source} does not: "
+                "the guide is not the model this student was pruned from"
+            )
+        index.append([guide_heads.index(head) for head in heads])
+    return index
+
+
 def prune_ffn(model: PreTrainedModel, importance: torch.Tensor, keep: int) -> None:
     """Keep the `keep` most important intermediate neurons in every layer (one width for all layers)."""
     arch = architecture_for(model)

@@ -199,21 +199,36 @@ class HiddenStateMSE(KDTerm):
 
 
 class AttentionMSE(KDTerm):
-    """Masked attention-map MSE averaged over the mapped layers (head-averaged if head counts differ)."""
+    """Masked attention-map MSE averaged over the mapped layers (head-averaged if head counts differ).
+
+    `guide_heads` (per student layer, the index of each of its heads among the guide layer's heads)
+    compares head for head when the student's heads are a subset of its guide's: a student pruned from
+    the guide (prune.recovery.distil_from source or source_layers), where head averages would blur
+    which map each kept head had learned (`match_guide_heads`)."""
 
     name = "attention"
     needs_attentions = True
     needs_teacher_internals = True
 
-    def __init__(self, weight: float, layer_map: list[int]) -> None:
+    def __init__(self, weight: float, layer_map: list[int], guide_heads: list[list[int]] | None = None) -> None:
         super().__init__(weight)
         self.layer_map = list(layer_map)
+        self.guide_heads = guide_heads
 
     def forward(self, batch: KDBatch) -> torch.Tensor:
         student, teacher = batch.student.attentions, batch.teacher.attentions
-        return sum(
-            attention_mse(student[i], teacher[t - 1], batch.attention_mask) for i, t in enumerate(self.layer_map)
-        ) / len(self.layer_map)
+        guide = [teacher[t - 1] for t in self.layer_map]
+        if self.guide_heads is not None:
+            guide = [maps[:, heads] for maps, heads in zip(guide, self.guide_heads)]
+        return sum(attention_mse(student[i], maps, batch.attention_mask) for i, maps in enumerate(guide)) / len(guide)
+
+
+def match_guide_heads(kd: KDLoss | None, guide_heads: list[list[int]]) -> bool:
+    """Point `kd`'s attention term (if any) at the guide heads each student head was; whether it has one."""
+    terms = [term for term in (kd.terms if kd else []) if isinstance(term, AttentionMSE)]
+    for term in terms:
+        term.guide_heads = guide_heads
+    return bool(terms)
 
 
 class PooledHiddenMSE(KDTerm):
