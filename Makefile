@@ -74,14 +74,20 @@ RECIPE_kd = -S transfer.augment.enabled=true -S transfer.augment.n_per_text=2 -S
 RECIPE_kd-unpruned = -S transfer.augment.enabled=true -S transfer.augment.n_per_text=4 -S transfer.augment.max_texts=16000 \
   -S distill_intermediate.enabled=false -S prune.source=models/student_vanilla -S prune.ffn_ratio=0 \
   -S prune.recovery.hidden_weight=0
+# The recovery of a student made smaller than kd-unpruned's: mpnet's logits (MSE) and, per token, the
+# hidden states and attention maps of the six-layer student it was cut or pruned from (source_layers).
+SOURCE_LAYERS_RECOVERY = -S prune.recovery.learning_rate=2e-4 -S prune.recovery.soft_loss=mse \
+  -S prune.recovery.distil_from=source_layers -S prune.recovery.hidden_weight=1 -S prune.recovery.attention_weight=10
 # RECIPE=kd-two-layers: kd-unpruned, then prune cuts the logit-KD student to two layers (3 and 6 of six)
-# and re-distils them with the KD stage's schedule: mpnet's logits (MSE) and, per token, the hidden states
-# and attention maps of the six-layer student they were cut from (distil_from=source_layers): the best
-# two-layer student measured with mpnet-base (validation retention 0.976 over three seeds, +4.2 points
-# over issue 24's 0.933, under the 0.98 bar: no champion).
-RECIPE_kd-two-layers = $(RECIPE_kd-unpruned) -S prune.num_layers=2 -S prune.recovery.epochs=6 \
-  -S prune.recovery.learning_rate=2e-4 -S prune.recovery.soft_loss=mse -S prune.recovery.distil_from=source_layers \
-  -S prune.recovery.hidden_weight=1 -S prune.recovery.attention_weight=10
+# and re-distils them for the KD stage's six epochs: the best two-layer student measured with mpnet-base
+# (validation retention 0.976 over three seeds, +4.2 points over issue 24's 0.933, under the 0.98 bar:
+# no champion).
+RECIPE_kd-two-layers = $(RECIPE_kd-unpruned) -S prune.num_layers=2 -S prune.recovery.epochs=6 $(SOURCE_LAYERS_RECOVERY)
+# RECIPE=kd-pruned: kd-unpruned, then prune removes half the heads and half the FFN neurons of every layer
+# of the six-layer student and re-distils it for three epochs, each kept head against the head it was:
+# for CPUs without AMX, where the unpruned six layers run ~3 ms INT8 (docs/results/phrasebank-mpnet-kd).
+RECIPE_kd-pruned = $(RECIPE_kd-unpruned) -S prune.heads_ratio=0.5 -S prune.ffn_ratio=0.5 -S prune.recovery.epochs=3 \
+  $(SOURCE_LAYERS_RECOVERY)
 RECIPE ?=
 ARGS ?=
 TEACHER ?=

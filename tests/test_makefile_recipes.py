@@ -34,7 +34,7 @@ def overrides(command: str) -> list[str]:
 
 
 def test_the_makefile_has_the_documented_recipes():
-    assert {"kd", "kd-unpruned", "kd-two-layers"} <= set(recipes())
+    assert {"kd", "kd-unpruned", "kd-two-layers", "kd-pruned"} <= set(recipes())
 
 
 @pytest.mark.parametrize("recipe", recipes())
@@ -45,10 +45,11 @@ def test_each_recipe_expands_to_valid_params(recipe):
     assert "transfer.augment.enabled=true" in keys
     params = load_params(ROOT / "params.yaml", keys)
     assert params.transfer.augment.enabled and params.student.num_layers == 6
-    if recipe in ("kd-unpruned", "kd-two-layers"):  # prune starts from the logit-KD student
+    if recipe in ("kd-unpruned", "kd-two-layers", "kd-pruned"):  # prune starts from the logit-KD student
         assert params.prune.source == "models/student_vanilla"
-        assert params.prune.ffn_ratio == 0 and params.prune.heads_ratio == 0
         assert not params.distill_intermediate.enabled, "its champion does not come from this student"
+    if recipe in ("kd-unpruned", "kd-two-layers"):
+        assert params.prune.ffn_ratio == 0 and params.prune.heads_ratio == 0
     if recipe == "kd-unpruned":  # ...and passes it through unpruned
         assert params.prune.num_layers is None
     if recipe == "kd-two-layers":  # ...and cuts it to two layers, re-distilled as the KD stage trains
@@ -57,6 +58,11 @@ def test_each_recipe_expands_to_valid_params(recipe):
         assert params.prune.recovery.learning_rate == params.student.learning_rate
         # the teacher's logits, and the layers of the six-layer student it was cut from
         assert params.prune.recovery.distil_from == "source_layers"
+        assert params.prune.recovery.hidden_weight > 0 and params.prune.recovery.attention_weight > 0
+    if recipe == "kd-pruned":  # ...or keeps six layers with half their heads and FFN, re-distilled the same way
+        assert params.prune.num_layers is None and params.prune.heads_ratio == params.prune.ffn_ratio == 0.5
+        assert params.prune.recovery.epochs == 3 and params.prune.recovery.learning_rate == 2e-4
+        assert params.prune.recovery.soft_loss == "mse" and params.prune.recovery.distil_from == "source_layers"
         assert params.prune.recovery.hidden_weight > 0 and params.prune.recovery.attention_weight > 0
 
 
