@@ -210,10 +210,10 @@ class AttentionMSE(KDTerm):
     needs_attentions = True
     needs_teacher_internals = True
 
-    def __init__(self, weight: float, layer_map: list[int], guide_heads: list[list[int]] | None = None) -> None:
+    def __init__(self, weight: float, layer_map: list[int]) -> None:
         super().__init__(weight)
         self.layer_map = list(layer_map)
-        self.guide_heads = guide_heads
+        self.guide_heads: list[list[int]] | None = None  # set after pruning, by match_guide_heads
 
     def forward(self, batch: KDBatch) -> torch.Tensor:
         student, teacher = batch.student.attentions, batch.teacher.attentions
