@@ -58,5 +58,5 @@ class TrainingBudget(Section):
     # Save a resumable Trainer checkpoint every this many optimizer steps (0: only at epoch ends).
     save_steps: int = Field(0, ge=0)
     # auto: mixed precision on CUDA (bf16, else fp16), fp32 on a CPU | fp32 | bf16 (mixed, fp32 weights;
-    # on a CPU with AMX or AVX512_BF16 training steps run ~2.2x faster: pipeline/training/precision.py).
+    # needs AMX or AVX512_BF16 on a CPU, where it is not always faster: pipeline/training/precision.py).
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -2,9 +2,10 @@
 (weights stay fp32, matrix products run in 16 bits under torch.autocast).
 
 On CUDA, `auto` is AMP, as it always was. On a CPU, `auto` stays fp32: bf16 changes a run's numbers,
-so it is asked for by name. Where the CPU has AMX or AVX512_BF16 it pays: a training step of the
-MiniLM student (batch 32 x 40 tokens, eager attention, as every stage trains) and an inference forward
-both ran ~2.2x faster on this project's Xeon (`python -m scripts.torch_bf16_step --threads 2`).
+so it is asked for by name. It needs AMX or AVX512_BF16, and even then it does not always pay: a training
+step of the MiniLM student (batch 32 x 40 tokens, eager attention, as every stage trains) ran ~2.2x
+faster than fp32 on a Xeon with AMX and ~1.4x slower on a Xeon with AVX512_BF16 but no AMX
+(`python -m scripts.torch_bf16_step --threads 2` times it on the machine at hand).
 """
 
 from __future__ import annotations
