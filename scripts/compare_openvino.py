@@ -2,7 +2,7 @@
 
     pip install openvino          # not a project dependency: this script is how we decided it need not be
     python -m scripts.compare_openvino models/student_onnx [--static-dir models/student_onnx/int8_static]
-        [--texts data.csv] [--static-length 32] [--rounds 6]
+        [--texts data.csv] [--static-length 32] [--rounds 6] [--fp16]
 
 MEMBER_DIR is an export_onnx output (fp32/ and int8/ inside). Timed in alternating rounds over the same
 texts (the last 120 of --texts), model call only (inputs built beforehand), as scripts/profile_onnx.py times ONNX Runtime:
@@ -11,6 +11,8 @@ texts (the last 120 of --texts), model call only (inputs built beforehand), as s
 - ort_fp32: the fp32 export in the same kind of session;
 - ov_fp32 / ov_bf16: OpenVINO's CPU plugin on the fp32 export at that inference precision (bf16 runs on
   CPUs with AVX512_BF16 or AMX);
+- with --fp16, for CPUs with AVX512_FP16: ov_fp16 (OpenVINO at f16 inference precision) and ort_fp16
+  (ONNX Runtime on the fp32 export converted to fp16, inputs and outputs kept as they were);
 - ov_int8: OpenVINO on a static QDQ INT8 export (`export_onnx.quantization: both` writes int8_static/),
   which OpenVINO runs with its own int8 kernels.
 
@@ -59,6 +61,19 @@ def openvino_runner(
         return request.get_output_tensor(0).data.copy()
 
     return run
+
+
+def fp16_session(fp32_model: Path) -> Any:
+    """A one-thread ONNX Runtime session on `fp32_model` converted to fp16 in memory (ONNX Runtime's
+    transformer converter; inputs and outputs keep their types)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_model)), keep_io_types=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def padded(feed: Feed, length: int) -> Feed:
@@ -110,6 +125,7 @@ def main() -> None:
     parser.add_argument("--texts", type=Path, default=DEMO, help="a CSV file with a `text` column")
     parser.add_argument("--static-length", type=int, help="reshape OpenVINO's models to [1, N] and pad to N")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--fp16", action="store_true", help="add OpenVINO f16 and ONNX Runtime on an fp16 conversion")
     args = parser.parse_args()
 
     texts = read_texts(args.texts)[-120:]
@@ -122,7 +138,12 @@ def main() -> None:
         "ort_fp32": (lambda feed: ort_fp32.session.run(None, feed)[0], feeds),
     }
     fp32_model = args.member_dir / "fp32" / MODEL_FILE
+    if args.fp16:
+        ort_fp16 = fp16_session(fp32_model)
+        runners["ort_fp16"] = (lambda feed: ort_fp16.run(None, feed)[0], feeds)
     openvino_models = [("ov_fp32", fp32_model, "f32"), ("ov_bf16", fp32_model, "bf16")]
+    if args.fp16:
+        openvino_models.append(("ov_fp16", fp32_model, "f16"))
     if args.static_dir:
         openvino_models.append(("ov_int8", args.static_dir / MODEL_FILE, "f32"))
     for name, path, precision in openvino_models:
