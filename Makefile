@@ -88,8 +88,8 @@ RECIPE_kd-two-layers = $(RECIPE_kd-unpruned) -S prune.num_layers=2 -S prune.reco
 # RECIPE=kd-pruned: kd-unpruned, then prune removes half the heads and half the FFN neurons of every layer
 # of the six-layer student and re-distils it for three epochs, each kept head against the head it was:
 # for CPUs without AMX, where the unpruned six layers run ~3 ms INT8. On an Intel Xeon without AMX: a champion
-# at 1.50 ms for seed 42; in INT8 0.976 retention over three recovery seeds of that source, 0.972 over three
-# whole seeds (each its own source; docs/results/phrasebank-mpnet-kd).
+# at 1.47-1.50 ms for seed 42 (from scratch in 74 min, fp32); in INT8 0.976 retention over three recovery
+# seeds of that source, 0.972 over three whole seeds (each its own source; docs/results/phrasebank-mpnet-kd).
 RECIPE_kd-pruned = $(RECIPE_kd-unpruned) -S prune.heads_ratio=0.5 -S prune.ffn_ratio=0.5 -S prune.recovery.epochs=3 \
   $(SOURCE_LAYERS_RECOVERY)
 RECIPE ?=
