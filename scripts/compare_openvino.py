@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.export.onnx import MODEL_FILE, OnnxClassifier
+from pipeline.export.onnx import MODEL_FILE, OnnxClassifier, session_options
 from scripts.profile_onnx import DEMO, read_texts
 
 Feed = dict[str, np.ndarray]
@@ -64,16 +64,14 @@ def openvino_runner(
 
 
 def fp16_session(fp32_model: Path) -> Any:
-    """A one-thread ONNX Runtime session on `fp32_model` converted to fp16 in memory (ONNX Runtime's
-    transformer converter; inputs and outputs keep their types)."""
+    """A one-thread session like the served ones (`session_options`) on `fp32_model` converted to fp16
+    in memory (ONNX Runtime's transformer converter; inputs and outputs keep their types)."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(fp32_model)), keep_io_types=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
 
 
 def padded(feed: Feed, length: int) -> Feed:
@@ -138,11 +136,10 @@ def main() -> None:
         "ort_fp32": (lambda feed: ort_fp32.session.run(None, feed)[0], feeds),
     }
     fp32_model = args.member_dir / "fp32" / MODEL_FILE
+    openvino_models = [("ov_fp32", fp32_model, "f32"), ("ov_bf16", fp32_model, "bf16")]
     if args.fp16:
         ort_fp16 = fp16_session(fp32_model)
         runners["ort_fp16"] = (lambda feed: ort_fp16.run(None, feed)[0], feeds)
-    openvino_models = [("ov_fp32", fp32_model, "f32"), ("ov_bf16", fp32_model, "bf16")]
-    if args.fp16:
         openvino_models.append(("ov_fp16", fp32_model, "f16"))
     if args.static_dir:
         openvino_models.append(("ov_int8", args.static_dir / MODEL_FILE, "f32"))
